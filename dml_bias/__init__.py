@@ -1,0 +1,47 @@
+"""dml_bias: deep metric learning for PyTorch that takes what the model looks at seriously.
+
+The sub-packages are imported lazily (PEP 562), so ``import dml_bias`` costs little more than
+``import torch``; ``dml_bias.losses`` and friends are loaded on first access.
+
+Example:
+    >>> import dml_bias
+    >>> isinstance(dml_bias.__version__, str)
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0.dev0"
+
+#: Sub-packages and modules that are loaded on first attribute access.
+_LAZY_SUBMODULES: tuple[str, ...] = (
+    "bias",
+    "datasets",
+    "distributed",
+    "heads",
+    "losses",
+    "metrics",
+    "miners",
+    "similarity",
+    "transforms",
+)
+
+__all__ = ["__version__", *_LAZY_SUBMODULES]
+
+if TYPE_CHECKING:  # pragma: no cover - for static type checkers only
+    from dml_bias import similarity as similarity
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -1,0 +1,286 @@
+"""Validation helpers shared by every public function of dml_bias.
+
+Every helper raises :class:`TypeError` (wrong kind or dtype) or :class:`ValueError` (wrong shape,
+size or value) with a message that names the argument, says what was expected and what was passed,
+e.g. ``labels must be a 1-D integer tensor of length 32 (embeddings.shape[0]), got shape (32, 1) and
+dtype torch.float32``.
+
+These helpers are private: their names and signatures may change between releases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_choice",
+    "check_dtype",
+    "check_embeddings",
+    "check_finite",
+    "check_labels",
+    "check_number",
+    "check_same_device",
+    "check_shape",
+    "check_tensor",
+    "describe",
+]
+
+_DTYPE_FAMILIES: dict[str, str] = {
+    "floating": "floating-point",
+    "integer": "integer",
+    "bool": "boolean",
+    "numeric": "numeric",
+}
+
+
+def describe(x: Any) -> str:
+    """Return a short description of ``x`` for error messages (shape and dtype for tensors)."""
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}" if isinstance(x, (int, float, str, bool)) else type(x).__name__
+
+
+def _in_family(dtype: torch.dtype, family: str) -> bool:
+    if family == "floating":
+        return dtype.is_floating_point
+    if family == "integer":
+        return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+    if family == "bool":
+        return dtype == torch.bool
+    if family == "numeric":
+        return dtype != torch.bool and not dtype.is_complex
+    raise ValueError(f"unknown dtype family {family!r}")
+
+
+def check_tensor(x: Any, name: str) -> torch.Tensor:
+    """Raise ``TypeError`` unless ``x`` is a :class:`torch.Tensor`; return it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_dtype(x: torch.Tensor, name: str, family: str | torch.dtype | Sequence[torch.dtype]) -> None:
+    """Check that ``x.dtype`` is in a family (``"floating"``, ``"integer"``, ``"bool"``, ``"numeric"``) or list.
+
+    Args:
+        x: The tensor to check.
+        name: The argument's name, used in the message.
+        family: A family name, one dtype, or a sequence of allowed dtypes.
+    """
+    check_tensor(x, name)
+    if isinstance(family, str):
+        ok = _in_family(x.dtype, family)
+        expected = f"a {_DTYPE_FAMILIES[family]} tensor"
+    else:
+        allowed = (family,) if isinstance(family, torch.dtype) else tuple(family)
+        ok = x.dtype in allowed
+        expected = "a tensor of dtype " + " or ".join(str(d) for d in allowed)
+    if not ok:
+        raise TypeError(f"{name} must be {expected}, got {describe(x)}")
+
+
+def check_shape(
+    x: torch.Tensor,
+    name: str,
+    dims: Sequence[int | str | None],
+    sizes: dict[str, int] | None = None,
+    *,
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, int]:
+    """Check the shape of ``x`` against named or fixed dimensions.
+
+    Args:
+        x: The tensor to check.
+        name: The argument's name, used in the message.
+        dims: One entry per dimension: an ``int`` (that exact size), a ``str`` (a named size that must agree
+            with the same name elsewhere, bound through ``sizes``) or ``None`` (any size).
+        sizes: Named sizes already known (updated in place with the newly bound ones).
+        sources: For named sizes, where the bound value came from (e.g. ``{"N": "embeddings.shape[0]"}``),
+            quoted in the message.
+
+    Returns:
+        The dictionary of named sizes, including those bound by ``x``.
+
+    Example:
+        >>> import torch
+        >>> check_shape(torch.zeros(4, 3), "embeddings", ("N", "D"))
+        {'N': 4, 'D': 3}
+    """
+    check_tensor(x, name)
+    sizes = {} if sizes is None else sizes
+    sources = {} if sources is None else sources
+    expected = "(" + ", ".join("*" if d is None else str(d) for d in dims) + ")"
+    if x.ndim != len(dims):
+        raise ValueError(f"{name} must be a {len(dims)}-D tensor of shape {expected}, got {describe(x)}")
+    for axis, (want, got) in enumerate(zip(dims, x.shape, strict=False)):
+        if want is None:
+            continue
+        if isinstance(want, int):
+            if got != want:
+                raise ValueError(
+                    f"{name} must have size {want} in dimension {axis} (shape {expected}), got {describe(x)}"
+                )
+        elif want in sizes and sizes[want] != got:
+            origin = f" ({sources[want]})" if want in sources else ""
+            raise ValueError(
+                f"{name} must have size {want}={sizes[want]}{origin} in dimension {axis}, got {describe(x)}"
+            )
+        else:
+            sizes.setdefault(want, int(got))
+    return sizes
+
+
+def check_embeddings(x: Any, name: str = "embeddings", *, dim: int | None = None, allow_empty: bool = False) -> None:
+    """Check that ``x`` is a 2-D floating-point tensor of shape ``(N, D)`` with ``N >= 1``.
+
+    Args:
+        x: The tensor to check.
+        name: The argument's name, used in the message.
+        dim: If given, the required embedding size ``D``.
+        allow_empty: Whether ``N == 0`` is accepted.
+
+    Example:
+        >>> import torch
+        >>> check_embeddings(torch.zeros(3, 1), "embeddings", dim=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings must have size D=2 ...
+    """
+    check_tensor(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor of shape (N, D), got {describe(x)}")
+    check_dtype(x, name, "floating")
+    if not allow_empty and x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one row (N >= 1), got {describe(x)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have size D={dim} in dimension 1, got {describe(x)}")
+
+
+def check_labels(
+    labels: Any,
+    name: str = "labels",
+    *,
+    length: int | None = None,
+    length_source: str | None = None,
+    num_classes: int | None = None,
+) -> None:
+    """Check that ``labels`` is a 1-D integer tensor, optionally of a given length and class range.
+
+    Args:
+        labels: The tensor to check.
+        name: The argument's name, used in the message.
+        length: The required length.
+        length_source: Where the length comes from, e.g. ``"embeddings.shape[0]"``.
+        num_classes: If given, every label must lie in ``[0, num_classes)``.
+
+    Example:
+        >>> import torch
+        >>> check_labels(torch.zeros(32, 1), length=32, length_source="embeddings.shape[0]")
+        Traceback (most recent call last):
+        ...
+        TypeError: labels must be a 1-D integer tensor of length 32 (embeddings.shape[0]), got shape (32, 1) ...
+    """
+    check_tensor(labels, name)
+    what = "a 1-D integer tensor"
+    if length is not None:
+        what += f" of length {length}" + (f" ({length_source})" if length_source else "")
+    if not _in_family(labels.dtype, "integer"):
+        raise TypeError(f"{name} must be {what}, got {describe(labels)}")
+    if labels.ndim != 1 or (length is not None and labels.shape[0] != length):
+        raise ValueError(f"{name} must be {what}, got {describe(labels)}")
+    if num_classes is not None and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}), got values in [{lo}, {hi}]"
+            )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Check that all given tensors (``None`` skipped) live on one device.
+
+    Example:
+        >>> import torch
+        >>> check_same_device(embeddings=torch.zeros(2, 2), labels=torch.zeros(2))
+    """
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    if not named:
+        return
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} must be on the same device as {first_name} ({first.device}), got device {t.device}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (this synchronises a CUDA stream)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s) in a tensor of {describe(x)}")
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> None:
+    """Check that ``value`` is a real number (or an integer) inside a range.
+
+    Args:
+        value: The value to check.
+        name: The argument's name, used in the message.
+        low: Lower bound (``None``: unbounded).
+        high: Upper bound (``None``: unbounded).
+        low_inclusive: Whether ``low`` itself is allowed.
+        high_inclusive: Whether ``high`` itself is allowed.
+        integer: Require an ``int`` (``bool`` is rejected).
+
+    Example:
+        >>> check_number(0.0, "temperature", low=0.0, low_inclusive=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: temperature must be a number in (0.0, inf), got 0.0
+    """
+    kind = "an integer" if integer else "a number"
+    interval = (
+        ("[" if low_inclusive and low is not None else "(")
+        + str(low if low is not None else "-inf")
+        + ", "
+        + str(high if high is not None else "inf")
+        + ("]" if high_inclusive and high is not None else ")")
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not integer:
+            value = float(value)
+        else:
+            raise TypeError(f"{name} must be {kind} in {interval}, got {describe(value)}")
+    if not integer and not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value}")
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> None:
+    """Check that ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("mean", "reduction", ("mean", "sum", "none"))
+        >>> check_choice("avg", "reduction", ("mean", "sum"))
+        Traceback (most recent call last):
+        ...
+        ValueError: reduction must be one of 'mean', 'sum', got 'avg'
+    """
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}, got {value!r}")

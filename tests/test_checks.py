@@ -1,0 +1,95 @@
+"""The validation helpers name the argument, the expectation and what was passed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dml_bias import _checks as C
+
+
+def test_labels_message_is_exact() -> None:
+    with pytest.raises(TypeError) as err:
+        C.check_labels(torch.zeros(32, 1), length=32, length_source="embeddings.shape[0]")
+    assert str(err.value) == (
+        "labels must be a 1-D integer tensor of length 32 (embeddings.shape[0]), "
+        "got shape (32, 1) and dtype torch.float32"
+    )
+
+
+def test_labels_wrong_length_and_range() -> None:
+    with pytest.raises(ValueError, match=r"length 4, got shape \(3,\)"):
+        C.check_labels(torch.zeros(3, dtype=torch.long), length=4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] \(num_classes=3\), got values in \[0, 3\]"):
+        C.check_labels(torch.tensor([0, 3]), num_classes=3)
+    C.check_labels(torch.tensor([0, 2]), num_classes=3, length=2)
+
+
+def test_embeddings_checks() -> None:
+    with pytest.raises(ValueError, match=r"embeddings must be a 2-D tensor of shape \(N, D\), got shape \(3,\)"):
+        C.check_embeddings(torch.zeros(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        C.check_embeddings(torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one row"):
+        C.check_embeddings(torch.zeros(0, 2))
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor, got list"):
+        C.check_embeddings([[1.0]])
+    C.check_embeddings(torch.zeros(0, 2), allow_empty=True)
+
+
+def test_shape_named_dims() -> None:
+    sizes = C.check_shape(torch.zeros(4, 3), "query", ("N", "D"))
+    assert sizes == {"N": 4, "D": 3}
+    with pytest.raises(ValueError, match=r"reference must have size D=3 \(query.shape\[1\]\) in dimension 1"):
+        C.check_shape(torch.zeros(5, 2), "reference", ("M", "D"), sizes, sources={"D": "query.shape[1]"})
+    with pytest.raises(ValueError, match=r"mask must be a 3-D tensor of shape \(1, \*, \*\)"):
+        C.check_shape(torch.zeros(2, 2), "mask", (1, None, None))
+    with pytest.raises(ValueError, match="must have size 1 in dimension 0"):
+        C.check_shape(torch.zeros(2, 2, 2), "mask", (1, None, None))
+
+
+def test_dtype_families() -> None:
+    C.check_dtype(torch.zeros(1, dtype=torch.bool), "m", "bool")
+    C.check_dtype(torch.zeros(1, dtype=torch.uint8), "m", "integer")
+    C.check_dtype(torch.zeros(1, dtype=torch.uint8), "m", [torch.uint8, torch.float32])
+    with pytest.raises(TypeError, match=r"m must be a tensor of dtype torch.uint8 or torch.float32, got"):
+        C.check_dtype(torch.zeros(1, dtype=torch.int64), "m", [torch.uint8, torch.float32])
+    with pytest.raises(TypeError, match="numeric"):
+        C.check_dtype(torch.zeros(1, dtype=torch.bool), "m", "numeric")
+
+
+def test_device_and_finite() -> None:
+    C.check_same_device(a=torch.zeros(1), b=None, c=torch.zeros(2))
+    with pytest.raises(ValueError, match="b must be on the same device as a"):
+        C.check_same_device(a=torch.zeros(1), b=torch.zeros(1, device="meta"))
+    with pytest.raises(ValueError, match=r"x must be finite, got 2 NaN or infinite"):
+        C.check_finite(torch.tensor([1.0, float("nan"), float("inf")]), "x")
+    C.check_finite(torch.tensor([1, 2]), "x")
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "error"),
+    [
+        (0.0, {"low": 0.0, "low_inclusive": False}, ValueError),
+        (1.0, {"high": 1.0, "high_inclusive": False}, ValueError),
+        (float("nan"), {}, ValueError),
+        ("a", {}, TypeError),
+        (True, {}, TypeError),
+        (1.5, {"integer": True}, TypeError),
+        (-1, {"low": 0, "integer": True}, ValueError),
+    ],
+)
+def test_number_rejects(value: object, kwargs: dict, error: type) -> None:
+    with pytest.raises(error, match="x must be"):
+        C.check_number(value, "x", **kwargs)
+
+
+def test_number_accepts() -> None:
+    C.check_number(0.5, "sigma", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    C.check_number(3, "k", low=1, integer=True)
+    C.check_number(torch.tensor(0.2), "t", low=0.0)
+
+
+def test_choice() -> None:
+    with pytest.raises(ValueError, match="mode must be one of 'hard', 'soft', got 'x'"):
+        C.check_choice("x", "mode", ("hard", "soft"))
