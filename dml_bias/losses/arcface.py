@@ -1,0 +1,133 @@
+r"""Additive angular margin (ArcFace) loss :cite:`deng2019arcface`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dml_bias.losses import _common as C
+from dml_bias.losses.functional import Indices, arcface_loss
+
+__all__ = ["ArcFaceLoss"]
+
+
+class ArcFaceLoss(nn.Module):
+    r"""ArcFace :cite:`deng2019arcface`: softmax cross-entropy on scaled cosines with an angular margin.
+
+    With :math:`c_{ik} = \cos\theta_{ik}` the cosine of embedding :math:`i` and class weight :math:`w_k`:
+
+    .. math::
+
+        L = \frac{1}{N} \sum_i w_i \Big[-\log
+            \frac{e^{s\,\psi(\theta_{i y_i})}}{e^{s\,\psi(\theta_{i y_i})} + \sum_{k \ne y_i} e^{s\,c_{ik}}}\Big],
+        \qquad
+        \psi(\theta) = \begin{cases} \cos(\theta + m) & \theta \le \pi - m \\
+                                     \cos\theta - m \sin m & \text{otherwise} \end{cases}
+
+    with miner weights :math:`w_i = \text{count}_i / \max_j \text{count}_j` when ``indices_tuple`` is given
+    (1 otherwise), as in pytorch-metric-learning. The second branch (insightface's "easy margin" fallback, also
+    PML's) keeps the target logit decreasing in :math:`\theta` where :math:`\theta + m` would pass :math:`\pi`.
+
+    Departures from pytorch-metric-learning: ``margin`` is in **radians** (PML takes degrees: its default 28.6°
+    is 0.499 rad); :attr:`weight` has :class:`torch.nn.Linear`'s layout ``(num_classes, embedding_size)`` (PML's
+    ``W`` is its transpose); :math:`\cos(\theta+m)` is computed as :math:`c\cos m - \sin\theta\,\sin m` with
+    :math:`\sin\theta = \sqrt{1-c^2}` instead of through ``acos``, and for :math:`0 < 1-c^2 < 10^{-7}` the
+    square root is replaced by its chord :math:`(1-c^2)/\sqrt{10^{-7}}`, so the gradient stays finite at
+    :math:`c = \pm 1` (PML's ``acos`` gives NaN or unbounded gradients there). Values are exact except in that
+    sliver (:math:`\theta < 3.2\cdot 10^{-4}` or within that of :math:`\pi`), where they differ by at most
+    :math:`8\cdot 10^{-5}\,s\sin m`.
+    ``forward`` never changes the dtype or device of :attr:`weight`.
+
+    Args:
+        num_classes: the number of classes :math:`C`.
+        embedding_size: the embedding size :math:`D`.
+        margin: the angular margin :math:`m` in radians, in ``[0, pi)``.
+        scale: the logit scale :math:`s > 0`.
+        device: device of the weight.
+        dtype: dtype of the weight (float32 by default).
+
+    Attributes:
+        weight: :class:`torch.nn.Parameter` of shape ``(num_classes, embedding_size)``, initialised from
+            :math:`\mathcal{N}(0, 1)` as in PML (only its direction matters).
+
+    Shape:
+        ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer in ``[0, C)``; output a scalar. ``ref_emb``
+        is not supported (``ValueError``).
+
+    Example:
+        >>> import torch
+        >>> from dml_bias.losses import ArcFaceLoss
+        >>> loss_fn = ArcFaceLoss(num_classes=2, embedding_size=2, margin=0.0, scale=1.0)
+        >>> with torch.no_grad():
+        ...     loss_fn.weight.copy_(torch.eye(2))
+        Parameter containing: ...
+        >>> loss_fn(torch.eye(2), torch.tensor([0, 1]))
+        tensor(0.3133, grad_fn=<MeanBackward0>)
+        >>> loss_fn.get_logits(torch.eye(2))
+        tensor([[1., 0.],
+                [0., 1.]], grad_fn=<MulBackward0>)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        C.check_number(num_classes, "num_classes", low=1, integer=True)
+        C.check_number(embedding_size, "embedding_size", low=1, integer=True)
+        C.check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
+        C.check_positive(scale, "scale")
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(embedding_size)
+        self.margin = float(margin)
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r"""Re-initialise :attr:`weight` from :math:`\mathcal{N}(0, 1)`."""
+        nn.init.normal_(self.weight)
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine logits ``scale * cos(embeddings, weight)`` of shape ``(N, C)``, without margin.
+
+        Example:
+            >>> import torch
+            >>> from dml_bias.losses import ArcFaceLoss
+            >>> ArcFaceLoss(5, 3).get_logits(torch.randn(4, 3)).shape
+            torch.Size([4, 5])
+        """
+        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size)
+        dtype = C.compute_dtype(embeddings, self.weight)
+        with C.no_autocast(embeddings.device):
+            return self.scale * C.pairwise(embeddings.to(dtype), self.weight.to(dtype), "cosine")
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: Indices = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss; see the class docstring."""
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("ArcFaceLoss does not support ref_emb/ref_labels; got ref_emb or ref_labels")
+        if labels is None:
+            raise ValueError("labels must be given (a 1-D integer tensor of length embeddings.shape[0]), got None")
+        return arcface_loss(embeddings, labels, self.weight, indices_tuple, margin=self.margin, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        """The configuration shown by ``repr``."""
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
+            f"scale={self.scale}"
+        )

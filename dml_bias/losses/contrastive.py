@@ -1,0 +1,78 @@
+r"""Contrastive (pair hinge) loss :cite:`hadsell2006contrastive`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dml_bias.losses import _common as C
+from dml_bias.losses.functional import Indices, contrastive_loss
+
+__all__ = ["ContrastiveLoss"]
+
+
+class ContrastiveLoss(nn.Module):
+    r"""Contrastive loss :cite:`hadsell2006contrastive` in pytorch-metric-learning's form (non-squared hinges).
+
+    With :math:`d_{ij}` the distance between anchor :math:`i` and item :math:`j` (Euclidean distance of the
+    L2-normalised embeddings by default), :math:`P` / :math:`N` the positive / negative pairs (all ordered pairs,
+    or those in ``indices_tuple``, repeats counted):
+
+    .. math::
+
+        L = \operatorname{mean}^{>0}_{(i,j) \in P} \big[d_{ij} - m^+\big]_+
+          + \operatorname{mean}^{>0}_{(i,j) \in N} \big[m^- - d_{ij}\big]_+
+
+    where :math:`\operatorname{mean}^{>0}` averages only the non-zero terms (0 if none), as PML's
+    ``AvgNonZeroReducer``. With a similarity (``"cosine"``, ``"dot"``) the hinges flip to
+    :math:`[m^+ - s]_+` and :math:`[s - m^-]_+` (then use e.g. ``pos_margin=1, neg_margin=0``). With no positive
+    pair the loss is the negative term alone, and vice versa.
+
+    Args:
+        pos_margin: :math:`m^+` (``>= 0`` with a distance).
+        neg_margin: :math:`m^-` (``>= 0`` with a distance).
+        distance: ``"euclidean"`` (default), ``"squared_euclidean"``, ``"cosine"`` or ``"dot"``.
+
+    Shape:
+        ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
+        ``ref_emb`` ``(M, D)``, ``ref_labels`` ``(M,)``; output a scalar (float32 for half inputs, else the
+        input dtype).
+
+    Example:
+        >>> import torch
+        >>> from dml_bias.losses import ContrastiveLoss
+        >>> emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+        >>> ContrastiveLoss()(emb, torch.tensor([0, 0, 1]))
+        tensor(2.4142)
+    """
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, *, distance: str = "euclidean") -> None:
+        super().__init__()
+        C.check_contrastive_margins(pos_margin, neg_margin, distance)
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+        self.distance = distance
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: Indices = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss; see the class docstring."""
+        return contrastive_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            distance=self.distance,
+        )
+
+    def extra_repr(self) -> str:
+        """The configuration shown by ``repr``."""
+        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, distance={self.distance!r}"

@@ -1,0 +1,73 @@
+r"""Supervised contrastive loss :cite:`khosla2020supcon`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dml_bias.losses import _common as C
+from dml_bias.losses.functional import Indices, supcon_loss
+
+__all__ = ["SupConLoss"]
+
+
+class SupConLoss(nn.Module):
+    r"""Supervised contrastive loss :cite:`khosla2020supcon` (the "out" form), as pytorch-metric-learning.
+
+    For anchor :math:`i` with positives :math:`P_i` and the columns :math:`A_i = P_i \cup N_i` (self excluded):
+
+    .. math::
+
+        \ell_i = -\frac{1}{|P_i|} \sum_{p \in P_i}
+            \Big(\frac{s_{ip}}{\tau} - \log \sum_{k \in A_i} e^{s_{ik}/\tau}\Big),
+        \qquad L = \operatorname{mean}^{>0}_{i: P_i \ne \emptyset} \ell_i
+
+    averaging the anchors with a positive loss. As in PML the loss is 0 when there is no positive pair or no
+    negative pair at all. A distance is negated.
+
+    Args:
+        temperature: :math:`\tau > 0`.
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+
+    Shape:
+        ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
+        ``ref_emb`` ``(M, D)``, ``ref_labels`` ``(M,)``; output a scalar (float32 for half inputs, else the
+        input dtype).
+
+    Example:
+        >>> import torch
+        >>> from dml_bias.losses import SupConLoss
+        >>> emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+        >>> SupConLoss(temperature=1.0)(emb, torch.tensor([0, 0, 1]))
+        tensor(0.3133)
+    """
+
+    def __init__(self, temperature: float = 0.1, *, distance: str = "cosine") -> None:
+        super().__init__()
+        C.check_positive(temperature, "temperature")
+        C.check_metric(distance)
+        self.temperature = float(temperature)
+        self.distance = distance
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: Indices = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss; see the class docstring."""
+        return supcon_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            temperature=self.temperature,
+            distance=self.distance,
+        )
+
+    def extra_repr(self) -> str:
+        """The configuration shown by ``repr``."""
+        return f"temperature={self.temperature}, distance={self.distance!r}"

@@ -1,0 +1,78 @@
+r"""Triplet margin loss :cite:`schroff2015facenet`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dml_bias.losses import _common as C
+from dml_bias.losses.functional import Indices, triplet_margin_loss
+
+__all__ = ["TripletMarginLoss"]
+
+
+class TripletMarginLoss(nn.Module):
+    r"""Triplet margin loss :cite:`schroff2015facenet` over all triplets (or the given ones), PML's defaults.
+
+    For triplets :math:`(a, p, n)` with :math:`y_p = y_a`, :math:`p \ne a`, :math:`y_n \ne y_a` (every such
+    triplet, or those in ``indices_tuple``; pairs are combined per shared anchor):
+
+    .. math::
+
+        L = \operatorname{mean}^{>0}_{(a,p,n)} \big[d_{ap} - d_{an} + m\big]_+
+
+    averaging only the triplets with a positive loss (0 if none), as PML's ``AvgNonZeroReducer``. With a
+    similarity the hinge is :math:`[s_{an} - s_{ap} + m]_+`. All triplets are handled with a sort and a
+    cumulative sum per anchor (:math:`O(NM\log M)`), never an :math:`N \times M \times M` tensor. Use
+    :class:`~dml_bias.miners.BatchHardMiner` for batch-hard mining :cite:`hermans2017defense`.
+
+    Args:
+        margin: :math:`m \ge 0`.
+        distance: ``"euclidean"`` (default), ``"squared_euclidean"``, ``"cosine"`` or ``"dot"``.
+
+    Shape:
+        ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
+        ``ref_emb`` ``(M, D)``, ``ref_labels`` ``(M,)``; output a scalar (float32 for half inputs, else the
+        input dtype).
+
+    Example:
+        >>> import torch
+        >>> from dml_bias.losses import TripletMarginLoss
+        >>> from dml_bias.miners import BatchHardMiner
+        >>> emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+        >>> labels = torch.tensor([0, 0, 1])
+        >>> TripletMarginLoss(margin=0.1)(emb, labels)
+        tensor(0.7934)
+        >>> TripletMarginLoss(margin=0.1)(emb, labels, BatchHardMiner()(emb, labels))
+        tensor(0.7934)
+    """
+
+    def __init__(self, margin: float = 0.05, *, distance: str = "euclidean") -> None:
+        super().__init__()
+        C.check_nonnegative(margin, "margin")
+        C.check_metric(distance)
+        self.margin = float(margin)
+        self.distance = distance
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: Indices = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss; see the class docstring."""
+        return triplet_margin_loss(
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            margin=self.margin,
+            distance=self.distance,
+        )
+
+    def extra_repr(self) -> str:
+        """The configuration shown by ``repr``."""
+        return f"margin={self.margin}, distance={self.distance!r}"
