@@ -55,6 +55,7 @@ intersphinx_mapping = {
     "torch": ("https://docs.pytorch.org/docs/stable", "_intersphinx/torch.inv"),
     "torchvision": ("https://docs.pytorch.org/vision/stable", "_intersphinx/torchvision.inv"),
     "numpy": ("https://numpy.org/doc/stable", "_intersphinx/numpy.inv"),
+    "pillow": ("https://pillow.readthedocs.io/en/stable", "_intersphinx/pillow.inv"),
 }
 
 myst_heading_anchors = 2
