@@ -1,0 +1,230 @@
+"""The background-bias study end to end: files, every mode and loss, the direction of the effect, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dml_bias.bias import METRIC_KEYS, VARIANTS, StudyConfig, StudyResult, run_study
+from dml_bias.bias import study as study_module
+from dml_bias.bias.report import per_class_rows
+
+TINY = {
+    "num_classes": 6,
+    "images_per_class": 6,
+    "num_backgrounds": 4,
+    "image_size": 16,
+    "epochs": 1,
+    "width": 4,
+    "embedding_size": 8,
+    "batch_size": 12,
+    "m_per_class": 3,
+    "progress": False,
+    "num_threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudyResult, Path]:
+    out = tmp_path_factory.mktemp("study")
+    result = run_study(StudyConfig(**TINY, out_dir=str(out)))
+    result.save(out)
+    return result, out
+
+
+def test_every_mode_and_loss_in_results_json(tiny_result: tuple[StudyResult, Path]) -> None:
+    _result, out = tiny_result
+    for name in ("results.json", "per_class.csv", "report.md", "recall_by_mode.png", "per_class_failures.png"):
+        assert (out / name).is_file(), name
+    assert (out / "retrieval_grid.png").is_file()
+    data = json.loads((out / "results.json").read_text())
+    got = {(r["loss"], r["mode"], r["sigma"]) for r in data["runs"]}
+    expected = {(loss, mode, None) for loss in ("proxy_anchor", "multi_similarity") for mode in ("none", "hard")}
+    expected |= {(loss, "channel", None) for loss in ("proxy_anchor", "multi_similarity")}
+    expected |= {(loss, "bg_augment", None) for loss in ("proxy_anchor", "multi_similarity")}
+    expected |= {(loss, "soft", s) for loss in ("proxy_anchor", "multi_similarity") for s in (0.2, 0.5)}
+    assert got == expected
+    for run in data["runs"]:
+        for key in ("metrics", "metrics_raw"):
+            assert set(run[key]) == set(VARIANTS)
+            for values in run[key].values():
+                assert set(values) == set(METRIC_KEYS)
+                assert all(0.0 <= v <= 1.0 for v in values.values())
+        # recall@k cannot decrease with k
+        m = run["metrics"]["original"]
+        assert m["recall@1"] <= m["recall@2"] <= m["recall@4"] <= m["recall@8"]
+        gap = run["metrics"]["mixed_same"]["recall@1"] - run["metrics"]["mixed_rand"]["recall@1"]
+        assert run["background_gap"] == pytest.approx(gap)
+    assert data["seed"] == 0
+    assert data["config"]["epochs_resolved"] == 1
+    assert {"torch", "dml_bias", "python"} <= set(data["versions"])
+    assert data["timings"]["total"] > 0
+    assert data["interrupted"] is False
+
+
+def test_own_and_raw_evaluations(tiny_result: tuple[StudyResult, Path]) -> None:
+    result, _ = tiny_result
+    by = {(r["loss"], r["name"]): r for r in result.runs}
+    for loss in ("proxy_anchor", "multi_similarity"):
+        # No test-time mask: the raw evaluation is the same evaluation.
+        assert by[(loss, "none")]["metrics_raw"] == by[(loss, "none")]["metrics"]
+        assert by[(loss, "bg_augment")]["metrics_raw"] == by[(loss, "bg_augment")]["metrics"]
+        hard = by[(loss, "hard")]["metrics"]
+        # Hard masks at test time hide every background: the swapped variants equal the original exactly.
+        for v in ("only_fg", "mixed_same", "mixed_rand", "mixed_next"):
+            assert hard[v] == pytest.approx(hard["original"], abs=1e-12)
+
+
+def test_table_and_report_print(tiny_result: tuple[StudyResult, Path]) -> None:
+    result, out = tiny_result
+    table = result.table()
+    for text in ("Proxy-Anchor", "Multi-Similarity", "Recall@1", "MAP@R", "mix_rand", "BG-gap", "soft σ=0.2", "raw"):
+        assert text in table
+    assert "raw" not in result.table(raw=False).split("\n")[2]
+    report = result.per_class_report(top=3)
+    assert "reliance" in report
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert len(rows) == 2 * TINY["num_classes"]
+    assert [int(r["rank"]) for r in rows[: TINY["num_classes"]]] == list(range(1, TINY["num_classes"] + 1))
+    md = (out / "report.md").read_text()
+    assert "![recall_by_mode](recall_by_mode.png)" in md
+    assert "## All metrics" in md
+
+
+def test_direction_of_the_effect() -> None:
+    """No-mask models lose much more Recall@1 from original to mixed_rand than hard-mask models (two seeds)."""
+    for seed in (0, 1):
+        cfg = StudyConfig(
+            losses=("proxy_anchor",),
+            modes=("none", "hard"),
+            variants=("original", "mixed_rand"),
+            num_classes=10,
+            images_per_class=16,
+            image_size=24,
+            epochs=4,
+            width=8,
+            embedding_size=32,
+            batch_size=40,
+            m_per_class=4,
+            seed=seed,
+            progress=False,
+            num_threads=1,
+        )
+        by = {r["mode"]: r for r in run_study(cfg).runs}
+        drop_none = by["none"]["metrics"]["original"]["recall@1"] - by["none"]["metrics"]["mixed_rand"]["recall@1"]
+        drop_hard = by["hard"]["metrics"]["original"]["recall@1"] - by["hard"]["metrics"]["mixed_rand"]["recall@1"]
+        assert drop_hard == pytest.approx(0.0, abs=1e-12)
+        assert drop_none > 0.4, (seed, drop_none)
+        assert by["none"]["metrics"]["original"]["recall@1"] > 0.6, seed
+
+
+def test_swap_queries_keeps_the_original_gallery() -> None:
+    base = {**TINY, "losses": ("proxy_anchor",), "modes": ("none",), "variants": ("original", "mixed_rand")}
+    both = run_study(StudyConfig(**base, swap="both")).runs[0]["metrics"]
+    queries = run_study(StudyConfig(**base, swap="queries")).runs[0]["metrics"]
+    # Same seed, same model: on the original images the two protocols coincide.
+    assert queries["original"] == pytest.approx(both["original"])
+    assert queries["mixed_rand"] != both["mixed_rand"]
+
+
+def test_interrupt_keeps_completed_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_train = study_module._train
+    calls = {"n": 0}
+
+    def train_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "_train", train_then_interrupt)
+    cfg = StudyConfig(**{**TINY, "losses": ("proxy_anchor",), "modes": ("none", "hard")}, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["interrupted"] is True
+    assert [r["mode"] for r in data["runs"]] == ["none"]
+
+
+def _fake_result(rates: dict[str, dict[str, list[float]]], distinct: list[float]) -> StudyResult:
+    """A result with hand-set per-class Recall@1 (10 queries per class) for a 'none' and a 'hard' run."""
+    cfg = StudyConfig(losses=("proxy_anchor",), modes=("none", "hard"))
+    runs = []
+    for mode, per_variant in rates.items():
+        pcs = {v: {str(c): r for c, r in enumerate(vals)} for v, vals in per_variant.items()}
+        runs.append(
+            {
+                "loss": "proxy_anchor",
+                "mode": mode,
+                "sigma": None,
+                "name": mode,
+                "class_counts": {str(c): 10 for c in range(len(distinct))},
+                "per_class_recall@1": {"metrics": pcs, "metrics_raw": pcs},
+            }
+        )
+    names = [f"class{c}" for c in range(len(distinct))]
+    return StudyResult(
+        config=cfg,
+        runs=runs,
+        dataset={"class_names": names, "home_backgrounds": [0, 1, 2], "background_distinctiveness": distinct},
+    )
+
+
+def test_per_class_rows_hand_computed() -> None:
+    result = _fake_result(
+        {
+            "none": {"original": [1.0, 0.9, 0.5], "mixed_rand": [0.2, 0.8, 0.4]},
+            "hard": {"original": [0.7, 0.7, 0.6], "mixed_rand": [0.7, 0.7, 0.6]},
+        },
+        distinct=[1.0, 0.5, 0.5],
+    )
+    rows = per_class_rows(result)
+    # failures = round(10 * (1 - R@1)); reliance = (none_v - none_o) - (hard_v - hard_o)
+    by = {r["label"]: r for r in rows}
+    assert (by[0]["failures_none"], by[0]["failures_hard"], by[0]["failures_none_original"]) == (8, 3, 0)
+    assert by[0]["reliance"] == 8
+    assert by[1]["reliance"] == 1
+    assert by[2]["reliance"] == 1
+    assert by[0]["difference"] == 5
+    assert by[2]["difference_original"] == 1
+    # ranked by reliance, then difference (class 2: 6-4=2 > class 1: 2-3=-1), then label
+    assert [r["label"] for r in rows] == [0, 2, 1]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    text = result.per_class_report(top=2)
+    assert "class0" in text
+    assert "top 2 0.75, all classes 0.67" in text
+
+
+def test_chance_recall() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    # class 0 queries: 1 of 4 others; class 1 queries: 2 of 4 others
+    assert study_module._chance_recall_at_1(labels) == pytest.approx((2 * 0.25 + 3 * 0.5) / 5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("modes", ("none", "blur"), "modes must be one of"),
+        ("losses", ("triplet",), "losses must be one of"),
+        ("dataset", "imagenet", "dataset must be one of"),
+        ("swap", "gallery", "swap must be one of"),
+        ("batch_size", 61, "multiple of m_per_class"),
+        ("modes", (), "non-empty"),
+        ("epochs", 0, "epochs must be"),
+        ("dataset", "cub", "root must be"),
+    ],
+)
+def test_config_validation(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StudyConfig(**{field: value}).validate()
+
+
+def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(study_module.StudyError, match="not a directory"):
+        run_study(StudyConfig(**TINY, out_dir=str(target)))
