@@ -1,0 +1,562 @@
+r"""Exact label-based retrieval metrics: Recall@k (DML meaning), R-precision, MAP@R and full mAP.
+
+Every metric here follows from the *ranks of the relevant items*: for a query :math:`q` with label
+:math:`y_q`, the relevant items are the reference items labelled :math:`y_q` (the query itself left out when
+it is part of the reference), and the rank of a relevant item :math:`j` is
+
+.. math::
+
+    \operatorname{rank}_q(j) = 1 + \#\{m \ne q : s(q, m) > s(q, j)
+    \text{ or } (s(q, m) = s(q, j) \text{ and } m < j)\},
+
+i.e. its 1-based position in the neighbour list sorted by decreasing similarity (increasing distance), ties
+by lower reference index. For the full mAP no neighbour list is built: per block of queries, one float64 GEMM
+gives every score, each other item is placed among the sorted relevant scores with a sorted search, and
+items within the GEMM's error bound of a relevant score are re-scored exactly (float64 element-wise) and
+compared with the tie rule. Recall@k, R-precision and MAP@R alone come from exact top-K lists
+(:func:`~dml_bias.metrics.knn`'s float32 path), which is faster. See :doc:`/api/metrics` for the definitions
+and bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dml_bias._checks import check_labels, check_number, check_same_device, describe
+from dml_bias.metrics.knn import (
+    MEMORY_BUDGET,
+    _block_rows,
+    _exact_keys,
+    _gamma,
+    _prepare,
+    _Prepared,
+    _topk_block,
+    _validate_chunk_size,
+)
+
+__all__ = ["map_at_r", "mean_average_precision", "r_precision", "recall_at_k", "retrieval_metrics"]
+
+_U64 = 2.0**-53
+
+
+@dataclass
+class _PerQuery:
+    """Per-query metric values (NaN-free on ``evaluated`` rows) and bookkeeping."""
+
+    recall: torch.Tensor  # (len(ks), Nq) float64
+    map_at_r: torch.Tensor  # (Nq,)
+    r_precision: torch.Tensor  # (Nq,)
+    average_precision: torch.Tensor  # (Nq,)
+    evaluated: torch.Tensor  # (Nq,) bool: the query has at least one relevant item
+    labels: torch.Tensor  # (Nq,) query labels
+
+
+def _check_ks(ks: Any, available: int) -> tuple[int, ...]:
+    if isinstance(ks, int) and not isinstance(ks, bool):
+        ks = (ks,)
+    if not isinstance(ks, Sequence) or isinstance(ks, str):
+        raise TypeError(f"ks must be a sequence of integers, got {describe(ks)}")
+    out: list[int] = []
+    for k in ks:
+        check_number(k, "ks", low=1, high=max(available, 1), integer=True)
+        if k > available:
+            raise ValueError(f"ks must be in [1, {available}] (reference size after self exclusion), got {k}")
+        if k not in out:
+            out.append(int(k))
+    return tuple(out)
+
+
+def _setup(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None,
+    reference_labels: torch.Tensor | None,
+    metric: str,
+    exclude_self: bool | None,
+    normalize_embeddings: bool | None,
+    chunk_size: int | None,
+) -> tuple[_Prepared, torch.Tensor, torch.Tensor]:
+    _validate_chunk_size(chunk_size)
+    if reference is None and reference_labels is not None:
+        raise ValueError("reference_labels must be None when reference is None (the query set is the reference)")
+    if reference is not None and reference_labels is None:
+        raise ValueError(f"reference_labels must be given with reference (of {describe(reference)}), got None")
+    prep = _prepare(query, reference, metric, exclude_self, normalize_embeddings)
+    check_labels(query_labels, "query_labels", length=prep.num_query, length_source="query.shape[0]")
+    check_same_device(query=query, query_labels=query_labels)
+    if reference_labels is None:
+        reference_labels = query_labels
+    else:
+        check_labels(
+            reference_labels, "reference_labels", length=prep.num_reference, length_source="reference.shape[0]"
+        )
+        check_same_device(query=query, reference_labels=reference_labels)
+    return prep, query_labels.detach().long(), reference_labels.detach().long()
+
+
+def _row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Row sums in a fixed left-to-right order, so trailing zero padding (block-dependent) never changes them."""
+    return x.cumsum(1)[:, -1] if x.shape[1] > 0 else x.sum(1)
+
+
+def _per_query(
+    prep: _Prepared,
+    qlab: torch.Tensor,
+    rlab: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int | None,
+    budget: int = MEMORY_BUDGET,
+) -> _PerQuery:
+    """Exact per-query metrics from the ranks of the relevant items, one block of queries at a time."""
+    device = prep.query.device
+    nq, m = prep.num_query, prep.num_reference
+    dim = int(prep.query.shape[1])
+    # Class layout of the reference: items sorted by label (stable, so indices ascend within a class).
+    order = torch.argsort(rlab, stable=True)
+    classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
+    found = classes[pos] == qlab
+    n_class = torch.where(found, counts[pos], torch.zeros_like(pos))
+    self_rel = torch.zeros(nq, dtype=torch.bool, device=device)
+    if prep.exclude_self:
+        self_rel = rlab[:nq] == qlab
+    num_rel = n_class - self_rel.long()
+    # Float64 GEMM error bound plus the exact-key error (see the module notes of knn.py).
+    qn = prep.query_norm
+    rmax = float(prep.reference.norm(dim=1).max())
+    g = _gamma(dim + 2, _U64)
+    eps = 8 * g * (qn + rmax) ** 2 if prep.distance else 4 * g * qn * rmax
+    ref_sq = (prep.reference**2).sum(1) if prep.distance else None
+
+    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
+    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
+    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
+    ap = torch.zeros(nq, dtype=torch.float64, device=device)
+    kt = torch.tensor(ks, dtype=torch.float64, device=device)
+
+    max_rel = int(n_class.max()) if nq > 0 else 0
+    step = _block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        nb = stop - start
+        rows_b = torch.arange(nb, device=device)
+        rm = int(n_class[start:stop].max())
+        if rm == 0:
+            continue
+        # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
+        a = prep.query[start:stop] @ prep.reference.T
+        if ref_sq is not None:
+            a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
+        if prep.exclude_self:
+            a[rows_b, rows_b + start] = -torch.inf
+        ar = torch.arange(rm, device=device)
+        nc = n_class[start:stop]
+        in_class = ar[None, :] < nc[:, None]
+        idx = (starts[pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
+        relcols = order[idx]  # (nb, rm)
+        valid = in_class
+        if prep.exclude_self:
+            valid = valid & (relcols != (rows_b + start)[:, None])
+        # Relevant keys from the same GEMM (each within eps of its exact value), then masked out of `a`.
+        relkeys = torch.gather(a, 1, relcols).masked_fill_(~valid, torch.inf)
+        vr, vc = valid.nonzero(as_tuple=True)
+        a[vr, relcols[vr, vc]] = -torch.inf
+        # Place every other item among the sorted relevant keys: both sides carry an error <= eps, so an
+        # item more than 2 eps away from a relevant key is on the right side of it for sure.
+        b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
+        e = 2 * eps[start:stop][:, None]
+        cnt = torch.searchsorted(b, a - e)  # number of relevant keys certainly below the item
+        b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
+        band = (torch.gather(b_ext, 1, cnt) <= a + e) & (a > -torch.inf)
+        br, bc = band.nonzero(as_tuple=True)
+        del band, a
+        if br.numel() > 0:
+            # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
+            bkeys = _exact_keys(prep, br + start, bc, budget)
+            band_rows = torch.unique(br)
+            vr, vc = valid[band_rows].nonzero(as_tuple=True)
+            exact_rel = torch.full((band_rows.numel(), rm), torch.inf, dtype=torch.float64, device=device)
+            exact_rel[vr, vc] = _exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
+            slot = torch.searchsorted(band_rows, br)
+            bstep = max(1, budget // (16 * rm))
+            for s in range(0, br.numel(), bstep):
+                r_, c_, k_, t_ = br[s : s + bstep], bc[s : s + bstep], bkeys[s : s + bstep], slot[s : s + bstep]
+                rk, rc = exact_rel[t_], relcols[r_]
+                above = (rk < k_[:, None]) | ((rk == k_[:, None]) & (c_[:, None] < rc))
+                cnt[r_, c_] = (above & valid[r_]).sum(1)
+        hist = torch.bincount((rows_b[:, None] * (rm + 1) + cnt).view(-1), minlength=nb * (rm + 1))
+        del cnt
+        hist = hist.view(nb, rm + 1)
+        above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
+        # The relevant item at position d (0-based) of the best-first relevant list has d relevant items
+        # above it and num_rel - 1 - d below it, so an item is above it iff it is above >= num_rel - d.
+        nr = num_rel[start:stop]
+        d = ar[None, :].expand(nb, rm)
+        t = (nr[:, None] - d).clamp_min(0)
+        irrelevant_above = torch.gather(above_from, 1, t)
+        ranks = (1 + d + irrelevant_above).to(torch.float64)
+        live = d < nr[:, None]
+        r_f = nr.to(torch.float64).clamp_min(1.0)
+        prec = (d + 1).to(torch.float64) / ranks
+        in_r = live & (ranks <= nr[:, None])
+        best = torch.where(live[:, 0], ranks[:, 0], torch.inf)
+        recall[:, start:stop] = (best[None, :] <= kt[:, None]).to(torch.float64)
+        rprec[start:stop] = in_r.sum(1) / r_f
+        map_r[start:stop] = _row_sum(torch.where(in_r, prec, 0.0)) / r_f
+        ap[start:stop] = _row_sum(torch.where(live, prec, 0.0)) / r_f
+    return _PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
+
+
+def _per_query_topk(
+    prep: _Prepared,
+    qlab: torch.Tensor,
+    rlab: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int | None,
+    budget: int = MEMORY_BUDGET,
+) -> _PerQuery:
+    """Recall@k, R-precision and MAP@R from the exact top-K lists, K = max(R_q, max ks) per block.
+
+    Faster than :func:`_per_query` (a float32 bulk GEMM, no search among the relevant scores) but without the
+    full mAP, which needs the rank of every relevant item (``average_precision`` is left at NaN).
+    """
+    device = prep.query.device
+    nq, m = prep.num_query, prep.num_reference
+    order = torch.argsort(rlab, stable=True)
+    classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
+    pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
+    n_class = torch.where(classes[pos] == qlab, counts[pos], torch.zeros_like(pos))
+    if prep.exclude_self:
+        n_class = n_class - (rlab[:nq] == qlab).long()
+    available = m - (1 if prep.exclude_self else 0)
+    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
+    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
+    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
+    kmax = min(available, max([int(n_class.max()), *ks]))
+    step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m)
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        nr = n_class[start:stop]
+        kb = min(available, max([int(nr.max()), *ks]))
+        _, cols = _topk_block(prep, start, stop, kb, budget, need_keys=False)
+        rel = rlab[cols] == qlab[start:stop, None]
+        for i, k in enumerate(ks):
+            recall[i, start:stop] = rel[:, :k].any(1).to(torch.float64)
+        position = torch.arange(1, kb + 1, device=device, dtype=torch.float64)
+        in_r = rel & (position[None, :] <= nr[:, None])
+        hits = torch.cumsum(in_r, 1).to(torch.float64)
+        r_f = nr.to(torch.float64).clamp_min(1.0)
+        rprec[start:stop] = in_r.sum(1) / r_f
+        map_r[start:stop] = _row_sum(torch.where(in_r, hits / position, 0.0)) / r_f
+    ap = torch.full((nq,), torch.nan, dtype=torch.float64, device=device)
+    return _PerQuery(recall, map_r, rprec, ap, n_class > 0, qlab)
+
+
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(values[mask].mean()) if bool(mask.any()) else float("nan")
+
+
+def _run(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None,
+    reference_labels: torch.Tensor | None,
+    ks: Any,
+    exclude_self: bool | None,
+    metric: str,
+    normalize_embeddings: bool | None,
+    chunk_size: int | None,
+    full_map: bool = True,
+) -> tuple[_PerQuery, tuple[int, ...]]:
+    prep, qlab, rlab = _setup(
+        query, query_labels, reference, reference_labels, metric, exclude_self, normalize_embeddings, chunk_size
+    )
+    available = prep.num_reference - (1 if prep.exclude_self else 0)
+    ks_t = _check_ks(ks, available)
+    compute = _per_query if full_map else _per_query_topk
+    res = compute(prep, qlab, rlab, ks_t, chunk_size)
+    if not bool(res.evaluated.any()):
+        raise ValueError(
+            "query_labels must share a label with at least one other reference item for some query: every "
+            f"query is lone (no other item of its label in the reference; {prep.num_query} queries)"
+        )
+    return res, ks_t
+
+
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    exclude_self: bool | None = None,
+    per_class: bool = False,
+    metric: str = "cosine",
+    normalize_embeddings: bool | None = None,
+    chunk_size: int | None = None,
+    full_map: bool = True,
+) -> dict[str, Any]:
+    r"""Recall@k, MAP@R, R-precision and full mAP of a retrieval, exactly, in one pass.
+
+    For query :math:`q` with :math:`R_q` relevant items whose ranks (see the module notes) are
+    :math:`r_1 < r_2 < \dots < r_{R_q}`:
+
+    .. math::
+
+        \text{Recall@}k(q) = [r_1 \le k], \qquad
+        \text{R-precision}(q) = \frac{\#\{i : r_i \le R_q\}}{R_q},
+
+        \text{MAP@R}(q) = \frac{1}{R_q} \sum_{i : r_i \le R_q} \frac{i}{r_i}, \qquad
+        \text{AP}(q) = \frac{1}{R_q} \sum_{i=1}^{R_q} \frac{i}{r_i}.
+
+    Each value is the mean over the evaluated queries: queries whose label has no other item in the
+    reference ("lone" queries) are left out and counted in ``"num_lone_queries"``. Recall@k is the DML hit
+    rate (1 if any of the first ``k`` neighbours shares the query's label), MAP@R and R-precision follow
+    :cite:`musgrave2020reality`, and ``"map"`` is the average precision over the whole reference.
+
+    Args:
+        query: ``(Nq, D)`` floating-point embeddings.
+        query_labels: ``(Nq,)`` integer labels.
+        reference: ``(M, D)`` embeddings; ``None`` evaluates the query set against itself (leave-one-out).
+        reference_labels: ``(M,)`` integer labels; required with ``reference``, ``None`` without.
+        ks: The ``k`` of the Recall@k values, each in ``[1, M]`` (``M - 1`` with self exclusion).
+        exclude_self: As in :func:`~dml_bias.metrics.knn`: defaults to ``True`` without a reference; with a
+            reference, ``True`` means query ``i`` is reference item ``i``.
+        per_class: Also return the metrics averaged per query label.
+        metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        normalize_embeddings: As in :func:`~dml_bias.metrics.knn`.
+        chunk_size: Query rows per block; ``None`` picks it from a 2 GiB budget for the extra memory.
+        full_map: Compute the full ``"map"`` (the rank of every relevant item: one float64 GEMM per block and a
+            sorted search of every score). ``False`` leaves ``"map"`` out and takes the faster path of
+            :func:`recall_at_k`, :func:`map_at_r` and :func:`r_precision`: exact top-``K`` lists from a float32
+            GEMM, ``K`` the largest of the ``ks`` and of the :math:`R_q`. Both paths give identical values.
+
+    Returns:
+        A dict with floats ``"recall@{k}"`` for each ``k``, ``"map@r"``, ``"r_precision"``, ``"map"`` and ints
+        ``"num_queries"`` (evaluated) and ``"num_lone_queries"``. With ``per_class=True`` also ``"per_class"``:
+        ``{label: {"recall@1": ..., "map@r": ..., "r_precision": ..., "map": ..., "count": n}}`` for every
+        label with at least one evaluated query (``count`` = its evaluated queries).
+
+    Raises:
+        ValueError: Bad shapes, values or devices (the argument is named), or every query lone.
+        TypeError: Non-tensor inputs, floating-point labels.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+        >>> y = torch.tensor([0, 0, 1, 1, 2])
+        >>> res = retrieval_metrics(x, y, ks=(1, 2))
+        >>> res["recall@1"], res["map@r"], res["num_queries"], res["num_lone_queries"]
+        (1.0, 1.0, 4, 1)
+        >>> retrieval_metrics(x, y, ks=(1,), per_class=True)["per_class"][0]
+        {'recall@1': 1.0, 'map@r': 1.0, 'r_precision': 1.0, 'map': 1.0, 'count': 2}
+    """
+    if not isinstance(per_class, bool):
+        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
+    if not isinstance(full_map, bool):
+        raise TypeError(f"full_map must be a bool, got {describe(full_map)}")
+    res, ks_t = _run(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        ks,
+        exclude_self,
+        metric,
+        normalize_embeddings,
+        chunk_size,
+        full_map=full_map,
+    )
+    ev = res.evaluated
+    out: dict[str, Any] = {}
+    for i, k in enumerate(ks_t):
+        out[f"recall@{k}"] = _mean(res.recall[i], ev)
+    out["map@r"] = _mean(res.map_at_r, ev)
+    out["r_precision"] = _mean(res.r_precision, ev)
+    if full_map:
+        out["map"] = _mean(res.average_precision, ev)
+    out["num_queries"] = int(ev.sum())
+    out["num_lone_queries"] = int((~ev).sum())
+    if per_class:
+        out["per_class"] = _per_class(res, ks_t)
+    return out
+
+
+def _per_class(res: _PerQuery, ks: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    ev = res.evaluated
+    labels = res.labels[ev]
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    n = classes.numel()
+
+    def class_mean(v: torch.Tensor) -> list[float]:
+        s = torch.zeros(n, dtype=torch.float64, device=v.device).index_add_(0, inverse, v[ev])
+        return (s / counts.to(torch.float64)).tolist()
+
+    cols: dict[str, list[float]] = {f"recall@{k}": class_mean(res.recall[i]) for i, k in enumerate(ks)}
+    cols["map@r"] = class_mean(res.map_at_r)
+    cols["r_precision"] = class_mean(res.r_precision)
+    if not bool(res.average_precision.isnan().any()):
+        cols["map"] = class_mean(res.average_precision)
+    out: dict[int, dict[str, Any]] = {}
+    for j, c in enumerate(classes.tolist()):
+        entry: dict[str, Any] = {name: vals[j] for name, vals in cols.items()}
+        entry["count"] = int(counts[j])
+        out[int(c)] = entry
+    return out
+
+
+def recall_at_k(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    *,
+    k: int = 1,
+    exclude_self: bool | None = None,
+    metric: str = "cosine",
+    normalize_embeddings: bool | None = None,
+    chunk_size: int | None = None,
+) -> float:
+    r"""Recall@k in the DML sense: the fraction of queries with a same-label item among the first ``k``.
+
+    .. math:: \text{Recall@}k = \frac{1}{|Q|} \sum_{q \in Q} [\operatorname{rank}_q(\text{best relevant}) \le k]
+
+    over the non-lone queries :math:`Q` (see :func:`retrieval_metrics` for the arguments).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.5]])
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> recall_at_k(x, y, k=1), recall_at_k(x, y, k=3)
+        (0.75, 1.0)
+    """
+    res, _ = _run(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        (k,),
+        exclude_self,
+        metric,
+        normalize_embeddings,
+        chunk_size,
+        full_map=False,
+    )
+    return _mean(res.recall[0], res.evaluated)
+
+
+def map_at_r(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    *,
+    exclude_self: bool | None = None,
+    metric: str = "cosine",
+    normalize_embeddings: bool | None = None,
+    chunk_size: int | None = None,
+) -> float:
+    r"""MAP@R :cite:`musgrave2020reality`: average precision truncated at :math:`R_q`, divided by :math:`R_q`.
+
+    .. math:: \text{MAP@R} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q} \sum_{i=1}^{R_q} P_q(i)\,\text{rel}_q(i)
+
+    where :math:`P_q(i)` is the precision of the first :math:`i` neighbours and :math:`\text{rel}_q(i)` is 1
+    if the :math:`i`-th neighbour is relevant (see :func:`retrieval_metrics` for the arguments).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.5]])
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> map_at_r(x, y)
+        0.75
+    """
+    res, _ = _run(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        (),
+        exclude_self,
+        metric,
+        normalize_embeddings,
+        chunk_size,
+        full_map=False,
+    )
+    return _mean(res.map_at_r, res.evaluated)
+
+
+def r_precision(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    *,
+    exclude_self: bool | None = None,
+    metric: str = "cosine",
+    normalize_embeddings: bool | None = None,
+    chunk_size: int | None = None,
+) -> float:
+    r"""R-precision: the fraction of relevant items among the first :math:`R_q` neighbours, averaged.
+
+    .. math:: \text{R-precision} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q} \sum_{i=1}^{R_q} \text{rel}_q(i)
+
+    (see :func:`retrieval_metrics` for the arguments).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.5]])
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> r_precision(x, y)
+        0.75
+    """
+    res, _ = _run(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        (),
+        exclude_self,
+        metric,
+        normalize_embeddings,
+        chunk_size,
+        full_map=False,
+    )
+    return _mean(res.r_precision, res.evaluated)
+
+
+def mean_average_precision(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    *,
+    exclude_self: bool | None = None,
+    metric: str = "cosine",
+    normalize_embeddings: bool | None = None,
+    chunk_size: int | None = None,
+) -> float:
+    r"""Mean average precision over the whole reference (every relevant item counted).
+
+    .. math:: \text{mAP} = \frac{1}{|Q|} \sum_{q \in Q} \frac{1}{R_q} \sum_{i=1}^{R_q} \frac{i}{r_i}
+
+    with :math:`r_i` the rank of the :math:`i`-th best relevant item; equal to scikit-learn's
+    ``average_precision_score`` per query when no score ties a relevant with an irrelevant item
+    (see :func:`retrieval_metrics` for the arguments).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.5]])
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> round(mean_average_precision(x, y), 4)
+        0.8333
+    """
+    res, _ = _run(
+        query, query_labels, reference, reference_labels, (), exclude_self, metric, normalize_embeddings, chunk_size
+    )
+    return _mean(res.average_precision, res.evaluated)

@@ -1,0 +1,433 @@
+r"""Exact nearest-neighbour search over a reference set sharded across :mod:`torch.distributed` ranks.
+
+When the gallery does not fit one device, every rank keeps a contiguous shard of it (rows
+``shard_offset : shard_offset + len(shard)`` of the global reference set) and all ranks hold the same queries.
+:func:`~dml_bias.metrics.sharded_knn` then
+
+1. searches the local shard with :func:`~dml_bias.metrics.knn` (the local top-:math:`k`, exact);
+2. takes the float64 sort keys that order :func:`~dml_bias.metrics.knn`'s result for those :math:`k`
+   candidates (scores computed in float64 from the inputs, so they do not depend on how the reference set
+   is split);
+3. gathers ``(key, global id, score)`` of the :math:`k` candidates of every rank (``all_gather``, :math:`O(Qk)`
+   per rank) and merges them by the total order "better key first, lower global index on ties".
+
+Every item of the global top-:math:`k` lies in the local top-:math:`k` of its shard under the same order, so
+the merge is exact: the result equals a single-process search of the whole reference set. Unlike the per-shard
+cap of faiss' GPU search (:math:`k \le 2048`), nothing limits :math:`k` here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dml_bias._checks import (
+    check_choice,
+    check_dtype,
+    check_embeddings,
+    check_finite,
+    check_labels,
+    check_number,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    describe,
+)
+from dml_bias.similarity import METRICS
+
+__all__ = ["sharded_knn", "sharded_retrieval_metrics"]
+
+
+def _world_size(group: Any = None) -> int:
+    """The number of ranks of ``group`` (1 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def _rank(group: Any = None) -> int:
+    """This process' rank in ``group`` (0 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group))
+
+
+def _comm_device(group: Any = None) -> torch.device:
+    """The device the collectives of ``group`` need: the current CUDA device for NCCL, else the CPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Gather one small picklable object per rank, in rank order (``[obj]`` without torch.distributed)."""
+    if _world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * _world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _all_gather_rows(tensor: torch.Tensor, sizes: list[int], group: Any = None) -> list[torch.Tensor]:
+    """Gather a tensor whose first dimension differs between ranks (``sizes[r]`` rows on rank ``r``).
+
+    All ranks pass the same trailing shape and dtype. Rows are padded to the largest size for the collective and
+    trimmed afterwards; the parts come back on ``tensor``'s device, in rank order.
+    """
+    if _world_size(group) == 1:
+        return [tensor]
+    device = _comm_device(group)
+    longest = max(sizes)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return [part[:size].to(tensor.device) for part, size in zip(parts, sizes, strict=True)]
+
+
+def sharded_knn(
+    query: torch.Tensor,
+    reference_shard: torch.Tensor,
+    k: int,
+    *,
+    shard_offset: int | None = None,
+    metric: str = "cosine",
+    exclude_indices: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Exact top-:math:`k` of ``query`` against a reference set sharded across the ranks of ``group``.
+
+    Every rank calls it with the **same** ``query`` (and ``k``, ``metric``, ``exclude_indices``) and its own
+    ``reference_shard``; every rank gets the same result, equal to
+    ``knn(query, torch.cat(all shards in global order), k, metric=metric)``: neighbours sorted best first, ties
+    broken by the lower global index. The order is decided on float64 scores of the float32 inputs, so the
+    result does not depend on how the reference set is split. Without :mod:`torch.distributed` (or with one
+    rank) it searches ``reference_shard`` alone.
+
+    Communication: one ``all_gather_object`` of shard sizes and three ``all_gather`` of ``(Q, k)`` tensors.
+    Memory: each rank holds the candidates of all ranks, ``world_size × Q × k`` entries (split the queries into
+    batches if that is too much).
+
+    Args:
+        query: ``(Q, D)`` floating-point queries, identical on every rank, finite.
+        reference_shard: ``(M_r, D)`` this rank's part of the reference set (``M_r`` may be 0), same device and
+            dtype as ``query``.
+        k: Number of neighbours, ``1 <= k <= N`` with ``N`` the total reference size over all ranks
+            (``k <= N - 1`` with ``exclude_indices``).
+        shard_offset: The global index of the shard's first row. ``None``: the shards are consecutive in rank
+            order (rank 0 first), so the offset is the total size of the shards of the lower ranks.
+            Shards must not overlap.
+        metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"`` (see
+            :func:`dml_bias.similarity.pairwise`; similarities are sorted in decreasing, distances in increasing
+            order).
+        exclude_indices: Optional ``(Q,)`` integer tensor: the global reference index each query must not
+            retrieve (its own, when the queries are the reference set), or ``-1`` for none.
+        chunk_size: Passed to :func:`~dml_bias.metrics.knn` for the local search.
+        group: The process group; ``None`` is the default group.
+
+    Returns:
+        ``(scores, indices)``, both ``(Q, k)``: the scores as :func:`~dml_bias.metrics.knn` returns them and
+        the **global** reference indices (int64), best first.
+
+    Example:
+        >>> import torch
+        >>> query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> shard = torch.tensor([[0.0, 1.0], [1.0, 0.1], [1.0, 0.0]])  # rows 10, 11, 12 of the global set
+        >>> scores, indices = sharded_knn(query, shard, 2, shard_offset=10)
+        >>> indices
+        tensor([[12, 11],
+                [10, 11]])
+    """
+    check_choice(metric, "metric", METRICS)
+    check_embeddings(query, "query")
+    check_embeddings(reference_shard, "reference_shard", dim=query.shape[1], allow_empty=True)
+    check_same_device(query=query, reference_shard=reference_shard, exclude_indices=exclude_indices)
+    if reference_shard.dtype != query.dtype:
+        raise TypeError(
+            f"reference_shard must have the dtype of query ({query.dtype}), got {describe(reference_shard)}"
+        )
+    check_number(k, "k", low=1, integer=True)
+    if shard_offset is not None:
+        check_number(shard_offset, "shard_offset", low=0, integer=True)
+    if chunk_size is not None:
+        check_number(chunk_size, "chunk_size", low=1, integer=True)
+    num_queries = int(query.shape[0])
+    if exclude_indices is not None:
+        check_tensor(exclude_indices, "exclude_indices")
+        check_dtype(exclude_indices, "exclude_indices", "integer")
+        check_shape(exclude_indices, "exclude_indices", ("Q",), {"Q": num_queries}, sources={"Q": "query.shape[0]"})
+        if exclude_indices.numel() and int(exclude_indices.min()) < -1:
+            raise ValueError(f"exclude_indices must be global indices or -1, got minimum {int(exclude_indices.min())}")
+    check_finite(query, "query")
+    check_finite(reference_shard, "reference_shard")
+
+    layout = _shard_layout(
+        reference_shard,
+        shard_offset,
+        (num_queries, int(query.shape[1]), int(k), metric, exclude_indices is not None),
+        group,
+    )
+    excluding = exclude_indices is not None
+    _check_k(k, layout.total, excluding, "k")
+    scores, ids, _ = _search_and_merge(query, reference_shard, k, layout, metric, exclude_indices, chunk_size, group)
+    return scores, ids
+
+
+@dataclass
+class _Layout:
+    """Where every rank's shard sits in the global reference set."""
+
+    sizes: list[int]
+    offsets: list[int]
+    offset: int  # this rank's offset
+    total: int
+
+
+def _shard_layout(reference_shard: torch.Tensor, shard_offset: int | None, same: tuple, group: Any) -> _Layout:
+    """Gather the shard sizes/offsets (and check that ``same`` agrees on every rank and the shards are disjoint)."""
+    meta = (int(reference_shard.shape[0]), shard_offset, same)
+    metas = _all_gather_objects(meta, group)
+    for r, other in enumerate(metas):
+        if other[2] != same:
+            raise ValueError(
+                "the query shape, k and the other options must be the same on every rank, got "
+                f"{same} here and {other[2]} on rank {r}"
+            )
+    if len({m[1] is None for m in metas}) > 1:
+        raise ValueError("shard_offset must be given on every rank or on none")
+    sizes = [m[0] for m in metas]
+    offsets = [m[1] for m in metas]
+    if offsets[0] is None:
+        offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    spans = sorted((o, o + s) for o, s in zip(offsets, sizes, strict=True) if s > 0)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        if start < end:
+            raise ValueError(f"the reference shards must not overlap, got the global spans {spans}")
+    return _Layout(sizes=sizes, offsets=offsets, offset=int(offsets[_rank(group)]), total=sum(sizes))
+
+
+def _check_k(k: int, total: int, excluding: bool, name: str) -> None:
+    if k > total - int(excluding):
+        limit = "N - 1" if excluding else "N"
+        raise ValueError(
+            f"{name} must be at most {limit} = {total - int(excluding)} (reference rows over all ranks"
+            f"{', one excluded per query' if excluding else ''}), got {k}"
+        )
+
+
+def _search_and_merge(
+    query: torch.Tensor,
+    reference_shard: torch.Tensor,
+    k: int,
+    layout: _Layout,
+    metric: str,
+    exclude_indices: torch.Tensor | None,
+    chunk_size: int | None,
+    group: Any,
+    payload: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Local exact top-k, all-gather of (key, global id, score[, payload]) and the exact merge."""
+    num_queries = int(query.shape[0])
+    excluding = exclude_indices is not None
+    shard_size = int(reference_shard.shape[0])
+    # Every rank contributes `width` candidate columns: enough that the excluded one can be dropped.
+    width = min(k + int(excluding), max(layout.sizes))
+    local_k = min(k + int(excluding), shard_size)
+    device = query.device
+    keys = torch.full((num_queries, width), -torch.inf, dtype=torch.float64, device=device)
+    ids = torch.full((num_queries, width), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    out_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # as knn() returns
+    scores = torch.zeros(num_queries, width, dtype=out_dtype, device=device)
+    extra = None if payload is None else torch.zeros(num_queries, width, dtype=payload.dtype, device=device)
+    if local_k > 0:
+        # The local search and its float64 sort keys come from the same prepared inputs as knn() uses, so the
+        # keys are exactly those that order knn()'s result (larger is closer; |q|^2 - |q - r|^2 for distances).
+        knn_module = importlib.import_module("dml_bias.metrics.knn")  # the module (the package exports the function)
+        prep = knn_module._prepare(query, reference_shard, metric, False, None)
+        local_scores, local_ids = knn_module._knn_prepared(prep, local_k, metric, chunk_size, knn_module.MEMORY_BUDGET)
+        rows = torch.arange(num_queries, device=device)[:, None].expand_as(local_ids).reshape(-1)
+        local_keys = knn_module._exact_keys(prep, rows, local_ids.reshape(-1), knn_module.MEMORY_BUDGET)
+        keys[:, :local_k] = local_keys.view(num_queries, local_k)
+        ids[:, :local_k] = local_ids.to(torch.int64) + layout.offset
+        scores[:, :local_k] = local_scores.to(scores.dtype)
+        if extra is not None and payload is not None:
+            extra[:, :local_k] = payload[local_ids]
+        if exclude_indices is not None:
+            own = ids[:, :local_k] == exclude_indices.to(torch.int64)[:, None]
+            keys[:, :local_k] = keys[:, :local_k].masked_fill(own, -torch.inf)
+            ids[:, :local_k] = ids[:, :local_k].masked_fill(own, torch.iinfo(torch.int64).max)
+
+    if _world_size(group) > 1:
+        widths = [width] * len(layout.sizes)
+        keys = torch.cat(_all_gather_rows(keys.T.contiguous(), widths, group)).T
+        ids = torch.cat(_all_gather_rows(ids.T.contiguous(), widths, group)).T
+        scores = torch.cat(_all_gather_rows(scores.T.contiguous(), widths, group)).T
+        if extra is not None:
+            extra = torch.cat(_all_gather_rows(extra.T.contiguous(), widths, group)).T
+
+    # Exact merge: sort by global id, then (stable) by key, so equal keys stay in increasing id order.
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    keys, ids, scores = keys.gather(1, by_id), ids.gather(1, by_id), scores.gather(1, by_id)
+    by_key = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+    order = by_id.gather(1, by_key)  # positions in the unsorted candidate matrix
+    picked_extra = None if extra is None else extra.gather(1, order)
+    return scores.gather(1, by_key), ids.gather(1, by_key), picked_extra
+
+
+def sharded_retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference_shard: torch.Tensor,
+    reference_shard_labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    shard_offset: int | None = None,
+    query_indices: torch.Tensor | None = None,
+    metric: str = "cosine",
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> dict[str, float]:
+    r"""Recall@k, R-precision and MAP@R of a retrieval whose reference set is sharded across ranks, exactly.
+
+    The values equal those of :func:`~dml_bias.metrics.retrieval_metrics` on the whole reference set (keys
+    ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``, ``"num_queries"``, ``"num_lone_queries"``; the full
+    ``"map"`` and ``per_class`` are not computed here, since they need every rank of every relevant item).
+    Every rank passes the same queries and its own shard; :func:`sharded_knn` finds the
+    :math:`k = \max(\max_i k_i, \max_q R_q)` nearest neighbours with their labels (:math:`R_q`: the number of
+    items of the query's label in the whole reference set, the query itself left out), from which
+
+    .. math::
+
+        \text{Recall@}k(q) = [\exists\, i \le k : y_{n_i} = y_q], \qquad
+        \text{R-precision}(q) = \frac{1}{R_q}\sum_{i \le R_q} [y_{n_i} = y_q], \qquad
+        \text{MAP@R}(q) = \frac{1}{R_q}\sum_{i \le R_q} [y_{n_i} = y_q]\,\frac{\#\{j \le i : y_{n_j} = y_q\}}{i},
+
+    averaged over the queries with :math:`R_q \ge 1` (the others are counted in ``"num_lone_queries"``).
+    Queries are processed in blocks so that each rank holds at most about :math:`2^{22}` gathered candidates.
+
+    Args:
+        query: ``(Q, D)`` floating-point queries, the same on every rank.
+        query_labels: ``(Q,)`` integer labels of the queries, the same on every rank.
+        reference_shard: ``(M_r, D)`` this rank's part of the reference set.
+        reference_shard_labels: ``(M_r,)`` integer labels of the shard.
+        ks: The ``k`` of Recall@k, each at most the reference size (minus one with ``query_indices``).
+        shard_offset: Global index of the shard's first row (``None``: consecutive shards in rank order).
+        query_indices: Optional ``(Q,)`` global reference index of each query (``-1``: not in the reference):
+            that item is left out of the query's neighbours and relevant items (leave-one-out evaluation).
+        metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        chunk_size: Passed to the local :func:`~dml_bias.metrics.knn`.
+        group: The process group; ``None`` is the default group.
+
+    Returns:
+        A dict of floats (and the two integer counts), the same on every rank.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> result = sharded_retrieval_metrics(x, labels, x, labels, ks=(1,), query_indices=torch.arange(5))
+        >>> result["recall@1"], result["r_precision"], result["num_queries"]  # row 4: rows 1 and 3 tie, 1 wins
+        (0.8, 0.9, 5)
+    """
+    check_choice(metric, "metric", METRICS)
+    check_embeddings(query, "query")
+    check_embeddings(reference_shard, "reference_shard", dim=query.shape[1], allow_empty=True)
+    num_queries = int(query.shape[0])
+    check_labels(query_labels, "query_labels", length=num_queries, length_source="query.shape[0]")
+    check_labels(
+        reference_shard_labels,
+        "reference_shard_labels",
+        length=int(reference_shard.shape[0]),
+        length_source="reference_shard.shape[0]",
+    )
+    check_same_device(
+        query=query,
+        query_labels=query_labels,
+        reference_shard=reference_shard,
+        reference_shard_labels=reference_shard_labels,
+        query_indices=query_indices,
+    )
+    if isinstance(ks, (int, str)) or not isinstance(ks, Sequence) or len(ks) == 0:
+        raise TypeError(f"ks must be a non-empty sequence of positive integers, got {describe(ks)}")
+    for k in ks:
+        check_number(k, "ks[...]", low=1, integer=True)
+    if query_indices is not None:
+        check_tensor(query_indices, "query_indices")
+        check_dtype(query_indices, "query_indices", "integer")
+        check_shape(query_indices, "query_indices", ("Q",), {"Q": num_queries}, sources={"Q": "query.shape[0]"})
+        if query_indices.numel() and int(query_indices.min()) < -1:
+            raise ValueError(f"query_indices must be global indices or -1, got minimum {int(query_indices.min())}")
+    check_finite(query, "query")
+    check_finite(reference_shard, "reference_shard")
+    ks = tuple(dict.fromkeys(int(k) for k in ks))
+    excluding = query_indices is not None
+    same = (num_queries, int(query.shape[1]), ks, metric, excluding)
+    layout = _shard_layout(reference_shard, shard_offset, same, group)
+    for k in ks:
+        _check_k(k, layout.total, excluding, "ks")
+    device = query.device
+    qlab = query_labels.detach().long()
+    rlab = reference_shard_labels.detach().long()
+
+    # Class sizes over the whole reference set.
+    local_classes, local_counts = torch.unique(rlab, return_counts=True)
+    class_sizes = [int(m) for m in _all_gather_objects(int(local_classes.numel()), group)]
+    classes = torch.cat(_all_gather_rows(local_classes, class_sizes, group))
+    counts = torch.cat(_all_gather_rows(local_counts, class_sizes, group))
+    classes, inverse = torch.unique(classes, return_inverse=True)
+    counts = torch.zeros(classes.numel(), dtype=torch.long, device=device).index_add_(0, inverse, counts)
+    if classes.numel():
+        slot = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
+        num_rel = torch.where(classes[slot] == qlab, counts[slot], torch.zeros_like(qlab))
+    else:
+        num_rel = torch.zeros_like(qlab)
+    if query_indices is not None:
+        # The left-out item is relevant to its own query when it carries the query's label: its owner says so.
+        qi = query_indices.to(torch.long)
+        inside = (qi >= layout.offset) & (qi < layout.offset + int(reference_shard.shape[0]))
+        own_rel = torch.zeros(num_queries, dtype=torch.long, device=device)
+        own_rel[inside] = (rlab[qi[inside] - layout.offset] == qlab[inside]).long()
+        num_rel = num_rel - torch.stack(_all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
+    evaluated = num_rel > 0
+
+    recall = torch.zeros(len(ks), num_queries, dtype=torch.float64, device=device)
+    r_prec = torch.zeros(num_queries, dtype=torch.float64, device=device)
+    map_r = torch.zeros(num_queries, dtype=torch.float64, device=device)
+    if bool(evaluated.any()):
+        k_search = min(layout.total - int(excluding), max(max(ks), int(num_rel[evaluated].max())))
+        block = max(1, (1 << 22) // (k_search * len(layout.sizes)))
+        positions = torch.arange(1, k_search + 1, dtype=torch.float64, device=device)
+        for start in range(0, num_queries, block):
+            stop = min(num_queries, start + block)
+            exclude = None if query_indices is None else query_indices[start:stop]
+            _, _, neighbour_labels = _search_and_merge(
+                query[start:stop], reference_shard, k_search, layout, metric, exclude, chunk_size, group, payload=rlab
+            )
+            assert neighbour_labels is not None
+            relevant = neighbour_labels == qlab[start:stop, None]
+            for i, k in enumerate(ks):
+                recall[i, start:stop] = relevant[:, :k].any(dim=1).to(torch.float64)
+            big_r = num_rel[start:stop].to(torch.float64).clamp_min(1.0)
+            in_r = relevant & (positions[None, :] <= big_r[:, None])
+            precision = torch.cumsum(relevant, dim=1).to(torch.float64) / positions
+            r_prec[start:stop] = in_r.sum(dim=1).to(torch.float64) / big_r
+            map_r[start:stop] = (precision * in_r).sum(dim=1) / big_r
+
+    count = int(evaluated.sum())
+    denominator = max(count, 1)
+    result: dict[str, float] = {}
+    for i, k in enumerate(ks):
+        result[f"recall@{k}"] = float(recall[i][evaluated].sum()) / denominator
+    result["map@r"] = float(map_r[evaluated].sum()) / denominator
+    result["r_precision"] = float(r_prec[evaluated].sum()) / denominator
+    result["num_queries"] = count
+    result["num_lone_queries"] = num_queries - count
+    return result
