@@ -2,16 +2,14 @@ r"""Contrastive (pair hinge) loss :cite:`hadsell2006contrastive`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dml_bias.losses import _common as C
-from dml_bias.losses.functional import Indices, contrastive_loss
+from dml_bias.losses._base import PairLossModule
+from dml_bias.losses.functional import contrastive_loss
 
 __all__ = ["ContrastiveLoss"]
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(PairLossModule):
     r"""Contrastive loss :cite:`hadsell2006contrastive` in pytorch-metric-learning's form (non-squared hinges).
 
     With :math:`d_{ij}` the distance between anchor :math:`i` and item :math:`j` (Euclidean distance of the
@@ -46,33 +44,12 @@ class ContrastiveLoss(nn.Module):
         tensor(2.4142)
     """
 
+    _functional = staticmethod(contrastive_loss)
+    _hyper = ("pos_margin", "neg_margin", "distance")
+
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, *, distance: str = "euclidean") -> None:
         super().__init__()
         C.check_contrastive_margins(pos_margin, neg_margin, distance)
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
         self.distance = distance
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: Indices = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute the loss; see the class docstring."""
-        return contrastive_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            pos_margin=self.pos_margin,
-            neg_margin=self.neg_margin,
-            distance=self.distance,
-        )
-
-    def extra_repr(self) -> str:
-        """The configuration shown by ``repr``."""
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, distance={self.distance!r}"

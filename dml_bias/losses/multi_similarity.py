@@ -2,16 +2,14 @@ r"""Multi-Similarity loss :cite:`wang2019multi`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dml_bias.losses import _common as C
-from dml_bias.losses.functional import Indices, multi_similarity_loss
+from dml_bias.losses._base import PairLossModule
+from dml_bias.losses.functional import multi_similarity_loss
 
 __all__ = ["MultiSimilarityLoss"]
 
 
-class MultiSimilarityLoss(nn.Module):
+class MultiSimilarityLoss(PairLossModule):
     r"""Multi-Similarity loss :cite:`wang2019multi`, with pytorch-metric-learning's defaults and call contract.
 
     With :math:`s_{ik}` the similarity of anchor :math:`i` (a row of ``embeddings``) and item :math:`k` (a row
@@ -55,6 +53,9 @@ class MultiSimilarityLoss(nn.Module):
         >>> loss_fn(emb, labels, MultiSimilarityMiner()(emb, labels)).backward()
     """
 
+    _functional = staticmethod(multi_similarity_loss)
+    _hyper = ("alpha", "beta", "base", "distance")
+
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, *, distance: str = "cosine") -> None:
         super().__init__()
         C.check_positive(alpha, "alpha")
@@ -65,28 +66,3 @@ class MultiSimilarityLoss(nn.Module):
         self.beta = float(beta)
         self.base = float(base)
         self.distance = distance
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: Indices = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute the loss; see the class docstring for the arguments."""
-        return multi_similarity_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            alpha=self.alpha,
-            beta=self.beta,
-            base=self.base,
-            distance=self.distance,
-        )
-
-    def extra_repr(self) -> str:
-        """The configuration shown by ``repr``."""
-        return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, distance={self.distance!r}"

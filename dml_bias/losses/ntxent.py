@@ -2,16 +2,14 @@ r"""NT-Xent / InfoNCE loss :cite:`chen2020simclr`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dml_bias.losses import _common as C
-from dml_bias.losses.functional import Indices, ntxent_loss
+from dml_bias.losses._base import PairLossModule
+from dml_bias.losses.functional import ntxent_loss
 
 __all__ = ["NTXentLoss"]
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(PairLossModule):
     r"""NT-Xent (InfoNCE) loss :cite:`chen2020simclr`, averaged over positive pairs (pytorch-metric-learning's form).
 
     For each ordered positive pair :math:`(a, p)` with negatives :math:`N_a` of its anchor:
@@ -48,32 +46,12 @@ class NTXentLoss(nn.Module):
         tensor(0.3133)
     """
 
+    _functional = staticmethod(ntxent_loss)
+    _hyper = ("temperature", "distance")
+
     def __init__(self, temperature: float = 0.07, *, distance: str = "cosine") -> None:
         super().__init__()
         C.check_positive(temperature, "temperature")
         C.check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: Indices = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute the loss; see the class docstring."""
-        return ntxent_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            temperature=self.temperature,
-            distance=self.distance,
-        )
-
-    def extra_repr(self) -> str:
-        """The configuration shown by ``repr``."""
-        return f"temperature={self.temperature}, distance={self.distance!r}"

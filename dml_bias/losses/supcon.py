@@ -2,16 +2,14 @@ r"""Supervised contrastive loss :cite:`khosla2020supcon`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dml_bias.losses import _common as C
-from dml_bias.losses.functional import Indices, supcon_loss
+from dml_bias.losses._base import PairLossModule
+from dml_bias.losses.functional import supcon_loss
 
 __all__ = ["SupConLoss"]
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(PairLossModule):
     r"""Supervised contrastive loss :cite:`khosla2020supcon` (the "out" form), as pytorch-metric-learning.
 
     For anchor :math:`i` with positives :math:`P_i` and the columns :math:`A_i = P_i \cup N_i` (self excluded):
@@ -42,32 +40,12 @@ class SupConLoss(nn.Module):
         tensor(0.3133)
     """
 
+    _functional = staticmethod(supcon_loss)
+    _hyper = ("temperature", "distance")
+
     def __init__(self, temperature: float = 0.1, *, distance: str = "cosine") -> None:
         super().__init__()
         C.check_positive(temperature, "temperature")
         C.check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: Indices = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute the loss; see the class docstring."""
-        return supcon_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            temperature=self.temperature,
-            distance=self.distance,
-        )
-
-    def extra_repr(self) -> str:
-        """The configuration shown by ``repr``."""
-        return f"temperature={self.temperature}, distance={self.distance!r}"

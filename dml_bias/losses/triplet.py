@@ -2,16 +2,14 @@ r"""Triplet margin loss :cite:`schroff2015facenet`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dml_bias.losses import _common as C
-from dml_bias.losses.functional import Indices, triplet_margin_loss
+from dml_bias.losses._base import PairLossModule
+from dml_bias.losses.functional import triplet_margin_loss
 
 __all__ = ["TripletMarginLoss"]
 
 
-class TripletMarginLoss(nn.Module):
+class TripletMarginLoss(PairLossModule):
     r"""Triplet margin loss :cite:`schroff2015facenet` over all triplets (or the given ones), PML's defaults.
 
     For triplets :math:`(a, p, n)` with :math:`y_p = y_a`, :math:`p \ne a`, :math:`y_n \ne y_a` (every such
@@ -47,32 +45,12 @@ class TripletMarginLoss(nn.Module):
         tensor(0.7934)
     """
 
+    _functional = staticmethod(triplet_margin_loss)
+    _hyper = ("margin", "distance")
+
     def __init__(self, margin: float = 0.05, *, distance: str = "euclidean") -> None:
         super().__init__()
         C.check_nonnegative(margin, "margin")
         C.check_metric(distance)
         self.margin = float(margin)
         self.distance = distance
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: Indices = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute the loss; see the class docstring."""
-        return triplet_margin_loss(
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            margin=self.margin,
-            distance=self.distance,
-        )
-
-    def extra_repr(self) -> str:
-        """The configuration shown by ``repr``."""
-        return f"margin={self.margin}, distance={self.distance!r}"
