@@ -43,6 +43,7 @@ PER_CLASS_FIELDS = (
     "failures_hard_original",
     "difference_original",
     "reliance",
+    "reliance_share",
     "background_alone_recall@1",
 )
 
@@ -122,15 +123,24 @@ def format_tables(result: StudyResult, *, raw: bool | None = None) -> str:
 
 
 def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
-    """Per loss and test class: Recall@1 failures of the no-mask and hard-mask models, ranked by background reliance.
+    r"""Per loss and test class: Recall@1 failures of the no-mask and hard-mask models, ranked by background reliance.
 
     The failures of a class are ``round(count × (1 − Recall@1))`` of its queries, each model evaluated in its
     own mode (the hard-mask model on masked test images), on ``config.report_variant`` (``failures_none``,
-    ``failures_hard``, ``difference`` = none − hard) and on the original images (``…_original``). Rows are
-    ranked per loss by ``reliance`` = (no-mask failures added by swapping the backgrounds) − (hard-mask failures
-    added by swapping them) = ``difference − difference_original``, largest first (ties: ``difference``, label):
-    the classes the no-mask model recognised by their background. ``background_alone_recall@1`` is the no-mask
-    model's Recall@1 of the class on ``only_bg_t`` (backgrounds without objects; ``None`` if not evaluated). Losses
+    ``failures_hard``, ``difference`` = none − hard) and on the original images (``…_original``).
+    ``reliance`` = (no-mask failures added by swapping the backgrounds) − (hard-mask failures added by swapping
+    them) = ``difference − difference_original``, and
+
+    .. math::
+
+        \text{reliance\_share} = \frac{\text{reliance}}{\max(\text{failures\_none}, 1)},
+
+    the share of the no-mask model's failures on the swapped backgrounds that the class's own background had
+    prevented. Rows are ranked per loss by ``reliance_share``, largest first (ties: ``reliance``, ``difference``,
+    label): the classes the no-mask model recognised by their background. The share rather than the count ranks,
+    because the count also grows with how hard the object itself is (classes whose objects resemble others' fail
+    often on any background); the share divides that out. ``background_alone_recall@1`` is the no-mask model's
+    Recall@1 of the class on ``only_bg_t`` (backgrounds without objects; ``None`` if not evaluated). Losses
     without both a ``"none"`` and a ``"hard"`` run are skipped.
     """
     variant = result.config.report_variant
@@ -170,10 +180,11 @@ def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
                     "failures_hard_original": fho,
                     "difference_original": fno - fho,
                     "reliance": (fn - fno) - (fh - fho),
+                    "reliance_share": ((fn - fno) - (fh - fho)) / max(fn, 1),
                     "background_alone_recall@1": none["per_class_recall@1"]["metrics"].get("only_bg_t", {}).get(c),
                 }
             )
-        loss_rows.sort(key=lambda r: (-r["reliance"], -r["difference"], r["label"]))
+        loss_rows.sort(key=lambda r: (-r["reliance_share"], -r["reliance"], -r["difference"], r["label"]))
         for rank, r in enumerate(loss_rows, start=1):
             r["rank"] = rank
         rows.extend(loss_rows)
@@ -189,6 +200,38 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def per_class_summary(result: StudyResult, top: int = 10) -> dict[str, dict[str, Any]]:
+    """Per loss: how well the per-class ranking follows the home backgrounds' distinctiveness (synthetic data).
+
+    For every loss of :func:`per_class_rows`: ``num_classes``, ``top``, the mean distinctiveness of the ``top``
+    first-ranked classes and of all classes (``mean_distinctiveness_top``, ``mean_distinctiveness_all``), and
+    Spearman's rank correlation with distinctiveness of the ranking score (``spearman_reliance_share``), of
+    ``reliance``, of ``difference`` (the no-mask minus hard-mask failures on the report variant) and of the
+    background-alone Recall@1 (``None`` where not evaluated). Empty when the data set has no distinctiveness
+    (CUB) or no loss has both a ``"none"`` and a ``"hard"`` run.
+    """
+    rows = per_class_rows(result)
+    out: dict[str, dict[str, Any]] = {}
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        lr = [r for r in rows if r["loss"] == loss]
+        dists = [r["background_distinctiveness"] for r in lr]
+        if any(d is None for d in dists):
+            continue
+        k = min(top, len(lr))
+        bg = [r["background_alone_recall@1"] for r in lr]
+        out[loss] = {
+            "num_classes": len(lr),
+            "top": k,
+            "mean_distinctiveness_top": sum(dists[:k]) / k,
+            "mean_distinctiveness_all": sum(dists) / len(dists),
+            "spearman_reliance_share": _spearman([r["reliance_share"] for r in lr], dists),
+            "spearman_reliance": _spearman([r["reliance"] for r in lr], dists),
+            "spearman_difference": _spearman([r["difference"] for r in lr], dists),
+            "spearman_background_alone": None if any(b is None for b in bg) else _spearman(bg, dists),
+        }
+    return out
+
+
 def format_per_class(result: StudyResult, top: int = 10) -> str:
     """The printed per-class bias report (see :meth:`~dml_bias.bias.study.StudyResult.per_class_report`)."""
     rows = per_class_rows(result)
@@ -200,11 +243,11 @@ def format_per_class(result: StudyResult, top: int = 10) -> str:
         lr = [r for r in rows if r["loss"] == loss]
         out.append(
             f"{LOSS_TITLES.get(loss, loss)}: per-class Recall@1 failures, no mask vs hard mask, on {variant} and "
-            f"original (top {min(top, len(lr))} of {len(lr)} classes by reliance)"
+            f"original (top {min(top, len(lr))} of {len(lr)} classes by reliance share)"
         )
         out.append(
             f"  {'rank':>4} {'class':<26} {'n':>3} {'home bg':>7} {'distinct':>8} | {variant}: {'none':>4} {'hard':>4}"
-            f" | original: {'none':>4} {'hard':>4} | {'reliance':>8} | bg-alone R@1"
+            f" | original: {'none':>4} {'hard':>4} | {'reliance':>8} {'share':>5} | bg-alone R@1"
         )
         for r in lr[:top]:
             home = "—" if r["home_background"] is None else str(r["home_background"])
@@ -212,25 +255,30 @@ def format_per_class(result: StudyResult, top: int = 10) -> str:
             out.append(
                 f"  {r['rank']:>4} {r['class_name'][:26]:<26} {r['count']:>3} {home:>7} {dist:>8} | "
                 f"{'':>{len(variant) + 1}} {r['failures_none']:>4} {r['failures_hard']:>4} | "
-                f"{'':>9} {r['failures_none_original']:>4} {r['failures_hard_original']:>4} | {r['reliance']:>+8d} | "
+                f"{'':>9} {r['failures_none_original']:>4} {r['failures_hard_original']:>4} | {r['reliance']:>+8d} "
+                f"{r['reliance_share']:>+5.2f} | "
                 + ("—" if r["background_alone_recall@1"] is None else f"{r['background_alone_recall@1']:.2f}")
             )
-        dists = [r["background_distinctiveness"] for r in lr]
-        if all(d is not None for d in dists) and len(lr) > top:
-            k = min(top, len(lr))
-            mean_top, mean_all = sum(dists[:k]) / k, sum(dists) / len(dists)
-            line = f"  mean home-background distinctiveness: top {k} {mean_top:.2f}, all classes {mean_all:.2f}"
-            rho = _spearman([r["reliance"] for r in lr], dists)
-            bg = [r["background_alone_recall@1"] for r in lr]
-            line += f"; rank correlation with distinctiveness: reliance {rho:+.2f}"
-            if all(b is not None for b in bg):
-                line += f", background-alone Recall@1 {_spearman(bg, dists):+.2f}"
+        summary = per_class_summary(result, top=top).get(loss)
+        if summary is not None and len(lr) > top:
+            out.append(
+                f"  mean home-background distinctiveness: top {summary['top']} "
+                f"{summary['mean_distinctiveness_top']:.2f}, all classes {summary['mean_distinctiveness_all']:.2f}"
+            )
+            line = (
+                f"  Spearman rank correlation with distinctiveness: reliance share (the ranking) "
+                f"{summary['spearman_reliance_share']:+.2f}, reliance {summary['spearman_reliance']:+.2f}, "
+                f"difference {summary['spearman_difference']:+.2f}"
+            )
+            if summary["spearman_background_alone"] is not None:
+                line += f", background-alone Recall@1 {summary['spearman_background_alone']:+.2f}"
             out.append(line)
         out.append("")
     out.append(
-        "reliance = (no-mask failures added by swapping backgrounds) − (hard-mask failures added): the classes the "
-        "no-mask model recognised by their background rank first. bg-alone R@1: the no-mask model's Recall@1 of "
-        "the class on only_bg_t (background without object)."
+        "reliance = (no-mask failures added by swapping backgrounds) − (hard-mask failures added); share = reliance ÷ "
+        "no-mask failures on the swapped backgrounds (the ranking): the classes the no-mask model recognised by their "
+        "background rank first. difference = no-mask − hard-mask failures. bg-alone R@1: the no-mask model's "
+        "Recall@1 of the class on only_bg_t (background without object)."
     )
     if any(r["background_distinctiveness"] is not None for r in rows):
         out.append("distinct = 1 / (number of test classes sharing the class's home background).")

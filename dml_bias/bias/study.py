@@ -81,8 +81,9 @@ class StudyConfig:
     """Everything that defines a study run; :meth:`StudyConfig.quick` gives the reduced CI configuration.
 
     The defaults are the default study: the built-in :class:`~dml_bias.datasets.SyntheticBackgrounds` data set
-    (30 classes × 40 images of 32 × 32 px per split, home-background correlation 0.9, a pool of 20 backgrounds so
-    that 20 classes share their home with another class and 10 have one of their own), a :class:`SmallCNN` of
+    (30 classes × 40 images of 32 × 32 px per split, home-background correlation 0.9, a pool of 16 backgrounds:
+    15 classes have a distinctive home of their own, like ice for penguins, and 15 share one generic home, like
+    foliage; see :meth:`resolved_homes`), a :class:`SmallCNN` of
     width 16 embedding 64-d, both losses, all modes (soft with σ = 0.2 and 0.5), 8 epochs, batches of 60 = 12
     classes × 5 images from :class:`~dml_bias.datasets.MPerClassSampler`, AdamW with lr 1e-3 (Proxy-Anchor proxies
     at ``proxy_lr_mult`` × lr). With ``dataset="cub"`` the fields marked *synthetic* are ignored and the
@@ -109,7 +110,13 @@ class StudyConfig:
         background_correlation: *synthetic*: probability that an image shows its class's home background.
         num_backgrounds: *synthetic*: size of the background pool; fewer backgrounds than classes means some
             classes share a home background (less distinctive), so the per-class report has something to rank.
-            ``None``: one home per class.
+        unique_homes: *synthetic*: number of classes per split with a distinctive home of their own; the other
+            classes share the remaining ``num_backgrounds − unique_homes`` generic homes evenly (see
+            :class:`~dml_bias.datasets.SyntheticBackgrounds`). With both ``None`` (the default), half the classes
+            (``num_classes // 2``) have a home of their own and the others share one generic home
+            (:meth:`resolved_homes`); with only ``num_backgrounds`` set, homes are shared evenly (set it to
+            ``num_classes`` for a home of its own per class); with only ``unique_homes`` set, the other classes
+            share one generic home.
         embedding_size: Embedding length ``D``; ``None``: 64 (synthetic) or 512 (CUB).
         width: Width of the :class:`SmallCNN` (synthetic only).
         batch_size: Training batch size (a multiple of ``m_per_class``).
@@ -146,7 +153,8 @@ class StudyConfig:
     images_per_class: int = 40
     image_size: int | None = None
     background_correlation: float = 0.9
-    num_backgrounds: int | None = 20
+    num_backgrounds: int | None = None
+    unique_homes: int | None = None
     embedding_size: int | None = None
     width: int = 16
     batch_size: int = 60
@@ -172,7 +180,6 @@ class StudyConfig:
         """
         base: dict[str, Any] = {
             "num_classes": 16,
-            "num_backgrounds": 11,
             "images_per_class": 24,
             "image_size": 24,
             "epochs": 4,
@@ -200,6 +207,20 @@ class StudyConfig:
         if self.embedding_size is not None:
             return self.embedding_size
         return 512 if self.dataset == "cub" else 64
+
+    def resolved_homes(self) -> tuple[int, int | None]:
+        """``(num_backgrounds, unique_homes)`` as passed to the synthetic data set (see the field docs).
+
+        Example:
+            >>> StudyConfig().resolved_homes(), StudyConfig(num_backgrounds=30).resolved_homes()
+            ((16, 15), (30, None))
+        """
+        c, nb, u = self.num_classes, self.num_backgrounds, self.unique_homes
+        if u is None and nb is None:
+            u = c // 2
+        if nb is None:
+            nb = u + 1 if u is not None and u < c else c
+        return nb, u
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad field.
@@ -240,6 +261,15 @@ class StudyConfig:
         check_number(self.background_correlation, "background_correlation", low=0.0, high=1.0)
         if self.num_backgrounds is not None:
             check_number(self.num_backgrounds, "num_backgrounds", low=2, integer=True)
+        if self.unique_homes is not None and self.dataset == "synthetic":
+            check_number(self.unique_homes, "unique_homes", low=0, high=self.num_classes, integer=True)
+            pool = self.resolved_homes()[0]
+            if pool < self.unique_homes + (self.unique_homes < self.num_classes):
+                raise ValueError(
+                    f"num_backgrounds must exceed unique_homes={self.unique_homes} (a home of its own for each of "
+                    "those classes and at least one shared home for the others), got "
+                    f"num_backgrounds={pool}; lower unique_homes or raise num_backgrounds"
+                )
         if self.embedding_size is not None:
             check_number(self.embedding_size, "embedding_size", low=1, integer=True)
         check_number(self.width, "width", low=1, integer=True)
@@ -283,6 +313,7 @@ class StudyConfig:
         d["epochs_resolved"] = self.resolved_epochs()
         d["embedding_size_resolved"] = self.resolved_embedding_size()
         d["image_size_resolved"] = self.resolved_image_size()
+        d["num_backgrounds_resolved"], d["unique_homes_resolved"] = self.resolved_homes()
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -377,7 +408,8 @@ class _Data:
             "images_per_class": c.images_per_class,
             "image_size": c.resolved_image_size(),
             "background_correlation": c.background_correlation,
-            "num_backgrounds": c.num_backgrounds,
+            "num_backgrounds": c.resolved_homes()[0],
+            "unique_homes": c.resolved_homes()[1],
             "seed": c.seed,
         }
         self.train_dataset: Any = SyntheticBackgrounds("train", **kw)
@@ -746,7 +778,7 @@ class StudyResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready values (what ``results.json`` holds)."""
-        from dml_bias.bias.report import per_class_rows
+        from dml_bias.bias.report import per_class_rows, per_class_summary
 
         return {
             "config": self.config.to_dict(),
@@ -758,6 +790,7 @@ class StudyResult:
             "interrupted": self.interrupted,
             "runs": self.runs,
             "per_class": per_class_rows(self),
+            "per_class_summary": per_class_summary(self),
         }
 
     def table(self, *, raw: bool | None = None) -> str:
@@ -774,10 +807,14 @@ class StudyResult:
         return format_tables(self, raw=raw)
 
     def per_class_report(self, top: int = 10) -> str:
-        """The per-class bias report, the ``top`` classes where the no-mask model fails most over the hard-mask one.
+        """The per-class bias report: the ``top`` classes the no-mask model recognised most by their background.
 
         Per test class: Recall@1 failures of the no-mask and the hard-mask model (same loss) on
-        ``config.report_variant`` and on the original images, ranked by the difference.
+        ``config.report_variant`` and on the original images, their difference, and the ranking score, the
+        reliance share (the no-mask failures added by swapping the backgrounds, net of the hard-mask model's, as a
+        share of the no-mask failures on the swapped backgrounds); on synthetic data also the rank correlation of
+        the ranking with the home backgrounds' distinctiveness (stored in ``results.json`` as
+        ``per_class_summary``).
         """
         from dml_bias.bias.report import format_per_class
 

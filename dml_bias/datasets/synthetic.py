@@ -241,7 +241,9 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
 
     **Home backgrounds.** The ``num_backgrounds`` ids ``0 … num_backgrounds-1`` form the pool of both
     splits. Every class has a home background (distinct homes while ``num_backgrounds >= num_classes``,
-    otherwise shared evenly); an image shows its class's home with probability ``background_correlation``
+    otherwise shared evenly; with ``unique_homes=U``, ``U`` randomly chosen classes each get a *distinctive*
+    home of their own and the others share the remaining ids evenly as *generic* homes, as penguins have ice
+    while many songbirds share foliage); an image shows its class's home with probability ``background_correlation``
     and otherwise a background drawn uniformly from the other ids of the pool. This holds in both splits:
     the test classes have their own homes. A model that learns "this background means this class" therefore
     scores well on the original test images but loses on images whose backgrounds are swapped.
@@ -281,6 +283,10 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         background_correlation: Probability that an image shows its class's home background, in [0, 1].
         num_backgrounds: Size of the background pool (default: ``num_classes``, so every class has a home
             of its own); at least 2 when ``background_correlation < 1``.
+        unique_homes: ``None`` (homes as described above) or the number of classes (``0 … num_classes``) with
+            a home of their own; the other classes share the other ``num_backgrounds − unique_homes`` ids, so
+            ``num_backgrounds`` must exceed ``unique_homes`` unless every class is unique. Objects and the
+            per-image draws do not depend on it.
         seed: Seed of everything random in the data set.
         variant: One of :data:`VARIANTS`.
         variant_seed: Seed of the donor choice of the ``mixed_*`` variants.
@@ -315,6 +321,9 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         True
         >>> bool((swapped["mask"] == sample["mask"]).all())
         True
+        >>> mixed = SyntheticBackgrounds("test", num_classes=6, images_per_class=1, num_backgrounds=4, unique_homes=3)
+        >>> sorted(torch.bincount(mixed.home_backgrounds).tolist())  # 3 distinctive homes, 1 generic one
+        [1, 1, 1, 3]
     """
 
     def __init__(
@@ -326,6 +335,7 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         image_size: int = 64,
         background_correlation: float = 0.9,
         num_backgrounds: int | None = None,
+        unique_homes: int | None = None,
         seed: int = 0,
         variant: str = "original",
         variant_seed: int = 0,
@@ -345,6 +355,16 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
                 "num_backgrounds must be at least 2 when background_correlation < 1 (an image off its home "
                 f"background needs another background), got num_backgrounds={num_backgrounds}"
             )
+        if unique_homes is not None:
+            check_number(unique_homes, "unique_homes", low=0, high=num_classes, integer=True)
+            needed = unique_homes + (1 if unique_homes < num_classes else 0)
+            if num_backgrounds < needed:
+                raise ValueError(
+                    f"num_backgrounds must be at least unique_homes{' + 1' if needed > unique_homes else ''} = "
+                    f"{needed} (a home of its own for {unique_homes} classes"
+                    + (", and at least one shared home for the others" if needed > unique_homes else "")
+                    + f"), got num_backgrounds={num_backgrounds}"
+                )
         check_number(seed, "seed", low=0, integer=True)
         check_choice(variant, "variant", VARIANTS)
         check_number(variant_seed, "variant_seed", low=0, integer=True)
@@ -361,6 +381,7 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         self.image_size = int(image_size)
         self.background_correlation = float(background_correlation)
         self.num_backgrounds = int(num_backgrounds)
+        self.unique_homes = None if unique_homes is None else int(unique_homes)
         self.seed = int(seed)
         self.transform = transform
         self.cache = cache
@@ -380,7 +401,15 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
 
         r = _rng(self.seed, 20 + split_code)
         perm = r.permutation(nb)
-        homes = perm[np.arange(c) % nb]  # distinct homes while nb >= c, else shared evenly
+        if self.unique_homes is None:
+            homes = perm[np.arange(c) % nb]  # distinct homes while nb >= c, else shared evenly
+        else:
+            # a separate stream picks the classes with a home of their own, so `r` draws as without the knob
+            u = self.unique_homes
+            order = _rng(self.seed, 25 + split_code).permutation(c)
+            homes = np.empty(c, dtype=np.int64)
+            homes[order[:u]] = perm[:u]  # distinctive homes: one class each
+            homes[order[u:]] = perm[u + np.arange(c - u) % max(nb - u, 1)]  # generic homes, shared evenly
         self.home_backgrounds = torch.as_tensor(homes, dtype=torch.long)
 
         n = c * k
@@ -562,6 +591,7 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
                 self.image_size,
                 self.background_correlation,
                 self.num_backgrounds,
+                self.unique_homes,
                 self.seed,
                 self.variant,
                 self.variant_seed,
@@ -657,5 +687,6 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
             f"{type(self).__name__}(split={self.split!r}, num_classes={self.num_classes}, "
             f"images_per_class={self.images_per_class}, image_size={self.image_size}, "
             f"background_correlation={self.background_correlation}, num_backgrounds={self.num_backgrounds}, "
+            f"unique_homes={self.unique_homes}, "
             f"seed={self.seed}, variant={self.variant!r}, variant_seed={self.variant_seed})"
         )

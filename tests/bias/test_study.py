@@ -11,12 +11,13 @@ import torch
 
 from dml_bias.bias import METRIC_KEYS, VARIANTS, StudyConfig, StudyResult, run_study
 from dml_bias.bias import study as study_module
-from dml_bias.bias.report import per_class_rows
+from dml_bias.bias.report import per_class_rows, per_class_summary
 
 TINY = {
     "num_classes": 6,
     "images_per_class": 6,
     "num_backgrounds": 4,
+    "unique_homes": 3,
     "image_size": 16,
     "epochs": 1,
     "width": 4,
@@ -64,6 +65,12 @@ def test_every_mode_and_loss_in_results_json(tiny_result: tuple[StudyResult, Pat
     assert {"torch", "dml_bias", "python"} <= set(data["versions"])
     assert data["timings"]["total"] > 0
     assert data["interrupted"] is False
+    # TINY: 3 classes with a home of their own, 3 sharing the fourth background
+    assert sorted(data["dataset"]["background_distinctiveness"]) == pytest.approx([1 / 3] * 3 + [1.0] * 3)
+    assert set(data["per_class_summary"]) == {"proxy_anchor", "multi_similarity"}
+    for summary in data["per_class_summary"].values():
+        assert summary["num_classes"] == TINY["num_classes"]
+        assert -1.0 <= summary["spearman_reliance_share"] <= 1.0
 
 
 def test_own_and_raw_evaluations(tiny_result: tuple[StudyResult, Path]) -> None:
@@ -103,6 +110,8 @@ def test_direction_of_the_effect() -> None:
             modes=("none", "hard"),
             variants=("original", "mixed_rand"),
             num_classes=10,
+            num_backgrounds=20,
+            unique_homes=None,
             images_per_class=16,
             image_size=24,
             epochs=4,
@@ -120,6 +129,41 @@ def test_direction_of_the_effect() -> None:
         assert drop_hard == pytest.approx(0.0, abs=1e-12)
         assert drop_none > 0.4, (seed, drop_none)
         assert by["none"]["metrics"]["original"]["recall@1"] > 0.6, seed
+
+
+def test_ranking_follows_home_background_distinctiveness() -> None:
+    """Half the classes have a home of their own, half share one: the former rank first in the per-class report."""
+    for seed in (0, 1, 2):
+        cfg = StudyConfig(
+            losses=("proxy_anchor",),
+            modes=("none", "hard"),
+            variants=("original", "mixed_rand"),
+            num_classes=10,
+            unique_homes=5,
+            num_backgrounds=6,
+            images_per_class=16,
+            image_size=24,
+            epochs=4,
+            width=8,
+            embedding_size=32,
+            batch_size=40,
+            m_per_class=4,
+            seed=seed,
+            progress=False,
+            num_threads=1,
+        )
+        result = run_study(cfg)
+        distinct = result.dataset["background_distinctiveness"]
+        assert sorted(distinct) == [0.2] * 5 + [1.0] * 5
+        summary = per_class_summary(result, top=5)["proxy_anchor"]
+        # typically +0.5 … +0.9; +0.87 is the most two distinctiveness levels of 5 classes each allow
+        assert summary["spearman_reliance_share"] > 0.3, (seed, summary)
+        # most of the 5 first-ranked classes have a home of their own: at least 3 (typically 4 or 5; all classes 0.6)
+        assert summary["mean_distinctiveness_top"] >= (3 * 1.0 + 2 * 0.2) / 5 - 1e-9, (seed, summary)
+        assert summary["mean_distinctiveness_all"] == pytest.approx(0.6)
+        rows = per_class_rows(result)
+        ranked = [r["reliance_share"] for r in rows]
+        assert ranked == sorted(ranked, reverse=True)
 
 
 def test_swap_queries_keeps_the_original_gallery() -> None:
@@ -178,7 +222,7 @@ def test_per_class_rows_hand_computed() -> None:
     result = _fake_result(
         {
             "none": {"original": [1.0, 0.9, 0.5], "mixed_rand": [0.2, 0.8, 0.4]},
-            "hard": {"original": [0.7, 0.7, 0.6], "mixed_rand": [0.7, 0.7, 0.6]},
+            "hard": {"original": [0.7, 0.7, 0.6], "mixed_rand": [0.7, 0.7, 0.5]},
         },
         distinct=[1.0, 0.5, 0.5],
     )
@@ -188,15 +232,48 @@ def test_per_class_rows_hand_computed() -> None:
     assert (by[0]["failures_none"], by[0]["failures_hard"], by[0]["failures_none_original"]) == (8, 3, 0)
     assert by[0]["reliance"] == 8
     assert by[1]["reliance"] == 1
-    assert by[2]["reliance"] == 1
+    assert by[2]["reliance"] == (6 - 5) - (5 - 4)
     assert by[0]["difference"] == 5
+    assert by[2]["difference"] == 1
     assert by[2]["difference_original"] == 1
-    # ranked by reliance, then difference (class 2: 6-4=2 > class 1: 2-3=-1), then label
-    assert [r["label"] for r in rows] == [0, 2, 1]
+    # reliance_share = reliance / max(failures_none, 1)
+    assert by[0]["reliance_share"] == pytest.approx(8 / 8)
+    assert by[1]["reliance_share"] == pytest.approx(1 / 2)
+    assert by[2]["reliance_share"] == pytest.approx(0 / 6)
+    # ranked by reliance share (class 2 ranks below class 1 although its difference is larger)
+    assert [r["label"] for r in rows] == [0, 1, 2]
     assert [r["rank"] for r in rows] == [1, 2, 3]
     text = result.per_class_report(top=2)
     assert "class0" in text
     assert "top 2 0.75, all classes 0.67" in text
+    summary = per_class_summary(result, top=2)["proxy_anchor"]
+    # ranks of the share (3, 2, 1) against those of distinctiveness (3, 1.5, 1.5): Pearson of the ranks = 1.5/√3
+    assert summary["spearman_reliance_share"] == pytest.approx(1.5 / 3**0.5)
+    # difference (5, -1, 1) has ranks (3, 1, 2): deviations (1, -1, 0) · (1, -0.5, -0.5) = 1.5 as well
+    assert summary["spearman_difference"] == pytest.approx(1.5 / 3**0.5)
+    assert summary["spearman_background_alone"] is None
+    assert (summary["top"], summary["mean_distinctiveness_top"]) == (2, pytest.approx(0.75))
+    assert summary["mean_distinctiveness_all"] == pytest.approx(2 / 3)
+    assert "reliance share (the ranking) +0.87" in text
+
+
+def test_per_class_summary_with_ties_and_constant_scores() -> None:
+    # every class fails alike: the share is constant, so its rank correlation is defined as 0
+    result = _fake_result(
+        {
+            "none": {"original": [1.0, 1.0, 1.0], "mixed_rand": [0.5, 0.5, 0.5]},
+            "hard": {"original": [0.7, 0.7, 0.7], "mixed_rand": [0.7, 0.7, 0.7]},
+        },
+        distinct=[1.0, 0.5, 0.5],
+    )
+    summary = per_class_summary(result)["proxy_anchor"]
+    assert summary["spearman_reliance_share"] == 0.0
+    assert summary["top"] == 3
+    # ties are broken by label
+    assert [r["label"] for r in per_class_rows(result)] == [0, 1, 2]
+    # without distinctiveness (real data) there is nothing to correlate
+    result.dataset["background_distinctiveness"] = None
+    assert per_class_summary(result) == {}
 
 
 def test_chance_recall() -> None:
@@ -221,6 +298,21 @@ def test_chance_recall() -> None:
 def test_config_validation(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         StudyConfig(**{field: value}).validate()
+
+
+def test_home_background_layout() -> None:
+    # default: half the classes have a home of their own, the others share one generic home
+    assert StudyConfig().resolved_homes() == (16, 15)
+    assert StudyConfig.quick().resolved_homes() == (9, 8)
+    assert StudyConfig(num_classes=7).resolved_homes() == (4, 3)
+    assert StudyConfig(unique_homes=10).resolved_homes() == (11, 10)
+    assert StudyConfig(unique_homes=30).resolved_homes() == (30, 30)
+    assert StudyConfig(num_backgrounds=20).resolved_homes() == (20, None)  # shared evenly
+    assert StudyConfig().to_dict()["unique_homes_resolved"] == 15
+    with pytest.raises(ValueError, match="unique_homes must be an integer in"):
+        StudyConfig(unique_homes=31).validate()
+    with pytest.raises(ValueError, match="num_backgrounds must exceed unique_homes=10"):
+        StudyConfig(unique_homes=10, num_backgrounds=10).validate()
 
 
 def test_out_dir_that_is_a_file(tmp_path: Path) -> None:

@@ -111,6 +111,37 @@ def test_fewer_backgrounds_than_classes_are_shared_evenly() -> None:
     assert sorted(torch.bincount(d.home_backgrounds, minlength=4).tolist()) == [2, 2, 3, 3]
 
 
+@pytest.mark.parametrize(
+    ("split", "num_classes", "unique", "pool"),
+    [("train", 10, 4, 6), ("test", 30, 15, 16), ("test", 5, 5, 7), ("test", 6, 0, 3)],
+)
+def test_unique_homes_distinctive_and_generic(split: str, num_classes: int, unique: int, pool: int) -> None:
+    kw = {"num_classes": num_classes, "images_per_class": 3, "image_size": 8, "num_backgrounds": pool, "seed": 2}
+    d = SyntheticBackgrounds(split, **kw, unique_homes=unique)
+    counts = torch.bincount(d.home_backgrounds, minlength=pool)
+    # `unique` backgrounds host one class each; the other classes spread evenly over the remaining backgrounds
+    shared, slots = num_classes - unique, pool - unique
+    generic = [shared // slots + (i < shared % slots) for i in range(slots)]
+    assert sorted(counts.tolist()) == sorted([1] * unique + generic)
+    assert int(d.background_ids.max()) < pool
+    # the objects and the per-image draws do not depend on the knob: only the homes (and backgrounds) move
+    plain = SyntheticBackgrounds(split, **kw)
+    assert torch.equal(d.with_variant("only_fg").render_all()[0], plain.with_variant("only_fg").render_all()[0])
+    assert d.class_names == plain.class_names
+    assert "unique_homes=" in repr(d)
+
+
+def test_unique_homes_image_statistics() -> None:
+    d = SyntheticBackgrounds(num_classes=30, images_per_class=40, image_size=8, num_backgrounds=16, unique_homes=15)
+    counts = torch.bincount(d.home_backgrounds, minlength=16)
+    assert sorted(counts.tolist()) == [1] * 15 + [15]
+    at_home = (d.background_ids == d.home_backgrounds[d.labels]).double().mean().item()
+    assert abs(at_home - 0.9) < 4.5 * math.sqrt(0.09 / 1200)
+    # the generic home is shown by 15 classes' images: about 15 × 36 + (an off-home share of the others)
+    generic = int(torch.nonzero(counts == 15)[0])
+    assert (d.background_ids == generic).sum().item() > 15 * 40 * 0.8
+
+
 def test_masks_are_exact(ds: SyntheticBackgrounds) -> None:
     images, masks = _all(ds, "original")
     fg, fg_masks = _all(ds, "only_fg")
@@ -299,6 +330,10 @@ def test_cache(tmp_path: object, ds: SyntheticBackgrounds) -> None:
         ({"image_size": 4}, ValueError, "image_size"),
         ({"background_correlation": 1.5}, ValueError, "background_correlation"),
         ({"num_backgrounds": 1}, ValueError, "num_backgrounds"),
+        ({"unique_homes": 4}, ValueError, "unique_homes"),
+        ({"unique_homes": -1}, ValueError, "unique_homes"),
+        ({"unique_homes": 1.5}, TypeError, "unique_homes"),
+        ({"unique_homes": 2, "num_backgrounds": 2}, ValueError, "num_backgrounds must be at least unique_homes"),
         ({"variant": "mixed"}, ValueError, "variant"),
         ({"seed": -1}, ValueError, "seed"),
         ({"transform": 3}, TypeError, "transform"),
