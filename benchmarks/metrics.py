@@ -135,6 +135,13 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
         res = {}
         seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
+    elif name == "ours_metrics_bf16":
+        import sys
+
+        sys.modules["dml_bias.metrics.knn"]._BF16_CPU = True  # the exact bf16-candidate path (off by default)
+        res = {}
+        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
+        values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
     elif name == "ours_full_map":
         res = {}
         seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1, 2, 4, 8))))
@@ -169,7 +176,17 @@ def measure(name: str, n: int, device: str, repeat: int) -> dict[str, Any]:
     return result
 
 
-CASES = ["gemm_fp32", "gemm_bf16", "pml", "faiss", "naive_topk", "ours_metrics", "ours_full_map", "ours_knn"]
+CASES = [
+    "gemm_fp32",
+    "gemm_bf16",
+    "pml",
+    "faiss",
+    "naive_topk",
+    "ours_metrics",
+    "ours_metrics_bf16",
+    "ours_full_map",
+    "ours_knn",
+]
 
 
 def main() -> None:
