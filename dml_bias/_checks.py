@@ -23,6 +23,7 @@ __all__ = [
     "check_finite",
     "check_labels",
     "check_number",
+    "check_query_reference",
     "check_same_device",
     "check_shape",
     "check_tensor",
@@ -284,3 +285,28 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> None:
     options = tuple(choices)
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}, got {value!r}")
+
+
+def check_query_reference(
+    query: Any, reference: Any, query_name: str = "query", reference_name: str = "reference"
+) -> torch.Tensor:
+    """Check ``(N, D)`` query and ``(M, D)`` reference embeddings; return the reference (``query`` if ``None``).
+
+    Both must be 2-D floating-point tensors with at least one row, the same ``D`` and the same device.
+
+    Example:
+        >>> import torch
+        >>> q = torch.zeros(2, 3)
+        >>> check_query_reference(q, None) is q
+        True
+        >>> check_query_reference(q, torch.zeros(4, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: reference must have size D=3 in dimension 1, got shape (4, 2) and dtype torch.float32
+    """
+    check_embeddings(query, query_name)
+    if reference is None:
+        return query
+    check_embeddings(reference, reference_name, dim=query.shape[1])
+    check_same_device(**{query_name: query, reference_name: reference})
+    return reference

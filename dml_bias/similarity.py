@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dml_bias._checks import check_choice, check_embeddings, check_same_device
+from dml_bias._checks import check_choice, check_query_reference
 
 __all__ = ["METRICS", "Metric", "is_similarity", "normalize", "pairwise"]
 
@@ -84,12 +84,7 @@ def pairwise(
                 [2.2361, 0.0000]])
     """
     check_choice(metric, "metric", METRICS)
-    check_embeddings(x, "x")
-    if y is None:
-        y = x
-    else:
-        check_embeddings(y, "y", dim=x.shape[1])
-        check_same_device(x=x, y=y)
+    y = check_query_reference(x, y, "x", "y")
     if normalize_embeddings is None:
         normalize_embeddings = metric != "dot"
     if metric == "cosine" or normalize_embeddings:

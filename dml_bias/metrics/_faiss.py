@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml_bias._checks import check_choice, check_embeddings, check_finite, check_number, check_same_device, describe
+from dml_bias._checks import check_choice, check_embeddings, check_finite, check_number, check_query_reference, describe
 from dml_bias.similarity import METRICS, normalize
 
 __all__ = ["FAISS_GPU_MAX_K", "faiss_knn"]
@@ -83,16 +83,12 @@ def faiss_knn(
         [1, 0, 1]
     """
     check_choice(metric, "metric", METRICS)
-    check_embeddings(query, "query")
+    check_embeddings(query, "query")  # before the other checks, which read its shape
     if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
         raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
     if exclude_self is None:
         exclude_self = reference is None
-    if reference is None:
-        reference = query
-    else:
-        check_embeddings(reference, "reference", dim=query.shape[1])
-        check_same_device(query=query, reference=reference)
+    reference = check_query_reference(query, reference)
     if exclude_self and reference.shape[0] != query.shape[0]:
         raise ValueError(
             f"exclude_self=True needs the query set to be the reference set, got query {describe(query)} and "

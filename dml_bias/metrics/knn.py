@@ -30,10 +30,9 @@ import torch
 
 from dml_bias._checks import (
     check_choice,
-    check_embeddings,
     check_finite,
     check_number,
-    check_same_device,
+    check_query_reference,
     describe,
 )
 from dml_bias.similarity import METRICS
@@ -113,13 +112,8 @@ def _prepare(
     normalize_embeddings: bool | None,
 ) -> _Prepared:
     check_choice(metric, "metric", METRICS)
-    check_embeddings(query, "query")
     same = reference is None
-    if reference is None:
-        reference = query
-    else:
-        check_embeddings(reference, "reference", dim=query.shape[1])
-        check_same_device(query=query, reference=reference)
+    reference = check_query_reference(query, reference)
     if exclude_self is None:
         exclude_self = same
     if not isinstance(exclude_self, bool):
