@@ -6,6 +6,7 @@
 * TF32 and reduced-precision reductions are switched off, so matmuls are exact enough to compare.
 * Every test starts from the same seeds (``torch``, ``numpy``, ``random``).
 * ``helpers.py`` (dtype-aware ``assert_close``, float64 ``gradcheck``) is importable as ``helpers``.
+* pytest runs in its default import mode: test file basenames must be unique across ``tests/``.
 """
 
 from __future__ import annotations
