@@ -77,6 +77,17 @@ def check_contrastive_margins(pos_margin: float, neg_margin: float, distance: st
         check_nonnegative(neg_margin, "neg_margin")
 
 
+def check_classification_call(
+    loss_name: str, labels: torch.Tensor | None, ref_emb: torch.Tensor | None, ref_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """The call checks of the class-weight losses (Proxy-Anchor, ArcFace): labels required (returned), no reference."""
+    if ref_emb is not None or ref_labels is not None:
+        raise ValueError(f"{loss_name} does not support ref_emb/ref_labels; got ref_emb or ref_labels")
+    if labels is None:
+        raise ValueError("labels must be given (a 1-D integer tensor of length embeddings.shape[0]), got None")
+    return labels
+
+
 def check_indices_tuple(
     indices_tuple: Sequence[torch.Tensor], num_rows: int, num_cols: int, device: torch.device
 ) -> IndicesTuple:

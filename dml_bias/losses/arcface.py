@@ -119,10 +119,7 @@ class ArcFaceLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError("ArcFaceLoss does not support ref_emb/ref_labels; got ref_emb or ref_labels")
-        if labels is None:
-            raise ValueError("labels must be given (a 1-D integer tensor of length embeddings.shape[0]), got None")
+        labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
         return arcface_loss(embeddings, labels, self.weight, indices_tuple, margin=self.margin, scale=self.scale)
 
     def extra_repr(self) -> str:

@@ -127,10 +127,7 @@ class ProxyAnchorLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError("ProxyAnchorLoss does not support ref_emb/ref_labels; got ref_emb or ref_labels")
-        if labels is None:
-            raise ValueError("labels must be given (a 1-D integer tensor of length embeddings.shape[0]), got None")
+        labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
         return proxy_anchor_loss(
             embeddings,
             labels,

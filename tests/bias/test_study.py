@@ -28,6 +28,23 @@ TINY = {
     "num_threads": 1,
 }
 
+# Proxy-Anchor, no mask vs hard mask, on a small data set trained long enough for the effect to show.
+SMALL_PA = {
+    "losses": ("proxy_anchor",),
+    "modes": ("none", "hard"),
+    "variants": ("original", "mixed_rand"),
+    "num_classes": 10,
+    "images_per_class": 16,
+    "image_size": 24,
+    "epochs": 4,
+    "width": 8,
+    "embedding_size": 32,
+    "batch_size": 40,
+    "m_per_class": 4,
+    "progress": False,
+    "num_threads": 1,
+}
+
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudyResult, Path]:
@@ -105,24 +122,7 @@ def test_table_and_report_print(tiny_result: tuple[StudyResult, Path]) -> None:
 def test_direction_of_the_effect() -> None:
     """No-mask models lose much more Recall@1 from original to mixed_rand than hard-mask models (two seeds)."""
     for seed in (0, 1):
-        cfg = StudyConfig(
-            losses=("proxy_anchor",),
-            modes=("none", "hard"),
-            variants=("original", "mixed_rand"),
-            num_classes=10,
-            num_backgrounds=20,
-            unique_homes=None,
-            images_per_class=16,
-            image_size=24,
-            epochs=4,
-            width=8,
-            embedding_size=32,
-            batch_size=40,
-            m_per_class=4,
-            seed=seed,
-            progress=False,
-            num_threads=1,
-        )
+        cfg = StudyConfig(**SMALL_PA, num_backgrounds=20, unique_homes=None, seed=seed)
         by = {r["mode"]: r for r in run_study(cfg).runs}
         drop_none = by["none"]["metrics"]["original"]["recall@1"] - by["none"]["metrics"]["mixed_rand"]["recall@1"]
         drop_hard = by["hard"]["metrics"]["original"]["recall@1"] - by["hard"]["metrics"]["mixed_rand"]["recall@1"]
@@ -134,24 +134,7 @@ def test_direction_of_the_effect() -> None:
 def test_ranking_follows_home_background_distinctiveness() -> None:
     """Half the classes have a home of their own, half share one: the former rank first in the per-class report."""
     for seed in (0, 1, 2):
-        cfg = StudyConfig(
-            losses=("proxy_anchor",),
-            modes=("none", "hard"),
-            variants=("original", "mixed_rand"),
-            num_classes=10,
-            unique_homes=5,
-            num_backgrounds=6,
-            images_per_class=16,
-            image_size=24,
-            epochs=4,
-            width=8,
-            embedding_size=32,
-            batch_size=40,
-            m_per_class=4,
-            seed=seed,
-            progress=False,
-            num_threads=1,
-        )
+        cfg = StudyConfig(**SMALL_PA, unique_homes=5, num_backgrounds=6, seed=seed)
         result = run_study(cfg)
         distinct = result.dataset["background_distinctiveness"]
         assert sorted(distinct) == [0.2] * 5 + [1.0] * 5
