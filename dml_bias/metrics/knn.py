@@ -21,7 +21,9 @@ from which the block size is derived; an ``N x N`` matrix is never formed.
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,10 +138,11 @@ def _prepare(
         r64 = q64 if same else r64 / r64.norm(dim=1, keepdim=True).clamp_min(1e-12)
     q32 = q64.to(torch.float32)
     r32 = q32 if same else r64.to(torch.float32)
-    if not (bool(torch.isfinite(q32).all()) and bool(torch.isfinite(r32).all())):
+    wide = torch.float64 in (query.dtype, reference.dtype)  # finite narrower inputs stay finite in float32
+    if wide and not (bool(torch.isfinite(q32).all()) and bool(torch.isfinite(r32).all())):
         raise ValueError("query and reference must fit in float32 for the bulk pass (values above 3.4e38 found)")
     qn = q64.norm(dim=1)
-    rn = r64.norm(dim=1)
+    rn = qn if same else r64.norm(dim=1)
     rmax = float(rn.max())
     dim = int(q64.shape[1])
     distance = metric in ("euclidean", "squared_euclidean")
@@ -161,9 +164,15 @@ def _prepare(
         r16 = q16 if same else r32.to(torch.bfloat16)
         # |x16.y16 - x.y| <= |x16||r_y| + |r_x||y16| + |r_x||r_y| with r = x - x16 (exact, per row), plus the
         # float32 accumulation of D exact bf16 products and the float64 re-scoring.
-        qh, rh = q16.to(torch.float64), r16.to(torch.float64)
-        q_res, r_res = (q64 - qh).norm(dim=1), (r64 - rh).norm(dim=1)
-        qhn, rhn = qh.norm(dim=1), float(rh.norm(dim=1).max())
+        qh = q16.to(torch.float64)
+        q_res, qhn = (q64 - qh).norm(dim=1), qh.norm(dim=1)
+        del qh
+        if same:
+            r_res, rhn = q_res, float(qhn.max())
+        else:
+            rh = r16.to(torch.float64)
+            r_res, rhn = (r64 - rh).norm(dim=1), float(rh.norm(dim=1).max())
+            del rh
         rres = float(r_res.max())
         eps16 = (qhn * rres + q_res * rhn + q_res * rres + _gamma(dim, 2 * _U32) * qhn * rhn) * (1 + 2**-20)
         eps16 = eps16 + 2 * _gamma(dim + 2, _U64) * qn * rmax
@@ -173,8 +182,8 @@ def _prepare(
         query32=q32,
         reference32=r32,
         query_norm=qn,
-        query_sqnorm=(q64 * q64).sum(1),
-        reference_sqnorm32=(r32.to(torch.float64) ** 2).sum(1).to(torch.float32),
+        query_sqnorm=(q64 * q64).sum(1) if distance else qn[:0],
+        reference_sqnorm32=(r32.to(torch.float64) ** 2).sum(1).to(torch.float32) if distance else q32[0, :0],
         distance=distance,
         exclude_self=exclude_self,
         eps=eps,
@@ -186,14 +195,24 @@ def _prepare(
 
 
 #: Run the candidate pass of cosine/dot top-k in bf16 on the CPU (exact all the same: bf16 candidates, float32
-#: re-scoring, float64 for near-ties). Off by default: on a shared 2-core AVX512-BF16 machine the bf16 GEMM is
-#: 2-3x faster but the end-to-end gain after conversion, selection and re-scoring was not reliable.
-_BF16_CPU = False
+#: re-scoring of the candidates, float64 for near-ties). ``None`` (default): on when the CPU has native bf16
+#: dot products (AVX512-BF16 or AMX), where a bf16 GEMM runs about twice as fast as a float32 one; ``True`` /
+#: ``False`` force it on (emulated, slowly, on other CPUs) or off. Tests set it to cover both paths.
+_BF16_CPU: bool | None = None
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def _use_bf16(device: torch.device) -> bool:
-    """Whether the candidate pass runs in bf16 (CPU only, when :data:`_BF16_CPU` is set)."""
-    return device.type == "cpu" and _BF16_CPU
+    """Whether the candidate pass runs in bf16 (CPU only; see :data:`_BF16_CPU`)."""
+    if device.type != "cpu":
+        return False
+    return _cpu_has_fast_bf16() if _BF16_CPU is None else _BF16_CPU
 
 
 def _exact_keys(prep: _Prepared, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
@@ -250,13 +269,29 @@ def _bulk_keys(prep: _Prepared, start: int, stop: int) -> torch.Tensor:
 _TARGET_BLOCK = 2**23
 
 
-def _block_rows(num_query: int, per_row_bytes: int, chunk_size: int | None, budget: int, width: int = 0) -> int:
+#: The same for the bf16 candidate pass, whose GEMM wants wider blocks (its selection runs on group maxima).
+_TARGET_BLOCK_BF16 = 2**25
+
+
+def _target_block(prep: _Prepared) -> int:
+    """Preferred number of bulk scores per block for this search."""
+    return _TARGET_BLOCK if prep.query16 is None else _TARGET_BLOCK_BF16
+
+
+def _block_rows(
+    num_query: int,
+    per_row_bytes: int,
+    chunk_size: int | None,
+    budget: int,
+    width: int = 0,
+    target: int = _TARGET_BLOCK,
+) -> int:
     """Query rows per block: ``chunk_size`` if given, else what fits the budget (and a speed-friendly size)."""
     if chunk_size is not None:
         return min(chunk_size, num_query)
     rows = budget // max(per_row_bytes, 1)
     if width > 0:
-        rows = min(rows, max(64, _TARGET_BLOCK // width))
+        rows = min(rows, max(64, target // width))
     return max(1, min(num_query, rows))
 
 
@@ -285,66 +320,229 @@ def _grid_keys(prep: _Prepared, start: int, cols: torch.Tensor, budget: int) -> 
     return out
 
 
-def _candidates_bf16(prep: _Prepared, start: int, stop: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Candidate columns ``(R, W)`` (``-1`` = padding) and counts holding the exact top-``k``, from a bf16 GEMM.
+#: Largest group of consecutive reference items summarised by one maximum in the bf16 candidate pass.
+_GROUP = 16
 
-    Returns ``None`` when the bound cannot be certified cheaply (then the caller uses the float32 pass).
+#: Unit roundoff of the float32 -> bf16 rounding of the GEMM output (round to nearest even, as oneDNN does).
+_U_BF16 = 2.0**-8
+
+
+def _round_down32(x: torch.Tensor) -> torch.Tensor:
+    """Float32 values ``<= x`` (float64), as close as possible: a threshold that never drops a candidate."""
+    y = x.to(torch.float32)
+    return torch.where(y.to(torch.float64) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+
+
+def _bf16_group_size(num_reference: int, k: int) -> int:
+    """Items per group maximum in the bf16 candidate pass (``< 2``: the pass does not pay for this ``k``)."""
+    return max(1, min(_GROUP, num_reference // (8 * k)))
+
+
+def _bf16_low(prep: _Prepared, rows: slice, theta: torch.Tensor) -> torch.Tensor:
+    r"""Float32 candidate thresholds of the bf16 pass from :math:`\theta` (see :func:`_candidates_bf16`)."""
+    assert prep.eps16 is not None
+    theta = theta.to(torch.float64)
+    e = prep.eps16[rows]
+    u = _U_BF16
+    v = theta - u / (1 - u) * theta.abs() - 2 * e
+    low = v - u * v.abs()
+    return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
+
+
+def _rescore(
+    prep: _Prepared, start: int, nrow: int, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 scores of candidate pairs (``rows`` relative to ``start``, sorted), padded per row, best first."""
+    device = cols.device
+    count = torch.bincount(rows, minlength=nrow)
+    crow = torch.zeros(nrow + 1, dtype=torch.long, device=device)
+    torch.cumsum(count, 0, out=crow[1:])
+    with _ieee_fp32_matmul(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
+        pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=(nrow, prep.num_reference), check_invariants=False)
+        # Sampled dense-dense product: the float32 score of each candidate pair, without gathering rows.
+        vals = torch.sparse.sampled_addmm(
+            pattern, prep.query32[start : start + nrow], prep.reference32.T, beta=0.0
+        ).values()
+    width = int(count.max()) if nrow > 0 else 0
+    slot = torch.arange(cols.shape[0], device=device) - crow[rows]
+    scores = torch.full((nrow, width), -math.inf, dtype=torch.float32, device=device)
+    padded = torch.full((nrow, width), -1, dtype=torch.long, device=device)
+    scores[rows, slot] = vals
+    padded[rows, slot] = cols
+    scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return scores, padded.gather(1, order), count
+
+
+def _candidates_bf16(
+    prep: _Prepared, start: int, stop: int, k: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    r"""Candidates holding the exact top-``k`` of queries ``start:stop``, from one bf16 GEMM, with float32 scores.
+
+    Returns ``(scores, cols, count)``: ``(R, W)`` float32 scores of the candidates (float32 accuracy, the bound
+    ``prep.eps``) sorted best first, their reference indices (``-1`` = padding), and the number per row; or
+    ``None`` when this pass does not pay (``k`` above a sixteenth of the reference) or its candidates would not
+    fit the budget, and the caller uses the float32 pass.
+
+    The bound: every bulk score :math:`\hat s = \mathrm{bf16}(z)` with :math:`|z - s| \le e` (``prep.eps16``,
+    inputs rounded to bf16 and float32 accumulation) and :math:`|\hat s - z| \le u|z|`, :math:`u = 2^{-8}`.
+    Let :math:`\theta` be the ``k``-th largest maximum of groups of reference items: ``k`` distinct items have
+    :math:`\hat s \ge \theta`, so the ``k``-th best exact score is at least :math:`f = \theta - u'|\theta| - e`
+    (:math:`u' = u / (1 - u)`; :math:`v - u'|v|` is increasing). An item of the exact top-``k`` has
+    :math:`s \ge f`, so :math:`z \ge v = f - e` and, the rounding being monotone, :math:`\hat s \ge v - u|v|`:
+    every item at or above that threshold is a candidate. The group maxima are element-wise maxima of
+    contiguous slices of the score rows (cheap), and the selection of :math:`\theta` runs on them, up to
+    sixteen times fewer values than the block.
     """
     assert prep.query16 is not None
     assert prep.reference16 is not None
-    assert prep.eps16 is not None
-    a = (prep.query16[start:stop] @ prep.reference16.T).to(torch.float32)  # bf16 output, exact in float32
-    rows = torch.arange(stop - start, device=a.device)
-    if prep.exclude_self:
-        a[rows, rows + start] = -math.inf
-    k2 = min(a.shape[1], 2 * k + 16)
-    vals, cols = torch.topk(a, k2, dim=1, largest=True, sorted=True)
-    top = vals[:, 0].to(torch.float64)
-    kth = vals[:, k - 1].to(torch.float64)
-    # Output rounding to bf16: |fl(z) - z| <= c |fl(z)|, c = 2^-8 / (1 - 2^-8). Every score that matters
-    # (between the k-th bound and the best) has |fl(z)| <= bound = max(|top|, |kth|) + 2 (eps_in + 2^-7).
-    c = 2.0**-8 / (1 - 2.0**-8)
-    e_in = prep.eps16[start:stop]
-    bound = torch.maximum(top.abs(), kth.abs()) + 2 * (e_in + 2.0**-7)
-    eps = e_in + c * bound
-    if not bool((bound >= torch.maximum(top.abs(), kth.abs()) + 2 * eps).all()):
+    m = prep.num_reference
+    group = _bf16_group_size(m, k)
+    if group < 2:
         return None
-    low = (kth - 2 * eps - (kth.abs() + 2 * eps) * 2.0**-20).to(torch.float32)
-    if k2 < a.shape[1] and not bool((vals[:, -1] < low).all()):
-        cand = a >= low[:, None]
-        count = cand.sum(1)
-        vals, cols = torch.topk(a.masked_fill_(~cand, -math.inf), int(count.max()), dim=1, sorted=True)
-    else:
-        count = (vals >= low[:, None]).sum(1)
-    width = int(count.max())
-    cols = cols[:, :width].masked_fill(torch.arange(width, device=a.device)[None, :] >= count[:, None], -1)
-    return cols, count
+    nrow = stop - start
+    device = prep.query.device
+    st = prep.query16[start:stop] @ prep.reference16.T  # (R, M) bf16
+    if prep.exclude_self:
+        own = torch.arange(start, min(stop, m), device=device)
+        st[own - start, own] = -math.inf
+    # Group j holds the columns j, j + G, j + 2G, ... (G groups; columns past group * G are groups of one):
+    # its maximum is an element-wise maximum of `group` contiguous slices of the row.
+    ngroup = m // group
+    full = ngroup * group
+    body = st[:, :full].view(nrow, group, ngroup)
+    gmax = torch.cat([body.amax(1), st[:, full:]], 1)  # (R, G + M - full)
+    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    low = _bf16_low(prep, slice(start, stop), theta)
+    hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
+    if hit_q.numel() * group * 40 > budget:
+        return None
+    tail = hit_g >= ngroup
+    hq, hg = hit_q[~tail], hit_g[~tail]
+    members = body[hq, :, hg]  # (H, group): each hit group's values, read from one row of the block
+    p, j = (members >= low[hq][:, None]).nonzero(as_tuple=True)
+    rows = torch.cat([hq[p], hit_q[tail]])
+    cols = torch.cat([hg[p] + j * ngroup, hit_g[tail] - ngroup + full])
+    order = torch.argsort(rows * m + cols)  # CSR layout: by query, then by reference index
+    return _rescore(prep, start, nrow, rows[order], cols[order])
+
+
+#: Rows (and columns) of one tile of the symmetric bf16 pass.
+_TILE = 2048
+
+
+def _self_candidates_bf16(
+    prep: _Prepared, k: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`_candidates_bf16` for all queries at once when the query set is the reference set (self excluded).
+
+    The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
+    work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
+    kept until the thresholds are known, so this runs only when ``N^2`` bf16 scores fit the budget (``None``
+    otherwise). Groups are strided within each panel of columns; the bound is the same.
+    """
+    assert prep.query16 is not None
+    n = prep.num_reference
+    group = _bf16_group_size(n, k)
+    if group < 2 or not prep.exclude_self or prep.num_query != n or prep.query16 is not prep.reference16:
+        return None
+    tile = min(_TILE, n)
+    bounds = [*list(range(0, n, tile)), n]
+    panels = list(itertools.pairwise(bounds))
+    sizes = [b - a for a, b in panels]
+    ngroups = [size // group for size in sizes]
+    widths = [g + size - g * group for g, size in zip(ngroups, sizes, strict=True)]  # groups + singletons
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    if n * n * 2 + n * offsets[-1] * 2 > budget:
+        return None
+    device = prep.query.device
+    x = prep.query16
+    gmax = torch.empty(n, offsets[-1], dtype=x.dtype, device=device)
+    tiles: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (a0, a1) in enumerate(panels):
+        for j in range(i, len(panels)):
+            b0, b1 = panels[j]
+            t = x[a0:a1] @ x[b0:b1].T
+            if i == j:
+                diag = torch.arange(a1 - a0, device=device)
+                t[diag, diag] = -math.inf
+            full_j = ngroups[j] * group
+            out = gmax[a0:a1, offsets[j] : offsets[j + 1]]
+            if ngroups[j] > 0:  # a short last panel may hold singletons only
+                torch.amax(t[:, :full_j].view(a1 - a0, group, ngroups[j]), 1, out=out[:, : ngroups[j]])
+            out[:, ngroups[j] :] = t[:, full_j:]
+            if i < j:
+                full_i = ngroups[i] * group
+                out = gmax[b0:b1, offsets[i] : offsets[i + 1]]
+                if ngroups[i] > 0:
+                    out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
+                out[:, ngroups[i] :] = t[full_i:].T
+            tiles[(i, j)] = t
+    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    low = _bf16_low(prep, slice(0, n), theta)
+    hit_q, hit_c = (gmax >= low[:, None]).nonzero(as_tuple=True)
+    del gmax
+    if hit_q.numel() * group * 40 > budget:
+        return None
+    offs_t = torch.tensor(offsets, device=device)
+    q_panel = hit_q // tile
+    c_panel = torch.searchsorted(offs_t, hit_c, right=True) - 1
+    local_g = hit_c - offs_t[c_panel]
+    ar = torch.arange(group, device=device)
+    npanel = len(panels)
+    pair = q_panel * npanel + c_panel
+    by_pair = torch.argsort(pair, stable=True)
+    ends = torch.cumsum(torch.bincount(pair, minlength=npanel * npanel), 0).tolist()
+    rows_out, cols_out = [], []
+    for (i, j), t in tiles.items():
+        for qp, cp, transposed in ((i, j, False), (j, i, True)) if i < j else ((i, j, False),):
+            at = qp * npanel + cp
+            sel = by_pair[(ends[at - 1] if at > 0 else 0) : ends[at]]
+            if sel.numel() == 0:
+                continue
+            q = hit_q[sel]
+            g = local_g[sel]
+            ng, full = ngroups[cp], ngroups[cp] * group
+            single = g >= ng
+            qs, gs = q[~single], g[~single]
+            ql = qs - panels[qp][0]
+            mem = gs[:, None] + ar[None, :] * ng  # (H, group) columns within the tile's panel
+            vals = t[mem, ql[:, None]] if transposed else t[ql[:, None], mem]
+            p, r = (vals >= low[qs][:, None]).nonzero(as_tuple=True)
+            cols = torch.cat([mem[p, r], full + g[single] - ng])
+            rows_out.append(torch.cat([qs[p], q[single]]))
+            cols_out.append(cols + panels[cp][0])
+    del tiles
+    rows = torch.cat(rows_out)
+    cols = torch.cat(cols_out)
+    order = torch.argsort(rows * n + cols)
+    return _rescore(prep, 0, n, rows[order], cols[order])
 
 
 def _topk_block(
-    prep: _Prepared, start: int, stop: int, k: int, budget: int, need_keys: bool = True
+    prep: _Prepared,
+    start: int,
+    stop: int,
+    k: int,
+    budget: int,
+    need_keys: bool = True,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` keys (float64) and reference indices (int64) for queries ``start:stop``, best first.
 
     With ``need_keys=False`` only the order is exact; the returned keys may be the bulk approximations.
+    With ``labels=(query_labels[start:stop], reference_labels)`` (and ``need_keys=False``) only the *label
+    sequence* is exact: items that share the relevance to the query (same label or not) may swap places when
+    their scores are too close to order without re-scoring, which changes no label-based metric.
     """
-    found = _candidates_bf16(prep, start, stop, k) if prep.query16 is not None else None
+    if found is None and prep.query16 is not None:
+        found = _candidates_bf16(prep, start, stop, k, budget)
     if found is not None:
-        # bf16 candidates, then float32 scores of the candidates (same bound as the float32 GEMM).
-        cols = found[0]
-        pad = cols < 0
-        safe = cols.clamp_min(0)
-        with _ieee_fp32_matmul():
-            sc = torch.empty(cols.shape, dtype=torch.float32, device=cols.device)
-            step = max(1, 2**24 // max(1, cols.shape[1] * prep.query32.shape[1]))
-            for s in range(0, cols.shape[0], step):
-                y = prep.reference32[safe[s : s + step]]
-                q = prep.query32[start + s : start + s + y.shape[0], :, None]
-                sc[s : s + step] = torch.bmm(y, q).squeeze(-1)
-        sc.masked_fill_(pad, -math.inf)
-        vals, order = torch.sort(sc, dim=1, descending=True)
-        cols = cols.gather(1, order)
-        count = (~pad).sum(1)
+        vals, cols, count = found
     else:
         a = _bulk_keys(prep, start, stop)
         eps32 = prep.eps[start:stop].to(torch.float32)
@@ -374,6 +572,17 @@ def _topk_block(
     close = torch.zeros_like(valid)
     close[:, 1:] |= tight
     close[:, :-1] |= tight
+    if labels is not None and not need_keys:
+        # Chains of tight neighbours are the only places where the order may be wrong; a chain whose items
+        # are all relevant (or all irrelevant) gives the same label sequence in any order.
+        rel = labels[1][cols.clamp_min(0)] == labels[0][:, None]
+        chain = torch.zeros_like(cols)
+        torch.cumsum(~tight, 1, out=chain[:, 1:])
+        chain += torch.arange(cols.shape[0], device=device)[:, None] * width
+        kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
+        kinds[0, chain[valid & rel]] = True
+        kinds[1, chain[valid & ~rel]] = True
+        close &= (kinds[0] & kinds[1])[chain]
     keys = approx.clone()
     cr, cc = close.nonzero(as_tuple=True)
     if cr.numel() > 0:
@@ -487,10 +696,12 @@ def _knn_prepared(
     scores = torch.empty(nq, k, dtype=prep.out_dtype, device=device)
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     per_row = prep.num_reference * 16 + k * 64
-    step = _block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference)
+    step = _block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference, target=_target_block(prep))
+    pre = _self_candidates_bf16(prep, k, budget) if prep.query16 is not None and chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        keys, cols = _topk_block(prep, start, stop, k, budget)
+        found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])
+        keys, cols = _topk_block(prep, start, stop, k, budget, found=found)
         scores[start:stop] = _key_to_score(prep, keys, metric).to(prep.out_dtype)
         indices[start:stop] = cols
     return scores, indices

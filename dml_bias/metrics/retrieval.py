@@ -34,6 +34,8 @@ from dml_bias.metrics.knn import (
     _gamma,
     _prepare,
     _Prepared,
+    _self_candidates_bf16,
+    _target_block,
     _topk_block,
     _validate_chunk_size,
 )
@@ -238,12 +240,15 @@ def _per_query_topk(
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     kmax = min(available, max([int(n_class.max()), *ks]))
-    step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m)
+    step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=_target_block(prep))
+    pre = _self_candidates_bf16(prep, kmax, budget) if prep.query16 is not None and chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]
         kb = min(available, max([int(nr.max()), *ks]))
-        _, cols = _topk_block(prep, start, stop, kb, budget, need_keys=False)
+        found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])
+        labels = (qlab[start:stop], rlab)
+        _, cols = _topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)
         rel = rlab[cols] == qlab[start:stop, None]
         for i, k in enumerate(ks):
             recall[i, start:stop] = rel[:, :k].any(1).to(torch.float64)

@@ -1,0 +1,189 @@
+"""The bf16 candidate passes of the exact search (row blocks and the symmetric self pass) against float64 loops.
+
+Sizes are chosen so that these passes actually run (a group maximum needs ``M >= 16 k``); spies assert it, so
+none of these tests can pass by silently falling back to the float32 pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dml_bias.metrics import knn, retrieval_metrics
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_retrieval_reference import clustered, ref_knn, ref_metrics
+
+KNN: Any = sys.modules["dml_bias.metrics.knn"]
+DETECT = KNN._cpu_has_fast_bf16
+
+
+class Spy:
+    """Counts the calls of a candidate pass that returned candidates (not ``None``)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.used = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        self.used += out is not None
+        return out
+
+
+@pytest.fixture
+def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
+    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+    rows, self_pass = Spy(KNN._candidates_bf16), Spy(KNN._self_candidates_bf16)
+    monkeypatch.setattr(KNN, "_candidates_bf16", rows)
+    monkeypatch.setattr(KNN, "_self_candidates_bf16", self_pass)
+    retrieval = sys.modules["dml_bias.metrics.retrieval"]
+    monkeypatch.setattr(retrieval, "_self_candidates_bf16", self_pass)
+    return {"rows": rows, "self": self_pass}
+
+
+def with_duplicates(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Copy a few rows onto others, so exact ties between different reference items occur."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.clone()
+    src = torch.randint(0, x.shape[0], (x.shape[0] // 6,), generator=g)
+    dst = torch.randint(0, x.shape[0], (x.shape[0] // 6,), generator=g)
+    x[dst] = x[src]
+    return x
+
+
+@pytest.mark.parametrize("tile", [32, 64, 2048])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_self_pass_matches_float64_loop(
+    spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, tile: int, k: int
+) -> None:
+    # 300 items in tiles of 32/64 (last one partial) or one tile; groups of up to 16 plus singletons per panel.
+    monkeypatch.setattr(KNN, "_TILE", tile)
+    x, _ = clustered(300, 24, 6, seed=k)
+    x = with_duplicates(x, seed=tile)
+    scores, indices = knn(x, k=k)
+    assert spies["self"].used == 1
+    ref_s, ref_i = ref_knn(x, None, k)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("mode", ["reference", "reference_exclude", "chunked_self"])
+def test_row_pass_matches_float64_loop(spies: dict[str, Spy], mode: str) -> None:
+    x, _ = clustered(90, 20, 5, seed=3)
+    r, _ = clustered(611, 20, 5, seed=4)  # 611 = 38 groups of 16 + 3 singletons at k = 4
+    r = with_duplicates(r, seed=1)
+    k = 4
+    if mode == "reference":
+        scores, indices = knn(x, r, k=k, chunk_size=37)
+        ref_s, ref_i = ref_knn(x, r, k)
+    elif mode == "reference_exclude":
+        scores, indices = knn(r[:90], r, k=k, exclude_self=True, chunk_size=50)
+        ref_s, ref_i = ref_knn(r[:90], r, k, exclude_self=True)
+    else:  # chunk_size given: no symmetric pass (it holds N^2 scores), row blocks instead
+        scores, indices = knn(r, k=k, chunk_size=200)
+        ref_s, ref_i = ref_knn(r, None, k)
+    assert spies["rows"].used > 0
+    assert spies["self"].used == 0
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(130, 260),
+    dim=st.sampled_from([2, 5, 33]),
+    k=st.integers(1, 4),
+    tile=st.sampled_from([17, 40, 2048]),
+    seed=st.integers(0, 2**16),
+    ints=st.booleans(),
+)
+def test_self_pass_property(n: int, dim: int, k: int, tile: int, seed: int, ints: bool) -> None:
+    # Small-integer data: every score is exact and ties abound (the tie rule is checked bit for bit);
+    # Gaussian data: near-ties at float32 resolution. Both through the symmetric bf16 pass.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n, dim), generator=g).float() if ints else torch.randn(n, dim, generator=g)
+    x[0] = x[1]
+    old = (KNN._BF16_CPU, KNN._TILE)
+    spy = Spy(KNN._self_candidates_bf16)
+    fn = KNN._self_candidates_bf16
+    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_bf16 = True, tile, spy
+    try:
+        scores, indices = knn(x, k=k, metric="dot")
+    finally:
+        KNN._BF16_CPU, KNN._TILE = old
+        KNN._self_candidates_bf16 = fn
+    assert spy.used == 1
+    ref_s, ref_i = ref_knn(x, None, k, metric="dot", normalize=False)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=1e-6, atol=1e-6)
+
+
+def test_retrieval_metrics_through_both_bf16_passes(spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The label-aware shortcut (near-ties of same-relevance items are not re-scored) must not change a value.
+    monkeypatch.setattr(KNN, "_TILE", 64)
+    x, y = clustered(800, 16, 50, seed=5, spread=1.5)  # classes of ~16: 8 K still fits in N
+    x = with_duplicates(x, seed=2)
+    ks = (1, 2, 4, 8)
+    expected, _, _ = ref_metrics(x, y, None, None, ks)
+    got = retrieval_metrics(x, y, ks=ks, full_map=False)
+    assert spies["self"].used == 1
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"):
+        assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
+    got_rows = retrieval_metrics(x[:150], y[:150], x, y, ks=ks, exclude_self=True, full_map=False)
+    assert spies["rows"].used > 0
+    exp_rows, _, _ = ref_metrics(x[:150], y[:150], x, y, ks, exclude_self=True)
+    for key in ("recall@1", "map@r", "r_precision"):
+        assert math.isclose(got_rows[key], exp_rows[key], rel_tol=1e-12, abs_tol=1e-12), key
+
+
+def test_threshold_keeps_every_exact_top_k_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bound behind both passes, checked directly on the bf16 GEMM: with theta the k-th largest bf16 score,
+    # every item of the exact top-k has a bf16 score at or above the threshold; and the band is narrow.
+    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 512, generator=g) * torch.rand(500, 1, generator=g) * 3
+    prep = KNN._prepare(x, None, "dot", None, None)
+    assert prep.query16 is not None
+    assert prep.eps16 is not None
+    bulk = (prep.query16 @ prep.reference16.T).double()  # bf16 output, as in the passes
+    exact = prep.query @ prep.query.T
+    bulk.fill_diagonal_(-math.inf)
+    exact.fill_diagonal_(-math.inf)
+    for k in (1, 10, 30):
+        theta = torch.topk(bulk, k, dim=1).values[:, -1]
+        low = KNN._bf16_low(prep, slice(0, 500), theta).double()
+        top = torch.topk(exact, k, dim=1).indices
+        assert bool((bulk.gather(1, top) >= low[:, None]).all())
+        assert bool((theta - low <= 4.1 * prep.eps16 + 3 * 2.0**-8 * theta.abs()).all())
+
+
+def test_budget_too_small_falls_back_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+    x, _ = clustered(300, 12, 4, seed=8)
+    prep = KNN._prepare(x, None, "cosine", None, None)
+    assert KNN._self_candidates_bf16(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
+    assert KNN._self_candidates_bf16(prep, 3, budget=2**30) is not None
+    assert KNN._self_candidates_bf16(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
+    small = KNN._knn_prepared(prep, 3, "cosine", None, 300 * 300)
+    _ref_s, ref_i = ref_knn(x, None, 3)
+    np.testing.assert_array_equal(small[1].numpy(), ref_i)
+
+
+def test_auto_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KNN, "_BF16_CPU", None)
+    for fast in (True, False):
+        monkeypatch.setattr(KNN, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert KNN._use_bf16(torch.device("cpu")) is fast
+        assert KNN._use_bf16(torch.device("cuda")) is False
+    monkeypatch.setattr(KNN, "_BF16_CPU", False)
+    assert KNN._use_bf16(torch.device("cpu")) is False
+    assert isinstance(DETECT(), bool)
