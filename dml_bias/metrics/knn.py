@@ -5,18 +5,23 @@ is the order of the scores computed in float64 from the (float32, float16, ...) 
 the lower reference index, whatever matmul precision (TF32, bf16 "medium" precision on the CPU, reduced-
 precision reductions) the user has switched on.
 
-How it is computed (see :doc:`the metrics page </api/metrics>` for the error bound):
+How it is computed (see :doc:`the metrics page </api/metrics>` for the error bounds):
 
-1. A bulk pass computes approximate scores with one float32 GEMM per block of queries (TF32 and the CPU's
-   bf16 "medium" precision are switched off during the call and the user's settings restored afterwards).
-2. The bulk scores carry a proven error bound :math:`\varepsilon`; every item whose approximate score lies
-   within :math:`2\varepsilon` of the approximate ``k``-th best is a candidate. The candidates always hold
-   the exact top-``k``.
-3. Candidates whose approximate scores lie too close to another candidate's to be ordered safely are
-   re-scored exactly in float64, and the candidates are sorted by (score, reference index).
+1. A bulk pass computes approximate scores per block of queries. For cosine and dot scores it is one 16-bit
+   GEMM (bf16 on CPUs with native bf16 dot products, float16 on CUDA; float32 accumulation), whose scores
+   carry a proven error bound; the ``k``-th largest of the *group maxima* of each row (a group is a strided
+   set of up to 16 reference items) gives a threshold below which no item of the exact top-``k`` can lie.
+   When the query set is the reference set and ``N^2`` 16-bit scores fit the memory budget, only the tiles
+   on and above the diagonal are computed (the scores are symmetric). Otherwise, and for the Euclidean
+   metrics, the bulk pass is one float32 GEMM (TF32 and the CPU's bf16 "medium" precision are switched off
+   during the call and the user's settings restored afterwards), and the candidates are the items within
+   :math:`2\varepsilon` of the approximate ``k``-th best.
+2. The candidates (which always hold the exact top-``k``) get float32 scores with their own bound.
+3. Candidates whose float32 scores lie too close to another candidate's to be ordered safely are re-scored
+   exactly in float64, and the candidates are sorted by (score, reference index).
 
 Extra memory is bounded by ``chunk_size`` query rows at a time, or by a memory budget (2 GiB by default)
-from which the block size is derived; an ``N x N`` matrix is never formed.
+from which the block size is derived; no ``N x N`` matrix is formed unless it fits the budget.
 """
 
 from __future__ import annotations
@@ -92,9 +97,10 @@ class _Prepared:
     exclude_self: bool
     eps: torch.Tensor  # (Nq,) float64 bound on |bulk key - exact key|
     out_dtype: torch.dtype
-    # bf16 candidate pass (cosine/dot on CPUs with native bf16): copies and the input part of its bound.
-    query16: torch.Tensor | None = None
+    # 16-bit candidate pass (cosine/dot): copies and the input part of its bound.
+    query16: torch.Tensor | None = None  # bf16 (CPU) or float16 (CUDA)
     reference16: torch.Tensor | None = None
+    half_u: float = 0.0  # unit roundoff of the 16-bit GEMM output
     eps16: torch.Tensor | None = None  # (Nq,) float64, without the output-rounding term
 
     @property
@@ -159,9 +165,12 @@ def _prepare(
         eps = c * qn * rmax
     out_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     q16 = r16 = eps16 = None
-    if not distance and _use_bf16(q64.device):
-        q16 = q32.to(torch.bfloat16)
-        r16 = q16 if same else r32.to(torch.bfloat16)
+    half = None if distance else _half_dtype(q64.device)
+    if half == torch.float16 and max(float(qn.max()), rmax) >= 2.0**7:
+        half = None  # scores up to |q| |r| must stay far inside float16's range (65504)
+    if half is not None:
+        q16 = q32.to(half)
+        r16 = q16 if same else r32.to(half)
         # |x16.y16 - x.y| <= |x16||r_y| + |r_x||y16| + |r_x||r_y| with r = x - x16 (exact, per row), plus the
         # float32 accumulation of D exact bf16 products and the float64 re-scoring.
         qh = q16.to(torch.float64)
@@ -190,6 +199,7 @@ def _prepare(
         out_dtype=out_dtype,
         query16=q16,
         reference16=r16,
+        half_u=_HALF_UNIT.get(half, 0.0) if half is not None else 0.0,
         eps16=eps16,
     )
 
@@ -200,6 +210,15 @@ def _prepare(
 #: ``False`` force it on (emulated, slowly, on other CPUs) or off. Tests set it to cover both paths.
 _BF16_CPU: bool | None = None
 
+#: Run the candidate pass in float16 on CUDA devices (tensor cores; same bound with float16's unit roundoff).
+_FP16_CUDA = True
+
+#: Test hook: force this 16-bit dtype for the candidate pass on any device (``None``: the rules above).
+_FORCE_HALF: torch.dtype | None = None
+
+#: Unit roundoff (round to nearest) of the 16-bit formats, for the rounding of the GEMM output.
+_HALF_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
 
 def _cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX tiles)."""
@@ -208,11 +227,16 @@ def _cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def _use_bf16(device: torch.device) -> bool:
-    """Whether the candidate pass runs in bf16 (CPU only; see :data:`_BF16_CPU`)."""
-    if device.type != "cpu":
-        return False
-    return _cpu_has_fast_bf16() if _BF16_CPU is None else _BF16_CPU
+def _half_dtype(device: torch.device) -> torch.dtype | None:
+    """The 16-bit dtype of the candidate pass on this device, or ``None`` for the float32 pass."""
+    if _FORCE_HALF is not None:
+        return _FORCE_HALF
+    if device.type == "cpu":
+        fast = _cpu_has_fast_bf16() if _BF16_CPU is None else _BF16_CPU
+        return torch.bfloat16 if fast else None
+    if device.type == "cuda" and _FP16_CUDA:
+        return torch.float16
+    return None
 
 
 def _exact_keys(prep: _Prepared, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
@@ -269,13 +293,13 @@ def _bulk_keys(prep: _Prepared, start: int, stop: int) -> torch.Tensor:
 _TARGET_BLOCK = 2**23
 
 
-#: The same for the bf16 candidate pass, whose GEMM wants wider blocks (its selection runs on group maxima).
-_TARGET_BLOCK_BF16 = 2**25
+#: The same for the 16-bit candidate pass, whose GEMM wants wider blocks (its selection runs on group maxima).
+_TARGET_BLOCK_HALF = 2**25
 
 
 def _target_block(prep: _Prepared) -> int:
     """Preferred number of bulk scores per block for this search."""
-    return _TARGET_BLOCK if prep.query16 is None else _TARGET_BLOCK_BF16
+    return _TARGET_BLOCK if prep.query16 is None else _TARGET_BLOCK_HALF
 
 
 def _block_rows(
@@ -320,11 +344,8 @@ def _grid_keys(prep: _Prepared, start: int, cols: torch.Tensor, budget: int) -> 
     return out
 
 
-#: Largest group of consecutive reference items summarised by one maximum in the bf16 candidate pass.
+#: Largest group of reference items summarised by one maximum in the 16-bit candidate pass.
 _GROUP = 16
-
-#: Unit roundoff of the float32 -> bf16 rounding of the GEMM output (round to nearest even, as oneDNN does).
-_U_BF16 = 2.0**-8
 
 
 def _round_down32(x: torch.Tensor) -> torch.Tensor:
@@ -333,60 +354,73 @@ def _round_down32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.to(torch.float64) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
 
 
-def _bf16_group_size(num_reference: int, k: int) -> int:
-    """Items per group maximum in the bf16 candidate pass (``< 2``: the pass does not pay for this ``k``)."""
+def _half_group_size(num_reference: int, k: int) -> int:
+    """Items per group maximum in the 16-bit candidate pass (``< 2``: the pass does not pay for this ``k``)."""
     return max(1, min(_GROUP, num_reference // (8 * k)))
 
 
-def _bf16_low(prep: _Prepared, rows: slice, theta: torch.Tensor) -> torch.Tensor:
-    r"""Float32 candidate thresholds of the bf16 pass from :math:`\theta` (see :func:`_candidates_bf16`)."""
+def _half_low(prep: _Prepared, rows: slice, theta: torch.Tensor) -> torch.Tensor:
+    r"""Float32 candidate thresholds of the 16-bit pass from :math:`\theta` (see :func:`_candidates_half`)."""
     assert prep.eps16 is not None
     theta = theta.to(torch.float64)
     e = prep.eps16[rows]
-    u = _U_BF16
+    u = prep.half_u
     v = theta - u / (1 - u) * theta.abs() - 2 * e
     low = v - u * v.abs()
     return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
 
 
 def _rescore(
-    prep: _Prepared, start: int, nrow: int, rows: torch.Tensor, cols: torch.Tensor
+    prep: _Prepared, start: int, nrow: int, rows: torch.Tensor, cols: torch.Tensor, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 scores of candidate pairs (``rows`` relative to ``start``, sorted), padded per row, best first."""
+    """Float32 scores of candidate pairs (``rows`` relative to ``start``, sorted), padded per row, best first.
+
+    On the CPU a sampled dense-dense product (one float32 dot product per pair, no gathered copies); elsewhere
+    a gather of the candidate rows and a batched matrix-vector product, in chunks that fit the budget.
+    """
     device = cols.device
     count = torch.bincount(rows, minlength=nrow)
     crow = torch.zeros(nrow + 1, dtype=torch.long, device=device)
     torch.cumsum(count, 0, out=crow[1:])
-    with _ieee_fp32_matmul(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
-        pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=(nrow, prep.num_reference), check_invariants=False)
-        # Sampled dense-dense product: the float32 score of each candidate pair, without gathering rows.
-        vals = torch.sparse.sampled_addmm(
-            pattern, prep.query32[start : start + nrow], prep.reference32.T, beta=0.0
-        ).values()
     width = int(count.max()) if nrow > 0 else 0
     slot = torch.arange(cols.shape[0], device=device) - crow[rows]
     scores = torch.full((nrow, width), -math.inf, dtype=torch.float32, device=device)
     padded = torch.full((nrow, width), -1, dtype=torch.long, device=device)
-    scores[rows, slot] = vals
     padded[rows, slot] = cols
+    query = prep.query32[start : start + nrow]
+    with _ieee_fp32_matmul():
+        if device.type == "cpu":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
+                size = (nrow, prep.num_reference)
+                pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
+                vals = torch.sparse.sampled_addmm(pattern, query, prep.reference32.T, beta=0.0).values()
+            scores[rows, slot] = vals
+        else:
+            dim = max(1, int(query.shape[1]))
+            step = max(1, min(nrow, budget // max(1, 4 * width * dim)))
+            for s0 in range(0, nrow, step):
+                y = prep.reference32[padded[s0 : s0 + step].clamp_min(0)]  # (r, W, D)
+                scores[s0 : s0 + step] = torch.bmm(y, query[s0 : s0 + step, :, None]).squeeze(-1)
+            scores.masked_fill_(padded < 0, -math.inf)
     scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     return scores, padded.gather(1, order), count
 
 
-def _candidates_bf16(
+def _candidates_half(
     prep: _Prepared, start: int, stop: int, k: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    r"""Candidates holding the exact top-``k`` of queries ``start:stop``, from one bf16 GEMM, with float32 scores.
+    r"""Candidates holding the exact top-``k`` of queries ``start:stop``, from one 16-bit GEMM, float32 scores.
 
     Returns ``(scores, cols, count)``: ``(R, W)`` float32 scores of the candidates (float32 accuracy, the bound
     ``prep.eps``) sorted best first, their reference indices (``-1`` = padding), and the number per row; or
     ``None`` when this pass does not pay (``k`` above a sixteenth of the reference) or its candidates would not
     fit the budget, and the caller uses the float32 pass.
 
-    The bound: every bulk score :math:`\hat s = \mathrm{bf16}(z)` with :math:`|z - s| \le e` (``prep.eps16``,
-    inputs rounded to bf16 and float32 accumulation) and :math:`|\hat s - z| \le u|z|`, :math:`u = 2^{-8}`.
+    The bound: every bulk score :math:`\hat s = \mathrm{fl}_{16}(z)` with :math:`|z - s| \le e` (``prep.eps16``:
+    inputs rounded to bf16 on the CPU or float16 on CUDA, float32 accumulation) and :math:`|\hat s - z| \le
+    u|z|` (``prep.half_u``: :math:`2^{-8}` for bf16, :math:`2^{-11}` for float16).
     Let :math:`\theta` be the ``k``-th largest maximum of groups of reference items: ``k`` distinct items have
     :math:`\hat s \ge \theta`, so the ``k``-th best exact score is at least :math:`f = \theta - u'|\theta| - e`
     (:math:`u' = u / (1 - u)`; :math:`v - u'|v|` is increasing). An item of the exact top-``k`` has
@@ -398,12 +432,13 @@ def _candidates_bf16(
     assert prep.query16 is not None
     assert prep.reference16 is not None
     m = prep.num_reference
-    group = _bf16_group_size(m, k)
+    group = _half_group_size(m, k)
     if group < 2:
         return None
     nrow = stop - start
     device = prep.query.device
-    st = prep.query16[start:stop] @ prep.reference16.T  # (R, M) bf16
+    with _ieee_fp32_matmul():  # no reduced-precision reductions in the 16-bit GEMM
+        st = prep.query16[start:stop] @ prep.reference16.T  # (R, M), 16-bit output
     if prep.exclude_self:
         own = torch.arange(start, min(stop, m), device=device)
         st[own - start, own] = -math.inf
@@ -414,7 +449,7 @@ def _candidates_bf16(
     body = st[:, :full].view(nrow, group, ngroup)
     gmax = torch.cat([body.amax(1), st[:, full:]], 1)  # (R, G + M - full)
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = _bf16_low(prep, slice(start, stop), theta)
+    low = _half_low(prep, slice(start, stop), theta)
     hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
     if hit_q.numel() * group * 40 > budget:
         return None
@@ -425,26 +460,26 @@ def _candidates_bf16(
     rows = torch.cat([hq[p], hit_q[tail]])
     cols = torch.cat([hg[p] + j * ngroup, hit_g[tail] - ngroup + full])
     order = torch.argsort(rows * m + cols)  # CSR layout: by query, then by reference index
-    return _rescore(prep, start, nrow, rows[order], cols[order])
+    return _rescore(prep, start, nrow, rows[order], cols[order], budget)
 
 
-#: Rows (and columns) of one tile of the symmetric bf16 pass.
+#: Rows (and columns) of one tile of the symmetric 16-bit pass.
 _TILE = 2048
 
 
-def _self_candidates_bf16(
+def _self_candidates_half(
     prep: _Prepared, k: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """:func:`_candidates_bf16` for all queries at once when the query set is the reference set (self excluded).
+    """:func:`_candidates_half` for all queries at once when the query set is the reference set (self excluded).
 
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
     work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
-    kept until the thresholds are known, so this runs only when ``N^2`` bf16 scores fit the budget (``None``
+    kept until the thresholds are known, so this runs only when ``N^2`` 16-bit scores fit the budget (``None``
     otherwise). Groups are strided within each panel of columns; the bound is the same.
     """
     assert prep.query16 is not None
     n = prep.num_reference
-    group = _bf16_group_size(n, k)
+    group = _half_group_size(n, k)
     if group < 2 or not prep.exclude_self or prep.num_query != n or prep.query16 is not prep.reference16:
         return None
     tile = min(_TILE, n)
@@ -465,7 +500,8 @@ def _self_candidates_bf16(
     for i, (a0, a1) in enumerate(panels):
         for j in range(i, len(panels)):
             b0, b1 = panels[j]
-            t = x[a0:a1] @ x[b0:b1].T
+            with _ieee_fp32_matmul():
+                t = x[a0:a1] @ x[b0:b1].T
             if i == j:
                 diag = torch.arange(a1 - a0, device=device)
                 t[diag, diag] = -math.inf
@@ -482,7 +518,7 @@ def _self_candidates_bf16(
                 out[:, ngroups[i] :] = t[full_i:].T
             tiles[(i, j)] = t
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = _bf16_low(prep, slice(0, n), theta)
+    low = _half_low(prep, slice(0, n), theta)
     hit_q, hit_c = (gmax >= low[:, None]).nonzero(as_tuple=True)
     del gmax
     if hit_q.numel() * group * 40 > budget:
@@ -519,7 +555,7 @@ def _self_candidates_bf16(
     rows = torch.cat(rows_out)
     cols = torch.cat(cols_out)
     order = torch.argsort(rows * n + cols)
-    return _rescore(prep, 0, n, rows[order], cols[order])
+    return _rescore(prep, 0, n, rows[order], cols[order], budget)
 
 
 def _topk_block(
@@ -540,7 +576,7 @@ def _topk_block(
     their scores are too close to order without re-scoring, which changes no label-based metric.
     """
     if found is None and prep.query16 is not None:
-        found = _candidates_bf16(prep, start, stop, k, budget)
+        found = _candidates_half(prep, start, stop, k, budget)
     if found is not None:
         vals, cols, count = found
     else:
@@ -697,7 +733,7 @@ def _knn_prepared(
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     per_row = prep.num_reference * 16 + k * 64
     step = _block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference, target=_target_block(prep))
-    pre = _self_candidates_bf16(prep, k, budget) if prep.query16 is not None and chunk_size is None else None
+    pre = _self_candidates_half(prep, k, budget) if prep.query16 is not None and chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])

@@ -34,7 +34,7 @@ from dml_bias.metrics.knn import (
     _gamma,
     _prepare,
     _Prepared,
-    _self_candidates_bf16,
+    _self_candidates_half,
     _target_block,
     _topk_block,
     _validate_chunk_size,
@@ -241,7 +241,7 @@ def _per_query_topk(
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     kmax = min(available, max([int(n_class.max()), *ks]))
     step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=_target_block(prep))
-    pre = _self_candidates_bf16(prep, kmax, budget) if prep.query16 is not None and chunk_size is None else None
+    pre = _self_candidates_half(prep, kmax, budget) if prep.query16 is not None and chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]

@@ -42,11 +42,11 @@ class Spy:
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
     monkeypatch.setattr(KNN, "_BF16_CPU", True)
-    rows, self_pass = Spy(KNN._candidates_bf16), Spy(KNN._self_candidates_bf16)
-    monkeypatch.setattr(KNN, "_candidates_bf16", rows)
-    monkeypatch.setattr(KNN, "_self_candidates_bf16", self_pass)
+    rows, self_pass = Spy(KNN._candidates_half), Spy(KNN._self_candidates_half)
+    monkeypatch.setattr(KNN, "_candidates_half", rows)
+    monkeypatch.setattr(KNN, "_self_candidates_half", self_pass)
     retrieval = sys.modules["dml_bias.metrics.retrieval"]
-    monkeypatch.setattr(retrieval, "_self_candidates_bf16", self_pass)
+    monkeypatch.setattr(retrieval, "_self_candidates_half", self_pass)
     return {"rows": rows, "self": self_pass}
 
 
@@ -113,14 +113,14 @@ def test_self_pass_property(n: int, dim: int, k: int, tile: int, seed: int, ints
     x = torch.randint(-2, 3, (n, dim), generator=g).float() if ints else torch.randn(n, dim, generator=g)
     x[0] = x[1]
     old = (KNN._BF16_CPU, KNN._TILE)
-    spy = Spy(KNN._self_candidates_bf16)
-    fn = KNN._self_candidates_bf16
-    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_bf16 = True, tile, spy
+    spy = Spy(KNN._self_candidates_half)
+    fn = KNN._self_candidates_half
+    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_half = True, tile, spy
     try:
         scores, indices = knn(x, k=k, metric="dot")
     finally:
         KNN._BF16_CPU, KNN._TILE = old
-        KNN._self_candidates_bf16 = fn
+        KNN._self_candidates_half = fn
     assert spy.used == 1
     ref_s, ref_i = ref_knn(x, None, k, metric="dot", normalize=False)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
@@ -160,7 +160,7 @@ def test_threshold_keeps_every_exact_top_k_item(monkeypatch: pytest.MonkeyPatch)
     exact.fill_diagonal_(-math.inf)
     for k in (1, 10, 30):
         theta = torch.topk(bulk, k, dim=1).values[:, -1]
-        low = KNN._bf16_low(prep, slice(0, 500), theta).double()
+        low = KNN._half_low(prep, slice(0, 500), theta).double()
         top = torch.topk(exact, k, dim=1).indices
         assert bool((bulk.gather(1, top) >= low[:, None]).all())
         assert bool((theta - low <= 4.1 * prep.eps16 + 3 * 2.0**-8 * theta.abs()).all())
@@ -170,9 +170,9 @@ def test_budget_too_small_falls_back_exactly(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(KNN, "_BF16_CPU", True)
     x, _ = clustered(300, 12, 4, seed=8)
     prep = KNN._prepare(x, None, "cosine", None, None)
-    assert KNN._self_candidates_bf16(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
-    assert KNN._self_candidates_bf16(prep, 3, budget=2**30) is not None
-    assert KNN._self_candidates_bf16(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
+    assert KNN._self_candidates_half(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
+    assert KNN._self_candidates_half(prep, 3, budget=2**30) is not None
+    assert KNN._self_candidates_half(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
     small = KNN._knn_prepared(prep, 3, "cosine", None, 300 * 300)
     _ref_s, ref_i = ref_knn(x, None, 3)
     np.testing.assert_array_equal(small[1].numpy(), ref_i)
@@ -182,8 +182,75 @@ def test_auto_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KNN, "_BF16_CPU", None)
     for fast in (True, False):
         monkeypatch.setattr(KNN, "_cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert KNN._use_bf16(torch.device("cpu")) is fast
-        assert KNN._use_bf16(torch.device("cuda")) is False
+        assert KNN._half_dtype(torch.device("cpu")) == (torch.bfloat16 if fast else None)
+    assert KNN._half_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(KNN, "_FP16_CUDA", False)
+    assert KNN._half_dtype(torch.device("cuda")) is None
     monkeypatch.setattr(KNN, "_BF16_CPU", False)
-    assert KNN._use_bf16(torch.device("cpu")) is False
+    assert KNN._half_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
+    assert KNN._half_dtype(torch.device("cpu")) == torch.float16
     assert isinstance(DETECT(), bool)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_float16_pass_matches_float64_loop(monkeypatch: pytest.MonkeyPatch, metric: str) -> None:
+    # The CUDA pass (float16 inputs and output, u = 2^-11), run on the CPU through the test hook.
+    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
+    monkeypatch.setattr(KNN, "_TILE", 64)
+    spy = Spy(KNN._self_candidates_half)
+    monkeypatch.setattr(KNN, "_self_candidates_half", spy)
+    x, _ = clustered(300, 24, 6, seed=11)
+    x = with_duplicates(x, seed=3)
+    prep = KNN._prepare(x, None, metric, None, None)
+    assert prep.query16.dtype == torch.float16
+    assert prep.half_u == 2.0**-11
+    scores, indices = knn(x, k=5, metric=metric)
+    assert spy.used == 1
+    ref_s, ref_i = ref_knn(x, None, 5, metric=metric)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    r, _ = clustered(500, 24, 6, seed=12)
+    _, indices = knn(x[:40], r, k=5, metric=metric)
+    np.testing.assert_array_equal(indices.numpy(), ref_knn(x[:40], r, 5, metric=metric)[1])
+
+
+def test_float16_pass_is_skipped_for_large_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dot scores of long vectors could overflow float16 (65504): the float32 pass runs instead.
+    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
+    x = torch.randn(50, 8) * 100
+    assert KNN._prepare(x, None, "dot", None, None).query16 is None
+    assert KNN._prepare(x, None, "cosine", None, None).query16 is not None
+
+
+@pytest.mark.parametrize("precision", ["medium", "high"])
+def test_matmul_precision_cannot_change_the_16bit_passes(spies: dict[str, Spy], precision: str) -> None:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # "medium" would run float32 matmuls in bf16 on the CPU
+    try:
+        x, _ = clustered(300, 24, 6, seed=4)
+        _, indices = knn(x, k=3)
+        _, rows = knn(x[:30], x, k=3, exclude_self=True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert spies["self"].used == 1
+    assert spies["rows"].used == 1
+    np.testing.assert_array_equal(indices.numpy(), ref_knn(x, None, 3)[1])
+    np.testing.assert_array_equal(rows.numpy(), ref_knn(x[:30], x, 3, exclude_self=True)[1])
+
+
+@pytest.mark.cuda
+def test_cuda_float16_passes_match_float64_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both 16-bit passes on a GPU (tensor cores, float16 output): the same exact answer as the float64 loop.
+    monkeypatch.setattr(KNN, "_TILE", 64)
+    x, y = clustered(600, 32, 40, seed=6)
+    x = with_duplicates(x, seed=4)
+    xc, yc = x.cuda(), y.cuda()
+    assert KNN._prepare(xc, None, "cosine", None, None).query16.dtype == torch.float16
+    _, indices = knn(xc, k=6)
+    np.testing.assert_array_equal(indices.cpu().numpy(), ref_knn(x, None, 6)[1])
+    _, rows = knn(xc[:50], xc, k=6, exclude_self=True, chunk_size=16)
+    np.testing.assert_array_equal(rows.cpu().numpy(), ref_knn(x[:50], x, 6, exclude_self=True)[1])
+    got = retrieval_metrics(xc, yc, full_map=False)
+    expected, _, _ = ref_metrics(x, y, None, None, (1, 2, 4, 8))
+    for key in ("recall@1", "recall@8", "map@r", "r_precision"):
+        assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
