@@ -209,6 +209,7 @@ def test_float16_pass_matches_float64_loop(monkeypatch: pytest.MonkeyPatch, metr
     assert spy.used == 1
     ref_s, ref_i = ref_knn(x, None, 5, metric=metric)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=1e-6, atol=2e-7)
     r, _ = clustered(500, 24, 6, seed=12)
     _, indices = knn(x[:40], r, k=5, metric=metric)
     np.testing.assert_array_equal(indices.numpy(), ref_knn(x[:40], r, 5, metric=metric)[1])
