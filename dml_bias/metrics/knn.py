@@ -239,6 +239,19 @@ def _half_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _sampled_dot(query: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(query[rows[i]] * reference[cols[i]]).sum()`` for every pair (``rows`` sorted), by a sampled product."""
+    nrow = int(query.shape[0])
+    crow = torch.zeros(nrow + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=nrow), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        zeros = torch.zeros(rows.shape[0], dtype=query.dtype, device=rows.device)
+        size = (nrow, int(reference.shape[0]))
+        pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, query, reference.T, beta=0.0).values()
+
+
 def _exact_keys(prep: _Prepared, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
     """Exact float64 keys (larger is closer) of the pairs ``(rows[i], cols[i])``, chunked to the budget.
 
@@ -250,6 +263,12 @@ def _exact_keys(prep: _Prepared, rows: torch.Tensor, cols: torch.Tensor, budget:
     n = int(rows.shape[0])
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     if n == 0:
+        return out
+    if rows.device.type == "cpu" and not prep.distance:
+        # One float64 dot product per pair (sampled dense-dense product): the same arithmetic for every pair,
+        # whatever its position, so duplicated embeddings still get identical keys.
+        order = torch.argsort(rows, stable=True)
+        out[order] = _sampled_dot(prep.query, prep.reference, rows[order], cols[order])
         return out
     # Small chunks into reused buffers: the pairs are scattered, and fresh large temporaries cost page faults.
     step = max(1, min(n, budget // (2 * 8 * dim), 2**21 // dim))
@@ -320,7 +339,7 @@ def _block_rows(
 
 
 def _grid_keys(prep: _Prepared, start: int, cols: torch.Tensor, budget: int) -> torch.Tensor:
-    """Float64 keys of query rows ``start + i`` against ``cols[i, j]`` (``(R, C)``), via batched GEMV.
+    """Float64 keys of query rows ``start + i`` against ``cols[i, j]`` (``(R, C)``), via batched GEMV (SDDMM on CPU).
 
     Used only for *returned values*: the order was fixed before, by the exact element-wise keys.
     """
@@ -329,6 +348,9 @@ def _grid_keys(prep: _Prepared, start: int, cols: torch.Tensor, budget: int) -> 
     out = torch.empty(nrows, width, dtype=torch.float64, device=cols.device)
     if out.numel() == 0:
         return out
+    if cols.device.type == "cpu" and not prep.distance:
+        rows = torch.arange(start, start + nrows, device=cols.device).repeat_interleave(width)
+        return _sampled_dot(prep.query, prep.reference, rows, cols.reshape(-1)).view(nrows, width)
     step = max(1, min(nrows, min(budget, 2**24) // (width * dim * 8)))
     ybuf = torch.empty(step * width, dim, dtype=torch.float64, device=cols.device)
     for s in range(0, nrows, step):
@@ -519,42 +541,31 @@ def _self_candidates_half(
             tiles[(i, j)] = t
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     low = _half_low(prep, slice(0, n), theta)
-    hit_q, hit_c = (gmax >= low[:, None]).nonzero(as_tuple=True)
+    hits = gmax >= low[:, None]
     del gmax
-    if hit_q.numel() * group * 40 > budget:
+    if int(hits.sum()) * group * 40 > budget:
         return None
-    offs_t = torch.tensor(offsets, device=device)
-    q_panel = hit_q // tile
-    c_panel = torch.searchsorted(offs_t, hit_c, right=True) - 1
-    local_g = hit_c - offs_t[c_panel]
-    ar = torch.arange(group, device=device)
-    npanel = len(panels)
-    pair = q_panel * npanel + c_panel
-    by_pair = torch.argsort(pair, stable=True)
-    ends = torch.cumsum(torch.bincount(pair, minlength=npanel * npanel), 0).tolist()
     rows_out, cols_out = [], []
     for (i, j), t in tiles.items():
-        for qp, cp, transposed in ((i, j, False), (j, i, True)) if i < j else ((i, j, False),):
-            at = qp * npanel + cp
-            sel = by_pair[(ends[at - 1] if at > 0 else 0) : ends[at]]
-            if sel.numel() == 0:
-                continue
-            q = hit_q[sel]
-            g = local_g[sel]
+        for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
+            q0, q1 = panels[qp]
+            c0 = panels[cp][0]
             ng, full = ngroups[cp], ngroups[cp] * group
-            single = g >= ng
-            qs, gs = q[~single], g[~single]
-            ql = qs - panels[qp][0]
-            mem = gs[:, None] + ar[None, :] * ng  # (H, group) columns within the tile's panel
-            vals = t[mem, ql[:, None]] if transposed else t[ql[:, None], mem]
-            p, r = (vals >= low[qs][:, None]).nonzero(as_tuple=True)
-            cols = torch.cat([mem[p, r], full + g[single] - ng])
-            rows_out.append(torch.cat([qs[p], q[single]]))
-            cols_out.append(cols + panels[cp][0])
-    del tiles
+            block = hits[q0:q1, offsets[cp] : offsets[cp + 1]]
+            if qp == i:  # the tile's rows are the queries: a group's values sit in one row (cache-friendly)
+                q, g = block[:, :ng].nonzero(as_tuple=True)
+                vals = t[:, :full].view(q1 - q0, group, ng)[q, :, g]  # (H, group)
+            else:  # the tile's columns are the queries: walk each group's rows query by query, group-major
+                g, q = block[:, :ng].T.nonzero(as_tuple=True)
+                vals = t[:full].view(group, ng, q1 - q0)[:, g, q].T  # (H, group)
+            p, r = (vals >= low[q + q0][:, None]).nonzero(as_tuple=True)
+            sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
+            rows_out += [q[p] + q0, sq + q0]
+            cols_out += [g[p] + r * ng + c0, sg + full + c0]
+    del tiles, hits
     rows = torch.cat(rows_out)
     cols = torch.cat(cols_out)
-    order = torch.argsort(rows * n + cols)
+    order = torch.argsort(rows * n + cols)  # CSR layout: by query, then by reference index
     return _rescore(prep, 0, n, rows[order], cols[order], budget)
 
 
