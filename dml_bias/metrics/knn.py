@@ -387,8 +387,9 @@ def _half_low(prep: _Prepared, rows: slice, theta: torch.Tensor) -> torch.Tensor
     theta = theta.to(torch.float64)
     e = prep.eps16[rows]
     u = prep.half_u
-    v = theta - u / (1 - u) * theta.abs() - 2 * e
-    low = v - u * v.abs()
+    tiny = 2.0**-24 if u == _HALF_UNIT[torch.float16] else 2.0**-133  # output underflow: absolute error bound
+    v = theta - u / (1 - u) * theta.abs() - 2 * tiny - 2 * e
+    low = v - u * v.abs() - tiny
     return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
 
 
