@@ -29,6 +29,7 @@ import torch
 from dml_bias._checks import check_labels, check_number, check_same_device, describe
 from dml_bias.metrics.knn import (
     MEMORY_BUDGET,
+    _block_product,
     _block_rows,
     _exact_keys,
     _gamma,
@@ -151,7 +152,7 @@ def _per_query(
         if rm == 0:
             continue
         # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
-        a = prep.query[start:stop] @ prep.reference.T
+        a = _block_product(prep, prep.query[start:stop], prep.reference)
         if ref_sq is not None:
             a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
         if prep.exclude_self:
