@@ -1,4 +1,5 @@
-"""The bf16 candidate passes of the exact search (row blocks and the symmetric self pass) against float64 loops.
+"""The 16-bit candidate passes of the exact search (bf16 on the CPU, float16 on CUDA; row blocks and the symmetric
+self pass) against float64 loops.
 
 Sizes are chosen so that these passes actually run (a group maximum needs ``M >= 16 k``); spies assert it, so
 none of these tests can pass by silently falling back to the float32 pass.
