@@ -336,7 +336,7 @@ _TARGET_BLOCK_HALF = 2**25
 
 def _target_block(prep: _Prepared) -> int:
     """Preferred number of bulk scores per block for this search."""
-    return _TARGET_BLOCK if prep.query16 is None else _TARGET_BLOCK_HALF
+    return _TARGET_BLOCK if prep.distance else _TARGET_BLOCK_HALF
 
 
 def _block_rows(
@@ -399,25 +399,58 @@ def _half_group_size(num_reference: int, k: int) -> int:
     return max(1, min(_GROUP, num_reference // (8 * k)))
 
 
-def _half_low(prep: _Prepared, rows: slice, theta: torch.Tensor) -> torch.Tensor:
-    r"""Float32 candidate thresholds of the 16-bit pass from :math:`\theta` (see :func:`_candidates_half`)."""
-    assert prep.eps16 is not None
+@dataclass
+class _Grouped:
+    """Inputs of the group-maximum candidate pass: bulk copies, their bound, the output rounding."""
+
+    query: torch.Tensor  # (Nq, D) bulk-dtype rows (bf16 / float16 / float32)
+    reference: torch.Tensor  # (M, D)
+    eps: torch.Tensor  # (Nq,) float64 bound on |accumulated bulk score - exact score|
+    unit: float  # unit roundoff of the stored output (0: the output is the float32 accumulator itself)
+    tiny: float  # absolute error of an underflowing output
+
+    @property
+    def rescore(self) -> bool:
+        """Whether candidates need float32 scores of their own (16-bit bulk scores are too coarse)."""
+        return self.unit > 0
+
+
+def _grouped(prep: _Prepared) -> _Grouped | None:
+    """The group-maximum pass' inputs for this search, or ``None`` (Euclidean metrics: the top-k float32 pass)."""
+    if prep.distance:
+        return None
+    if prep.query16 is not None and prep.reference16 is not None and prep.eps16 is not None:
+        tiny = 2.0**-24 if prep.half_u == _HALF_UNIT[torch.float16] else 2.0**-133
+        return _Grouped(prep.query16, prep.reference16, prep.eps16, prep.half_u, tiny)
+    dim = int(prep.query.shape[1])
+    return _Grouped(prep.query32, prep.reference32, prep.eps, 0.0, dim * 2.0**-149)
+
+
+def _group_low(grouped: _Grouped, rows: slice, theta: torch.Tensor) -> torch.Tensor:
+    r"""Float32 candidate thresholds from :math:`\theta` (see :func:`_candidates_half`)."""
     theta = theta.to(torch.float64)
-    e = prep.eps16[rows]
-    u = prep.half_u
-    tiny = 2.0**-24 if u == _HALF_UNIT[torch.float16] else 2.0**-133  # output underflow: absolute error bound
+    e = grouped.eps[rows]
+    u, tiny = grouped.unit, grouped.tiny
     v = theta - u / (1 - u) * theta.abs() - 2 * tiny - 2 * e
     low = v - u * v.abs() - tiny
     return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
 
 
 def _rescore(
-    prep: _Prepared, start: int, nrow: int, rows: torch.Tensor, cols: torch.Tensor, budget: int
+    prep: _Prepared,
+    start: int,
+    nrow: int,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    budget: int,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 scores of candidate pairs (``rows`` relative to ``start``, sorted), padded per row, best first.
 
-    On the CPU a sampled dense-dense product (one float32 dot product per pair, no gathered copies); elsewhere
-    a gather of the candidate rows and a batched matrix-vector product, in chunks that fit the budget.
+    ``values``: the pairs' float32 bulk scores when they already carry the float32 bound; otherwise they are
+    computed: on the CPU by a sampled dense-dense product (one float32 dot product per pair, no gathered
+    copies), elsewhere by a gather of the candidate rows and a batched matrix-vector product, in chunks that
+    fit the budget.
     """
     device = cols.device
     count = torch.bincount(rows, minlength=nrow)
@@ -429,22 +462,24 @@ def _rescore(
     padded = torch.full((nrow, width), -1, dtype=torch.long, device=device)
     padded[rows, slot] = cols
     query = prep.query32[start : start + nrow]
-    with _ieee_fp32_matmul():
-        if device.type == "cpu":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
-                size = (nrow, prep.num_reference)
-                pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
-                vals = torch.sparse.sampled_addmm(pattern, query, prep.reference32.T, beta=0.0).values()
-            scores[rows, slot] = vals
-        else:
-            dim = max(1, int(query.shape[1]))
-            step = max(1, min(nrow, budget // max(1, 4 * width * dim)))
+    if values is not None:
+        scores[rows, slot] = values.to(torch.float32)
+    elif device.type == "cpu":
+        with _ieee_fp32_matmul(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
+            size = (nrow, prep.num_reference)
+            pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
+            vals = torch.sparse.sampled_addmm(pattern, query, prep.reference32.T, beta=0.0).values()
+        scores[rows, slot] = vals
+    else:
+        dim = max(1, int(query.shape[1]))
+        step = max(1, min(nrow, budget // max(1, 4 * width * dim)))
+        with _ieee_fp32_matmul():
             for s0 in range(0, nrow, step):
                 y = prep.reference32[padded[s0 : s0 + step].clamp_min(0)]  # (r, W, D)
                 scores[s0 : s0 + step] = torch.bmm(y, query[s0 : s0 + step, :, None]).squeeze(-1)
-            scores.masked_fill_(padded < 0, -math.inf)
+        scores.masked_fill_(padded < 0, -math.inf)
     scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     return scores, padded.gather(1, order), count
 
@@ -470,15 +505,14 @@ def _candidates_half(
     contiguous slices of the score rows (cheap), and the selection of :math:`\theta` runs on them, up to
     sixteen times fewer values than the block.
     """
-    assert prep.query16 is not None
-    assert prep.reference16 is not None
+    grouped = _grouped(prep)
     m = prep.num_reference
     group = _half_group_size(m, k)
-    if group < 2:
+    if grouped is None or group < 2:
         return None
     nrow = stop - start
     device = prep.query.device
-    st = _block_product(prep, prep.query16[start:stop], prep.reference16)  # (R, M), 16-bit output
+    st = _block_product(prep, grouped.query[start:stop], grouped.reference)  # (R, M) bulk scores
     if prep.exclude_self:
         own = torch.arange(start, min(stop, m), device=device)
         st[own - start, own] = -math.inf
@@ -489,7 +523,7 @@ def _candidates_half(
     body = st[:, :full].view(nrow, group, ngroup)
     gmax = torch.cat([body.amax(1), st[:, full:]], 1)  # (R, G + M - full)
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = _half_low(prep, slice(start, stop), theta)
+    low = _group_low(grouped, slice(start, stop), theta)
     hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
     if hit_q.numel() * group * 40 > budget:
         return None
@@ -500,7 +534,8 @@ def _candidates_half(
     rows = torch.cat([hq[p], hit_q[tail]])
     cols = torch.cat([hg[p] + j * ngroup, hit_g[tail] - ngroup + full])
     order = torch.argsort(rows * m + cols)  # CSR layout: by query, then by reference index
-    return _rescore(prep, start, nrow, rows[order], cols[order], budget)
+    values = None if grouped.rescore else torch.cat([members[p, j], gmax[hit_q[tail], hit_g[tail]]])[order]
+    return _rescore(prep, start, nrow, rows[order], cols[order], budget, values)
 
 
 #: Rows (and columns) of one tile of the symmetric 16-bit pass.
@@ -517,10 +552,12 @@ def _self_candidates_half(
     kept until the thresholds are known, so this runs only when ``N^2`` 16-bit scores fit the budget (``None``
     otherwise). Groups are strided within each panel of columns; the bound is the same.
     """
-    assert prep.query16 is not None
+    grouped = _grouped(prep)
     n = prep.num_reference
     group = _half_group_size(n, k)
-    if group < 2 or not prep.exclude_self or prep.num_query != n or prep.query16 is not prep.reference16:
+    if grouped is None or group < 2 or not prep.exclude_self or prep.num_query != n:
+        return None
+    if grouped.query is not grouped.reference:
         return None
     tile = min(_TILE, n)
     bounds = [*list(range(0, n, tile)), n]
@@ -531,10 +568,10 @@ def _self_candidates_half(
     offsets = [0]
     for w in widths:
         offsets.append(offsets[-1] + w)
-    if n * n * 2 + n * offsets[-1] * 2 > budget:
+    x = grouped.query
+    if (n * n + n * offsets[-1]) * x.element_size() > budget:
         return None
     device = prep.query.device
-    x = prep.query16
     gmax = torch.empty(n, offsets[-1], dtype=x.dtype, device=device)
     tiles: dict[tuple[int, int], torch.Tensor] = {}
     for i, (a0, a1) in enumerate(panels):
@@ -558,12 +595,12 @@ def _self_candidates_half(
                 out[:, ngroups[i] :] = t[full_i:].T
             tiles[(i, j)] = t
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = _half_low(prep, slice(0, n), theta)
+    low = _group_low(grouped, slice(0, n), theta)
     hits = gmax >= low[:, None]
     del gmax
     if int(hits.sum()) * group * 40 > budget:
         return None
-    rows_out, cols_out = [], []
+    rows_out, cols_out, vals_out = [], [], []
     for (i, j), t in tiles.items():
         for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
             q0, q1 = panels[qp]
@@ -580,11 +617,14 @@ def _self_candidates_half(
             sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
             rows_out += [q[p] + q0, sq + q0]
             cols_out += [g[p] + r * ng + c0, sg + full + c0]
+            if not grouped.rescore:
+                vals_out += [vals[p, r], t[sq, sg + full] if qp == i else t[sg + full, sq]]
     del tiles, hits
     rows = torch.cat(rows_out)
     cols = torch.cat(cols_out)
     order = torch.argsort(rows * n + cols)  # CSR layout: by query, then by reference index
-    return _rescore(prep, 0, n, rows[order], cols[order], budget)
+    values = torch.cat(vals_out)[order] if vals_out else None
+    return _rescore(prep, 0, n, rows[order], cols[order], budget, values)
 
 
 def _topk_block(
@@ -604,7 +644,7 @@ def _topk_block(
     sequence* is exact: items that share the relevance to the query (same label or not) may swap places when
     their scores are too close to order without re-scoring, which changes no label-based metric.
     """
-    if found is None and prep.query16 is not None:
+    if found is None and not prep.distance:
         found = _candidates_half(prep, start, stop, k, budget)
     if found is not None:
         vals, cols, count = found
@@ -762,7 +802,7 @@ def _knn_prepared(
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     per_row = prep.num_reference * 16 + k * 64
     step = _block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference, target=_target_block(prep))
-    pre = _self_candidates_half(prep, k, budget) if prep.query16 is not None and chunk_size is None else None
+    pre = _self_candidates_half(prep, k, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])

@@ -242,7 +242,7 @@ def _per_query_topk(
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     kmax = min(available, max([int(n_class.max()), *ks]))
     step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=_target_block(prep))
-    pre = _self_candidates_half(prep, kmax, budget) if prep.query16 is not None and chunk_size is None else None
+    pre = _self_candidates_half(prep, kmax, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]

@@ -40,9 +40,10 @@ class Spy:
         return out
 
 
-@pytest.fixture
-def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
-    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+@pytest.fixture(params=["bf16", "fp32"])
+def spies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
+    """Spy on both candidate passes, with bf16 bulk scores (rescored) or float32 ones (used as they are)."""
+    monkeypatch.setattr(KNN, "_BF16_CPU", request.param == "bf16")
     rows, self_pass = Spy(KNN._candidates_half), Spy(KNN._self_candidates_half)
     monkeypatch.setattr(KNN, "_candidates_half", rows)
     monkeypatch.setattr(KNN, "_self_candidates_half", self_pass)
@@ -161,7 +162,7 @@ def test_threshold_keeps_every_exact_top_k_item(monkeypatch: pytest.MonkeyPatch)
     exact.fill_diagonal_(-math.inf)
     for k in (1, 10, 30):
         theta = torch.topk(bulk, k, dim=1).values[:, -1]
-        low = KNN._half_low(prep, slice(0, 500), theta).double()
+        low = KNN._group_low(KNN._grouped(prep), slice(0, 500), theta).double()
         top = torch.topk(exact, k, dim=1).indices
         assert bool((bulk.gather(1, top) >= low[:, None]).all())
         assert bool((theta - low <= 4.1 * prep.eps16 + 3 * 2.0**-8 * theta.abs()).all())
