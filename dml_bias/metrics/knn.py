@@ -7,16 +7,16 @@ precision reductions) the user has switched on.
 
 How it is computed (see :doc:`the metrics page </api/metrics>` for the error bounds):
 
-1. A bulk pass computes approximate scores per block of queries. For cosine and dot scores it is one 16-bit
-   GEMM (bf16 on CPUs with native bf16 dot products, float16 on CUDA; float32 accumulation), whose scores
-   carry a proven error bound; the ``k``-th largest of the *group maxima* of each row (a group is a strided
-   set of up to 16 reference items) gives a threshold below which no item of the exact top-``k`` can lie.
-   When the query set is the reference set and ``N^2`` 16-bit scores fit the memory budget, only the tiles
-   on and above the diagonal are computed (the scores are symmetric). Otherwise, and for the Euclidean
-   metrics, the bulk pass is one float32 GEMM (TF32 and the CPU's bf16 "medium" precision are switched off
-   during the call and the user's settings restored afterwards), and the candidates are the items within
-   :math:`2\varepsilon` of the approximate ``k``-th best.
-2. The candidates (which always hold the exact top-``k``) get float32 scores with their own bound.
+1. A bulk pass computes approximate scores per block of queries, with a proven error bound. For cosine and
+   dot scores it is one 16-bit GEMM (bf16 on CPUs with native bf16 dot products, float16 on CUDA; float32
+   accumulation) or, elsewhere, one float32 GEMM; the ``k``-th largest of the *group maxima* of each row (a
+   group is a strided set of up to 16 reference items) gives a threshold below which no item of the exact
+   top-``k`` can lie. When the query set is the reference set and ``N^2`` bulk scores fit the memory budget,
+   only the tiles on and above the diagonal are computed (the scores are symmetric). For the Euclidean
+   metrics (and ``k`` above a sixteenth of the reference) the bulk pass is one float32 GEMM per block and the
+   candidates are the items within :math:`2\varepsilon` of the approximate ``k``-th best. TF32 and the CPU's
+   bf16 "medium" precision are switched off during the call and the user's settings restored afterwards.
+2. The candidates (which always hold the exact top-``k``) get float32 scores with their float32 bound.
 3. Candidates whose float32 scores lie too close to another candidate's to be ordered safely are re-scored
    exactly in float64, and the candidates are sorted by (score, reference index).
 
@@ -330,13 +330,13 @@ def _bulk_keys(prep: _Prepared, start: int, stop: int) -> torch.Tensor:
 _TARGET_BLOCK = 2**23
 
 
-#: The same for the 16-bit candidate pass, whose GEMM wants wider blocks (its selection runs on group maxima).
-_TARGET_BLOCK_HALF = 2**25
+#: The same for the group-maximum passes, whose GEMM wants wider blocks (the selection runs on group maxima).
+_TARGET_BLOCK_GROUPED = 2**25
 
 
 def _target_block(prep: _Prepared) -> int:
     """Preferred number of bulk scores per block for this search."""
-    return _TARGET_BLOCK if prep.distance else _TARGET_BLOCK_HALF
+    return _TARGET_BLOCK if prep.distance else _TARGET_BLOCK_GROUPED
 
 
 def _block_rows(
@@ -394,8 +394,8 @@ def _round_down32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.to(torch.float64) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
 
 
-def _half_group_size(num_reference: int, k: int) -> int:
-    """Items per group maximum in the 16-bit candidate pass (``< 2``: the pass does not pay for this ``k``)."""
+def _group_size(num_reference: int, k: int) -> int:
+    """Items per group maximum in the group-maximum pass (``< 2``: the pass does not pay for this ``k``)."""
     return max(1, min(_GROUP, num_reference // (8 * k)))
 
 
@@ -427,7 +427,7 @@ def _grouped(prep: _Prepared) -> _Grouped | None:
 
 
 def _group_low(grouped: _Grouped, rows: slice, theta: torch.Tensor) -> torch.Tensor:
-    r"""Float32 candidate thresholds from :math:`\theta` (see :func:`_candidates_half`)."""
+    r"""Float32 candidate thresholds from :math:`\theta` (see :func:`_candidates_grouped`)."""
     theta = theta.to(torch.float64)
     e = grouped.eps[rows]
     u, tiny = grouped.unit, grouped.tiny
@@ -484,19 +484,21 @@ def _rescore(
     return scores, padded.gather(1, order), count
 
 
-def _candidates_half(
+def _candidates_grouped(
     prep: _Prepared, start: int, stop: int, k: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    r"""Candidates holding the exact top-``k`` of queries ``start:stop``, from one 16-bit GEMM, float32 scores.
+    r"""Candidates holding the exact top-``k`` of queries ``start:stop`` from one bulk GEMM, with float32 scores.
 
     Returns ``(scores, cols, count)``: ``(R, W)`` float32 scores of the candidates (float32 accuracy, the bound
     ``prep.eps``) sorted best first, their reference indices (``-1`` = padding), and the number per row; or
-    ``None`` when this pass does not pay (``k`` above a sixteenth of the reference) or its candidates would not
-    fit the budget, and the caller uses the float32 pass.
+    ``None`` for the Euclidean metrics, when group maxima do not pay (``k`` above a sixteenth of the reference)
+    or when the candidates would not fit the budget; the caller then uses the float32 top-k pass.
 
     The bound: every bulk score :math:`\hat s = \mathrm{fl}_{16}(z)` with :math:`|z - s| \le e` (``prep.eps16``:
     inputs rounded to bf16 on the CPU or float16 on CUDA, float32 accumulation) and :math:`|\hat s - z| \le
-    u|z|` (``prep.half_u``: :math:`2^{-8}` for bf16, :math:`2^{-11}` for float16).
+    u|z|` (``prep.half_u``: :math:`2^{-8}` for bf16, :math:`2^{-11}` for float16). With float32 bulk scores
+    (no fast 16-bit products) :math:`u = 0`, :math:`e` is the float32 bound ``prep.eps``, and the candidates'
+    bulk scores are returned as they are (no re-scoring).
     Let :math:`\theta` be the ``k``-th largest maximum of groups of reference items: ``k`` distinct items have
     :math:`\hat s \ge \theta`, so the ``k``-th best exact score is at least :math:`f = \theta - u'|\theta| - e`
     (:math:`u' = u / (1 - u)`; :math:`v - u'|v|` is increasing). An item of the exact top-``k`` has
@@ -507,7 +509,7 @@ def _candidates_half(
     """
     grouped = _grouped(prep)
     m = prep.num_reference
-    group = _half_group_size(m, k)
+    group = _group_size(m, k)
     if grouped is None or group < 2:
         return None
     nrow = stop - start
@@ -538,23 +540,23 @@ def _candidates_half(
     return _rescore(prep, start, nrow, rows[order], cols[order], budget, values)
 
 
-#: Rows (and columns) of one tile of the symmetric 16-bit pass.
+#: Rows (and columns) of one tile of the symmetric pass.
 _TILE = 2048
 
 
-def _self_candidates_half(
+def _self_candidates_grouped(
     prep: _Prepared, k: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """:func:`_candidates_half` for all queries at once when the query set is the reference set (self excluded).
+    """:func:`_candidates_grouped` for all queries at once when the query set is the reference set (self excluded).
 
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
     work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
-    kept until the thresholds are known, so this runs only when ``N^2`` 16-bit scores fit the budget (``None``
+    kept until the thresholds are known, so this runs only when ``N^2`` bulk scores fit the budget (``None``
     otherwise). Groups are strided within each panel of columns; the bound is the same.
     """
     grouped = _grouped(prep)
     n = prep.num_reference
-    group = _half_group_size(n, k)
+    group = _group_size(n, k)
     if grouped is None or group < 2 or not prep.exclude_self or prep.num_query != n:
         return None
     if grouped.query is not grouped.reference:
@@ -645,7 +647,7 @@ def _topk_block(
     their scores are too close to order without re-scoring, which changes no label-based metric.
     """
     if found is None and not prep.distance:
-        found = _candidates_half(prep, start, stop, k, budget)
+        found = _candidates_grouped(prep, start, stop, k, budget)
     if found is not None:
         vals, cols, count = found
     else:
@@ -802,7 +804,7 @@ def _knn_prepared(
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     per_row = prep.num_reference * 16 + k * 64
     step = _block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference, target=_target_block(prep))
-    pre = _self_candidates_half(prep, k, budget) if chunk_size is None else None
+    pre = _self_candidates_grouped(prep, k, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])

@@ -35,7 +35,7 @@ from dml_bias.metrics.knn import (
     _gamma,
     _prepare,
     _Prepared,
-    _self_candidates_half,
+    _self_candidates_grouped,
     _target_block,
     _topk_block,
     _validate_chunk_size,
@@ -242,7 +242,7 @@ def _per_query_topk(
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     kmax = min(available, max([int(n_class.max()), *ks]))
     step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=_target_block(prep))
-    pre = _self_candidates_half(prep, kmax, budget) if chunk_size is None else None
+    pre = _self_candidates_grouped(prep, kmax, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]

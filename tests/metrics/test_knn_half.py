@@ -44,11 +44,11 @@ class Spy:
 def spies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
     """Spy on both candidate passes, with bf16 bulk scores (rescored) or float32 ones (used as they are)."""
     monkeypatch.setattr(KNN, "_BF16_CPU", request.param == "bf16")
-    rows, self_pass = Spy(KNN._candidates_half), Spy(KNN._self_candidates_half)
-    monkeypatch.setattr(KNN, "_candidates_half", rows)
-    monkeypatch.setattr(KNN, "_self_candidates_half", self_pass)
+    rows, self_pass = Spy(KNN._candidates_grouped), Spy(KNN._self_candidates_grouped)
+    monkeypatch.setattr(KNN, "_candidates_grouped", rows)
+    monkeypatch.setattr(KNN, "_self_candidates_grouped", self_pass)
     retrieval = sys.modules["dml_bias.metrics.retrieval"]
-    monkeypatch.setattr(retrieval, "_self_candidates_half", self_pass)
+    monkeypatch.setattr(retrieval, "_self_candidates_grouped", self_pass)
     return {"rows": rows, "self": self_pass}
 
 
@@ -115,14 +115,14 @@ def test_self_pass_property(n: int, dim: int, k: int, tile: int, seed: int, ints
     x = torch.randint(-2, 3, (n, dim), generator=g).float() if ints else torch.randn(n, dim, generator=g)
     x[0] = x[1]
     old = (KNN._BF16_CPU, KNN._TILE)
-    spy = Spy(KNN._self_candidates_half)
-    fn = KNN._self_candidates_half
-    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_half = True, tile, spy
+    spy = Spy(KNN._self_candidates_grouped)
+    fn = KNN._self_candidates_grouped
+    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_grouped = True, tile, spy
     try:
         scores, indices = knn(x, k=k, metric="dot")
     finally:
         KNN._BF16_CPU, KNN._TILE = old
-        KNN._self_candidates_half = fn
+        KNN._self_candidates_grouped = fn
     assert spy.used == 1
     ref_s, ref_i = ref_knn(x, None, k, metric="dot", normalize=False)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
@@ -172,9 +172,9 @@ def test_budget_too_small_falls_back_exactly(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(KNN, "_BF16_CPU", True)
     x, _ = clustered(300, 12, 4, seed=8)
     prep = KNN._prepare(x, None, "cosine", None, None)
-    assert KNN._self_candidates_half(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
-    assert KNN._self_candidates_half(prep, 3, budget=2**30) is not None
-    assert KNN._self_candidates_half(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
+    assert KNN._self_candidates_grouped(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
+    assert KNN._self_candidates_grouped(prep, 3, budget=2**30) is not None
+    assert KNN._self_candidates_grouped(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
     small = KNN._knn_prepared(prep, 3, "cosine", None, 300 * 300)
     _ref_s, ref_i = ref_knn(x, None, 3)
     np.testing.assert_array_equal(small[1].numpy(), ref_i)
@@ -200,8 +200,8 @@ def test_float16_pass_matches_float64_loop(monkeypatch: pytest.MonkeyPatch, metr
     # The CUDA pass (float16 inputs and output, u = 2^-11), run on the CPU through the test hook.
     monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
     monkeypatch.setattr(KNN, "_TILE", 64)
-    spy = Spy(KNN._self_candidates_half)
-    monkeypatch.setattr(KNN, "_self_candidates_half", spy)
+    spy = Spy(KNN._self_candidates_grouped)
+    monkeypatch.setattr(KNN, "_self_candidates_grouped", spy)
     x, _ = clustered(300, 24, 6, seed=11)
     x = with_duplicates(x, seed=3)
     prep = KNN._prepare(x, None, metric, None, None)
