@@ -201,7 +201,7 @@ def _prepare(
         out_dtype=out_dtype,
         query16=q16,
         reference16=r16,
-        half_u=_HALF_UNIT.get(half, 0.0) if half is not None else 0.0,
+        half_u=_HALF_UNIT[half] if half is not None else 0.0,
         eps16=eps16,
     )
 
