@@ -298,18 +298,23 @@ def _key_to_score(prep: _Prepared, keys: torch.Tensor, metric: str) -> torch.Ten
     return sq if metric == "squared_euclidean" else sq.sqrt()
 
 
+def _scratch(prep: _Prepared, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``shape`` buffer of ``dtype``, reused across the blocks of one call under ``name``."""
+    size = math.prod(shape)
+    key = f"{name}_{dtype}"
+    buf = prep.scratch.get(key)
+    if buf is None or buf.numel() < size:
+        buf = prep.scratch[key] = torch.empty(size, dtype=dtype, device=prep.query.device)
+    return buf[:size].view(shape)
+
+
 def _block_product(prep: _Prepared, query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``query @ reference.T`` in IEEE precision, into a buffer reused across the blocks of one call.
 
     Large fresh tensors are page-faulted in on every first touch (about a third of the bf16 GEMM's time at
     N = 100,000 on the CPU); the caller must be done with the previous block's product.
     """
-    nrow, m = int(query.shape[0]), int(reference.shape[0])
-    key = f"product_{query.dtype}"
-    buf = prep.scratch.get(key)
-    if buf is None or buf.numel() < nrow * m:
-        buf = prep.scratch[key] = torch.empty(nrow * m, dtype=query.dtype, device=query.device)
-    out = buf[: nrow * m].view(nrow, m)
+    out = _scratch(prep, "product", (int(query.shape[0]), int(reference.shape[0])), query.dtype)
     with _ieee_fp32_matmul():  # no TF32, no bf16 "medium" precision, no reduced-precision reductions
         torch.mm(query, reference.T, out=out)
     return out

@@ -35,6 +35,7 @@ from dml_bias.metrics.knn import (
     _gamma,
     _prepare,
     _Prepared,
+    _scratch,
     _self_candidates_grouped,
     _target_block,
     _topk_block,
@@ -173,11 +174,17 @@ def _per_query(
         # item more than 2 eps away from a relevant key is on the right side of it for sure.
         b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
         e = 2 * eps[start:stop][:, None]
-        cnt = torch.searchsorted(b, a - e)  # number of relevant keys certainly below the item
+        # Block-sized temporaries go to buffers reused across blocks (fresh ones are page-faulted in each time).
+        shifted = _scratch(prep, "shifted", a.shape, a.dtype)
+        cnt = _scratch(prep, "count", a.shape, torch.long)
+        torch.searchsorted(b, torch.sub(a, e, out=shifted), out=cnt)  # relevant keys certainly below the item
         b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
-        band = (torch.gather(b_ext, 1, cnt) <= a + e) & (a > -torch.inf)
+        nearest = torch.gather(b_ext, 1, cnt, out=shifted)  # the next relevant key above (or +inf)
+        band = _scratch(prep, "band", a.shape, torch.bool)
+        torch.le(nearest, a.add_(e), out=band)
+        band &= a > -torch.inf
         br, bc = band.nonzero(as_tuple=True)
-        del band, a
+        del band, a, nearest, shifted
         if br.numel() > 0:
             # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
             bkeys = _exact_keys(prep, br + start, bc, budget)
@@ -192,7 +199,7 @@ def _per_query(
                 rk, rc = exact_rel[t_], relcols[r_]
                 above = (rk < k_[:, None]) | ((rk == k_[:, None]) & (c_[:, None] < rc))
                 cnt[r_, c_] = (above & valid[r_]).sum(1)
-        hist = torch.bincount((rows_b[:, None] * (rm + 1) + cnt).view(-1), minlength=nb * (rm + 1))
+        hist = torch.bincount(cnt.add_(rows_b[:, None] * (rm + 1)).view(-1), minlength=nb * (rm + 1))
         del cnt
         hist = hist.view(nb, rm + 1)
         above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
