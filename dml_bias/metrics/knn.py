@@ -532,7 +532,7 @@ def _candidates_grouped(
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     low = _group_low(grouped, slice(start, stop), theta)
     hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
-    if hit_q.numel() * group * 40 > budget:
+    if hit_q.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
         return None
     tail = hit_g >= ngroup
     hq, hg = hit_q[~tail], hit_g[~tail]
@@ -605,7 +605,7 @@ def _self_candidates_grouped(
     low = _group_low(grouped, slice(0, n), theta)
     hits = gmax >= low[:, None]
     del gmax
-    if int(hits.sum()) * group * 40 > budget:
+    if int(hits.sum()) * group * 128 > budget:
         return None
     rows_out, cols_out, vals_out = [], [], []
     for (i, j), t in tiles.items():
