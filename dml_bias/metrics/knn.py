@@ -605,7 +605,7 @@ def _self_candidates_grouped(
     low = _group_low(grouped, slice(0, n), theta)
     hits = gmax >= low[:, None]
     del gmax
-    if int(hits.sum()) * group * 128 > budget:
+    if int(hits.sum()) * group * 40 > budget:  # the members are expanded tile by tile
         return None
     rows_out, cols_out, vals_out = [], [], []
     for (i, j), t in tiles.items():
