@@ -241,6 +241,13 @@ def _half_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _rows_of(
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rows ``start:stop`` of candidates computed for all queries at once (``None`` stays ``None``)."""
+    return None if found is None else (found[0][start:stop], found[1][start:stop], found[2][start:stop])
+
+
 def _sampled_dot(query: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``(query[rows[i]] * reference[cols[i]]).sum()`` for every pair (``rows`` sorted), by a sampled product."""
     nrow = int(query.shape[0])
@@ -470,13 +477,8 @@ def _rescore(
     if values is not None:
         scores[rows, slot] = values.to(torch.float32)
     elif device.type == "cpu":
-        with _ieee_fp32_matmul(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            zeros = torch.zeros(cols.shape[0], dtype=torch.float32, device=device)
-            size = (nrow, prep.num_reference)
-            pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
-            vals = torch.sparse.sampled_addmm(pattern, query, prep.reference32.T, beta=0.0).values()
-        scores[rows, slot] = vals
+        with _ieee_fp32_matmul():
+            scores[rows, slot] = _sampled_dot(query, prep.reference32, rows, cols)
     else:
         dim = max(1, int(query.shape[1]))
         step = max(1, min(nrow, budget // max(1, 4 * width * dim)))
@@ -812,8 +814,7 @@ def _knn_prepared(
     pre = _self_candidates_grouped(prep, k, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])
-        keys, cols = _topk_block(prep, start, stop, k, budget, found=found)
+        keys, cols = _topk_block(prep, start, stop, k, budget, found=_rows_of(pre, start, stop))
         scores[start:stop] = _key_to_score(prep, keys, metric).to(prep.out_dtype)
         indices[start:stop] = cols
     return scores, indices

@@ -35,6 +35,7 @@ from dml_bias.metrics.knn import (
     _gamma,
     _prepare,
     _Prepared,
+    _rows_of,
     _scratch,
     _self_candidates_grouped,
     _target_block,
@@ -254,7 +255,7 @@ def _per_query_topk(
         stop = min(nq, start + step)
         nr = n_class[start:stop]
         kb = min(available, max([int(nr.max()), *ks]))
-        found = None if pre is None else (pre[0][start:stop], pre[1][start:stop], pre[2][start:stop])
+        found = _rows_of(pre, start, stop)
         labels = (qlab[start:stop], rlab)
         _, cols = _topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)
         rel = rlab[cols] == qlab[start:stop, None]
