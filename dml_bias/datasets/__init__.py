@@ -14,9 +14,22 @@ tv_tensors.Image, "mask": tv_tensors.Mask (where there is one), "label": int, "i
 from __future__ import annotations
 
 from dml_bias.datasets.samplers import MPerClassSampler
-from dml_bias.datasets.synthetic import BACKGROUND_FAMILIES, OBJECT_ATTRIBUTES, VARIANTS, SyntheticBackgrounds
+from dml_bias.datasets.synthetic import (
+    ATTRIBUTE_NAMES,
+    BACKGROUND_FAMILIES,
+    OBJECT_ATTRIBUTES,
+    VARIANTS,
+    SyntheticBackgrounds,
+)
 
-__all__ = ["BACKGROUND_FAMILIES", "OBJECT_ATTRIBUTES", "VARIANTS", "MPerClassSampler", "SyntheticBackgrounds"]
+__all__ = [
+    "ATTRIBUTE_NAMES",
+    "BACKGROUND_FAMILIES",
+    "OBJECT_ATTRIBUTES",
+    "VARIANTS",
+    "MPerClassSampler",
+    "SyntheticBackgrounds",
+]
 
 # The real-data loaders live in their own modules; _real_exports re-exports them (if present).
 try:

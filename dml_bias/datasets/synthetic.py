@@ -22,7 +22,7 @@ import torch
 
 from dml_bias._checks import check_choice, check_number
 
-__all__ = ["BACKGROUND_FAMILIES", "OBJECT_ATTRIBUTES", "VARIANTS", "SyntheticBackgrounds"]
+__all__ = ["ATTRIBUTE_NAMES", "BACKGROUND_FAMILIES", "OBJECT_ATTRIBUTES", "VARIANTS", "SyntheticBackgrounds"]
 
 #: The sample variants, with the names of ImageNet-9 (Xiao et al., 2021).
 VARIANTS: tuple[str, ...] = ("original", "only_fg", "only_bg_t", "no_fg", "mixed_same", "mixed_rand", "mixed_next")
@@ -38,6 +38,12 @@ OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "mark": ("front", "back", "top"),
     "secondary": ("dark", "light", "contrast"),
 }
+
+#: The names of the binary class attributes of :attr:`SyntheticBackgrounds.class_attributes`, ``"attribute=value"``
+#: for every value of :data:`OBJECT_ATTRIBUTES` in order (20 columns).
+ATTRIBUTE_NAMES: tuple[str, ...] = tuple(
+    f"{name}={value}" for name, values in OBJECT_ATTRIBUTES.items() for value in values
+)
 
 _BODY_HUES = np.array([0.0, 0.075, 0.15, 0.33, 0.6, 0.78])
 _MARK_POSITIONS = np.array([[0.55, 0.0], [-0.55, 0.0], [0.0, 0.5]])
@@ -306,6 +312,10 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         home_backgrounds: ``(num_classes,)`` long tensor, the home background id of every class.
         donor_indices: ``(N,)`` long tensor, the donor of the background (``-1``: none).
         class_names: ``list[str]``, e.g. ``"ellipse/red/stripes/front/dark"``.
+        class_attributes: ``(num_classes, 20)`` uint8 tensor, the binary attribute vector of every class: one
+            column per value of :data:`OBJECT_ATTRIBUTES` (named by :data:`ATTRIBUTE_NAMES`), 1 where the class
+            has that value, so each row has exactly five ones. Attribute supervision by construction (e.g. for
+            :class:`dml_bias.heads.PANLoss`); every attribute is certain.
 
     Example:
         >>> ds = SyntheticBackgrounds("train", num_classes=4, images_per_class=3, image_size=32)
@@ -394,6 +404,10 @@ class SyntheticBackgrounds(torch.utils.data.Dataset):
         split_code = _SPLIT_CODE[self.split]
         classes = _class_table(self.seed, self.split, c)
         self._class_attrs = classes["attrs"]
+        offsets = np.cumsum([0, *(len(v) for v in OBJECT_ATTRIBUTES.values())])[:-1]
+        one_hot = np.zeros((c, len(ATTRIBUTE_NAMES)), dtype=np.uint8)
+        one_hot[np.arange(c)[:, None], classes["attrs"] + offsets] = 1
+        self.class_attributes = torch.from_numpy(one_hot)
         self.class_names = [
             "/".join(values[i] for values, i in zip(OBJECT_ATTRIBUTES.values(), row, strict=True))
             for row in classes["attrs"]

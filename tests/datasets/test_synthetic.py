@@ -59,6 +59,20 @@ def test_sample_structure(ds: SyntheticBackgrounds) -> None:
     assert len(set(ds.class_names)) == 6
 
 
+def test_class_attributes_match_class_names(ds: SyntheticBackgrounds) -> None:
+    from dml_bias.datasets import ATTRIBUTE_NAMES, OBJECT_ATTRIBUTES
+
+    assert len(ATTRIBUTE_NAMES) == sum(len(v) for v in OBJECT_ATTRIBUTES.values()) == 20
+    assert ATTRIBUTE_NAMES[0] == "shape=ellipse"
+    assert ATTRIBUTE_NAMES[-1] == "secondary=contrast"
+    attrs = ds.class_attributes
+    assert attrs.shape == (ds.num_classes, 20)
+    assert attrs.dtype == torch.uint8
+    for row, name in zip(attrs.tolist(), ds.class_names, strict=True):
+        on = [ATTRIBUTE_NAMES[i] for i, v in enumerate(row) if v]
+        assert on == [f"{key}={value}" for key, value in zip(OBJECT_ATTRIBUTES, name.split("/"), strict=True)]
+
+
 def test_deterministic_from_seed() -> None:
     a = SyntheticBackgrounds("test", **SMALL, seed=1).render_all()
     b = SyntheticBackgrounds("test", **SMALL, seed=1).render_all()
