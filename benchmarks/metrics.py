@@ -139,9 +139,9 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
     elif name == "ours_metrics_fp32":
         import sys
 
-        knn_module = sys.modules["dml_bias.metrics.knn"]
-        knn_module._BF16_CPU = False  # the float32 bulk pass instead of the 16-bit candidate pass
-        knn_module._FP16_CUDA = False
+        engine = sys.modules["dml_bias.metrics._exact"]
+        engine.BF16_CPU = False  # the float32 bulk pass instead of the 16-bit candidate pass
+        engine.FP16_CUDA = False
         res = {}
         seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}

@@ -70,6 +70,7 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias._compat import reduced_precision_fp32_matmul
 
 __all__ = ["rerank", "spatial_verification"]
 
@@ -93,10 +94,7 @@ def _matmul_unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     """Unit roundoff of a GEMM in ``dtype`` on ``device`` under the current matmul precision settings."""
     if dtype == torch.float64:
         return 2.0**-53
-    # The per-backend settings (the legacy flags and set_float32_matmul_precision update them, and unlike
-    # torch.get_float32_matmul_precision they can always be read).
-    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
-    reduced = getattr(backend, "fp32_precision", "none") in ("tf32", "bf16")
+    reduced = reduced_precision_fp32_matmul(device)
     return 2.0**-8 if reduced else 2.0**-24  # TF32 / bf16 inner products: assume bf16's 8-bit significand
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dml_bias._checks import check_choice, check_embeddings, check_finite, check_number, check_query_reference, describe
+from dml_bias.metrics._exact import exact_knn
 from dml_bias.similarity import METRICS, normalize
 
 __all__ = ["FAISS_GPU_MAX_K", "faiss_knn"]
@@ -106,10 +107,14 @@ def faiss_knn(
     device = query.device
     if device.type == "cuda" and not _faiss_gpu_usable(faiss, device, k + int(exclude_self)):
         # faiss' GPU selection stops at k = 2048 (or faiss has no GPU support): the torch path has no cap.
-        from dml_bias.metrics.knn import knn
-
-        return knn(
-            query, reference, k, metric=metric, exclude_self=exclude_self, normalize_embeddings=normalize_embeddings
+        return exact_knn(
+            query,
+            reference,
+            k,
+            metric=metric,
+            exclude_self=exclude_self,
+            chunk_size=None,
+            normalize_embeddings=normalize_embeddings,
         )
 
     q = query.detach().to(torch.float32)

@@ -16,7 +16,7 @@ from dml_bias._checks import (
     check_same_device,
     describe,
 )
-from dml_bias.metrics.sharded import _all_gather_objects, _all_gather_rows, _world_size
+from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, world_size
 from dml_bias.similarity import METRICS
 
 __all__ = ["RetrievalEvaluator"]
@@ -197,7 +197,7 @@ class RetrievalEvaluator:
         """
         part = self._parts[reference]
         local = part.local(self.device)
-        if _world_size(self.group) > 1:
+        if world_size(self.group) > 1:
             local = _gather(part, *local, group=self.group)
         embeddings, labels, indices = local
         if indices is not None:
@@ -267,7 +267,7 @@ def _gather(
         str(embeddings.dtype) if held else "",
         None if not held else indices is not None,
     )
-    metas = _all_gather_objects(meta, group)
+    metas = all_gather_objects(meta, group)
     holders = [m for m in metas if m[0] > 0]
     if not holders:
         return embeddings, labels, indices
@@ -285,12 +285,12 @@ def _gather(
     if not held:
         embeddings = embeddings.new_zeros((0, dim), dtype=dtype)
     sizes = [m[0] for m in metas]
-    all_embeddings = torch.cat(_all_gather_rows(embeddings, sizes, group))
-    all_labels = torch.cat(_all_gather_rows(labels, sizes, group))
+    all_embeddings = torch.cat(all_gather_rows(embeddings, sizes, group))
+    all_labels = torch.cat(all_gather_rows(labels, sizes, group))
     all_indices = None
     if modes.pop():
         local_indices = indices if indices is not None else labels.new_zeros(0)
-        all_indices = torch.cat(_all_gather_rows(local_indices, sizes, group))
+        all_indices = torch.cat(all_gather_rows(local_indices, sizes, group))
     return all_embeddings, all_labels, all_indices
 
 

@@ -20,27 +20,27 @@ and bounds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dml_bias._checks import check_labels, check_number, check_same_device, describe
-from dml_bias.metrics.knn import (
+from dml_bias.metrics._exact import (
     MEMORY_BUDGET,
-    _block_product,
-    _block_rows,
-    _exact_keys,
-    _gamma,
-    _prepare,
-    _Prepared,
-    _rows_of,
-    _scratch,
-    _self_candidates_grouped,
-    _target_block,
-    _topk_block,
-    _validate_chunk_size,
+    Prepared,
+    block_product,
+    block_rows,
+    exact_keys,
+    gamma,
+    prepare,
+    rows_of,
+    scratch,
+    self_candidates_grouped,
+    target_block,
+    topk_block,
+    validate_chunk_size,
 )
 
 __all__ = ["map_at_r", "mean_average_precision", "r_precision", "recall_at_k", "retrieval_metrics"]
@@ -84,13 +84,13 @@ def _setup(
     exclude_self: bool | None,
     normalize_embeddings: bool | None,
     chunk_size: int | None,
-) -> tuple[_Prepared, torch.Tensor, torch.Tensor]:
-    _validate_chunk_size(chunk_size)
+) -> tuple[Prepared, torch.Tensor, torch.Tensor]:
+    validate_chunk_size(chunk_size)
     if reference is None and reference_labels is not None:
         raise ValueError("reference_labels must be None when reference is None (the query set is the reference)")
     if reference is not None and reference_labels is None:
         raise ValueError(f"reference_labels must be given with reference (of {describe(reference)}), got None")
-    prep = _prepare(query, reference, metric, exclude_self, normalize_embeddings)
+    prep = prepare(query, reference, metric, exclude_self, normalize_embeddings)
     check_labels(query_labels, "query_labels", length=prep.num_query, length_source="query.shape[0]")
     check_same_device(query=query, query_labels=query_labels)
     if reference_labels is None:
@@ -109,7 +109,7 @@ def _row_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_query(
-    prep: _Prepared,
+    prep: Prepared,
     qlab: torch.Tensor,
     rlab: torch.Tensor,
     ks: tuple[int, ...],
@@ -134,7 +134,7 @@ def _per_query(
     # Float64 GEMM error bound plus the exact-key error (see the module notes of knn.py).
     qn = prep.query_norm
     rmax = float(prep.reference.norm(dim=1).max())
-    g = _gamma(dim + 2, _U64)
+    g = gamma(dim + 2, _U64)
     eps = 8 * g * (qn + rmax) ** 2 if prep.distance else 4 * g * qn * rmax
     ref_sq = (prep.reference**2).sum(1) if prep.distance else None
 
@@ -145,7 +145,7 @@ def _per_query(
     kt = torch.tensor(ks, dtype=torch.float64, device=device)
 
     max_rel = int(n_class.max()) if nq > 0 else 0
-    step = _block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
+    step = block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nb = stop - start
@@ -154,7 +154,7 @@ def _per_query(
         if rm == 0:
             continue
         # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
-        a = _block_product(prep, prep.query[start:stop], prep.reference)
+        a = block_product(prep, prep.query[start:stop], prep.reference)
         if ref_sq is not None:
             a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
         if prep.exclude_self:
@@ -176,23 +176,23 @@ def _per_query(
         b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
         e = 2 * eps[start:stop][:, None]
         # Block-sized temporaries go to buffers reused across blocks (fresh ones are page-faulted in each time).
-        shifted = _scratch(prep, "shifted", a.shape, a.dtype)
-        cnt = _scratch(prep, "count", a.shape, torch.long)
+        shifted = scratch(prep, "shifted", a.shape, a.dtype)
+        cnt = scratch(prep, "count", a.shape, torch.long)
         torch.searchsorted(b, torch.sub(a, e, out=shifted), out=cnt)  # relevant keys certainly below the item
         b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
         nearest = torch.gather(b_ext, 1, cnt, out=shifted)  # the next relevant key above (or +inf)
-        band = _scratch(prep, "band", a.shape, torch.bool)
+        band = scratch(prep, "band", a.shape, torch.bool)
         torch.le(nearest, a.add_(e), out=band)
         band &= a > -torch.inf
         br, bc = band.nonzero(as_tuple=True)
         del band, a, nearest, shifted
         if br.numel() > 0:
             # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
-            bkeys = _exact_keys(prep, br + start, bc, budget)
+            bkeys = exact_keys(prep, br + start, bc, budget)
             band_rows = torch.unique(br)
             vr, vc = valid[band_rows].nonzero(as_tuple=True)
             exact_rel = torch.full((band_rows.numel(), rm), torch.inf, dtype=torch.float64, device=device)
-            exact_rel[vr, vc] = _exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
+            exact_rel[vr, vc] = exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
             slot = torch.searchsorted(band_rows, br)
             bstep = max(1, budget // (16 * rm))
             for s in range(0, br.numel(), bstep):
@@ -224,7 +224,7 @@ def _per_query(
 
 
 def _per_query_topk(
-    prep: _Prepared,
+    prep: Prepared,
     qlab: torch.Tensor,
     rlab: torch.Tensor,
     ks: tuple[int, ...],
@@ -249,15 +249,15 @@ def _per_query_topk(
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     kmax = min(available, max([int(n_class.max()), *ks]))
-    step = _block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=_target_block(prep))
-    pre = _self_candidates_grouped(prep, kmax, budget) if chunk_size is None else None
+    step = block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=target_block(prep))
+    pre = self_candidates_grouped(prep, kmax, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]
         kb = min(available, max([int(nr.max()), *ks]))
-        found = _rows_of(pre, start, stop)
+        found = rows_of(pre, start, stop)
         labels = (qlab[start:stop], rlab)
-        _, cols = _topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)
+        _, cols = topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)
         rel = rlab[cols] == qlab[start:stop, None]
         for i, k in enumerate(ks):
             recall[i, start:stop] = rel[:, :k].any(1).to(torch.float64)
@@ -300,6 +300,40 @@ def _run(
             f"query is lone (no other item of its label in the reference; {prep.num_query} queries)"
         )
     return res, ks_t
+
+
+def _single_metric(
+    pick: Callable[[_PerQuery], torch.Tensor],
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None,
+    reference_labels: torch.Tensor | None,
+    *,
+    exclude_self: bool | None,
+    metric: str,
+    normalize_embeddings: bool | None,
+    chunk_size: int | None,
+    ks: tuple[int, ...] = (),
+    full_map: bool = False,
+) -> float:
+    """The body of the single-metric functions: one pass, the mean of the ``pick``-ed per-query values.
+
+    ``full_map=True`` takes the pass that ranks every relevant item (needed for the full mAP); the others use
+    the faster top-``K`` pass, which gives identical values for the metrics it computes.
+    """
+    res, _ = _run(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        ks,
+        exclude_self,
+        metric,
+        normalize_embeddings,
+        chunk_size,
+        full_map=full_map,
+    )
+    return _mean(pick(res), res.evaluated)
 
 
 def retrieval_metrics(
@@ -450,19 +484,18 @@ def recall_at_k(
         >>> recall_at_k(x, y, k=1), recall_at_k(x, y, k=3)
         (0.75, 1.0)
     """
-    res, _ = _run(
+    return _single_metric(
+        lambda res: res.recall[0],
         query,
         query_labels,
         reference,
         reference_labels,
-        (k,),
-        exclude_self,
-        metric,
-        normalize_embeddings,
-        chunk_size,
-        full_map=False,
+        ks=(k,),
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
     )
-    return _mean(res.recall[0], res.evaluated)
 
 
 def map_at_r(
@@ -490,19 +523,17 @@ def map_at_r(
         >>> map_at_r(x, y)
         0.75
     """
-    res, _ = _run(
+    return _single_metric(
+        lambda res: res.map_at_r,
         query,
         query_labels,
         reference,
         reference_labels,
-        (),
-        exclude_self,
-        metric,
-        normalize_embeddings,
-        chunk_size,
-        full_map=False,
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
     )
-    return _mean(res.map_at_r, res.evaluated)
 
 
 def r_precision(
@@ -529,19 +560,17 @@ def r_precision(
         >>> r_precision(x, y)
         0.75
     """
-    res, _ = _run(
+    return _single_metric(
+        lambda res: res.r_precision,
         query,
         query_labels,
         reference,
         reference_labels,
-        (),
-        exclude_self,
-        metric,
-        normalize_embeddings,
-        chunk_size,
-        full_map=False,
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
     )
-    return _mean(res.r_precision, res.evaluated)
 
 
 def mean_average_precision(
@@ -570,7 +599,15 @@ def mean_average_precision(
         >>> round(mean_average_precision(x, y), 4)
         0.8333
     """
-    res, _ = _run(
-        query, query_labels, reference, reference_labels, (), exclude_self, metric, normalize_embeddings, chunk_size
+    return _single_metric(
+        lambda res: res.average_precision,
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
+        full_map=True,
     )
-    return _mean(res.average_precision, res.evaluated)

@@ -18,14 +18,12 @@ cap of faiss' GPU search (:math:`k \le 2048`), nothing limits :math:`k` here.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dml_bias._checks import (
     check_choice,
@@ -39,57 +37,11 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, rank, world_size
+from dml_bias.metrics._exact import MEMORY_BUDGET, exact_keys, knn_prepared, prepare
 from dml_bias.similarity import METRICS
 
 __all__ = ["sharded_knn", "sharded_retrieval_metrics"]
-
-
-def _world_size(group: Any = None) -> int:
-    """The number of ranks of ``group`` (1 when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return int(dist.get_world_size(group))
-
-
-def _rank(group: Any = None) -> int:
-    """This process' rank in ``group`` (0 when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return int(dist.get_rank(group))
-
-
-def _comm_device(group: Any = None) -> torch.device:
-    """The device the collectives of ``group`` need: the current CUDA device for NCCL, else the CPU."""
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    """Gather one small picklable object per rank, in rank order (``[obj]`` without torch.distributed)."""
-    if _world_size(group) == 1:
-        return [obj]
-    out: list[Any] = [None] * _world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def _all_gather_rows(tensor: torch.Tensor, sizes: list[int], group: Any = None) -> list[torch.Tensor]:
-    """Gather a tensor whose first dimension differs between ranks (``sizes[r]`` rows on rank ``r``).
-
-    All ranks pass the same trailing shape and dtype. Rows are padded to the largest size for the collective and
-    trimmed afterwards; the parts come back on ``tensor``'s device, in rank order.
-    """
-    if _world_size(group) == 1:
-        return [tensor]
-    device = _comm_device(group)
-    longest = max(sizes)
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor.to(device)
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return [part[:size].to(tensor.device) for part, size in zip(parts, sizes, strict=True)]
 
 
 def sharded_knn(
@@ -194,7 +146,7 @@ class _Layout:
 def _shard_layout(reference_shard: torch.Tensor, shard_offset: int | None, same: tuple, group: Any) -> _Layout:
     """Gather the shard sizes/offsets (and check that ``same`` agrees on every rank and the shards are disjoint)."""
     meta = (int(reference_shard.shape[0]), shard_offset, same)
-    metas = _all_gather_objects(meta, group)
+    metas = all_gather_objects(meta, group)
     for r, other in enumerate(metas):
         if other[2] != same:
             raise ValueError(
@@ -211,7 +163,7 @@ def _shard_layout(reference_shard: torch.Tensor, shard_offset: int | None, same:
     for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
             raise ValueError(f"the reference shards must not overlap, got the global spans {spans}")
-    return _Layout(sizes=sizes, offsets=offsets, offset=int(offsets[_rank(group)]), total=sum(sizes))
+    return _Layout(sizes=sizes, offsets=offsets, offset=int(offsets[rank(group)]), total=sum(sizes))
 
 
 def _check_k(k: int, total: int, excluding: bool, name: str) -> None:
@@ -250,11 +202,10 @@ def _search_and_merge(
     if local_k > 0:
         # The local search and its float64 sort keys come from the same prepared inputs as knn() uses, so the
         # keys are exactly those that order knn()'s result (larger is closer; |q|^2 - |q - r|^2 for distances).
-        knn_module = importlib.import_module("dml_bias.metrics.knn")  # the module (the package exports the function)
-        prep = knn_module._prepare(query, reference_shard, metric, False, None)
-        local_scores, local_ids = knn_module._knn_prepared(prep, local_k, metric, chunk_size, knn_module.MEMORY_BUDGET)
+        prep = prepare(query, reference_shard, metric, False, None)
+        local_scores, local_ids = knn_prepared(prep, local_k, metric, chunk_size, MEMORY_BUDGET)
         rows = torch.arange(num_queries, device=device)[:, None].expand_as(local_ids).reshape(-1)
-        local_keys = knn_module._exact_keys(prep, rows, local_ids.reshape(-1), knn_module.MEMORY_BUDGET)
+        local_keys = exact_keys(prep, rows, local_ids.reshape(-1), MEMORY_BUDGET)
         keys[:, :local_k] = local_keys.view(num_queries, local_k)
         ids[:, :local_k] = local_ids.to(torch.int64) + layout.offset
         scores[:, :local_k] = local_scores.to(scores.dtype)
@@ -265,13 +216,13 @@ def _search_and_merge(
             keys[:, :local_k] = keys[:, :local_k].masked_fill(own, -torch.inf)
             ids[:, :local_k] = ids[:, :local_k].masked_fill(own, torch.iinfo(torch.int64).max)
 
-    if _world_size(group) > 1:
+    if world_size(group) > 1:
         widths = [width] * len(layout.sizes)
-        keys = torch.cat(_all_gather_rows(keys.T.contiguous(), widths, group)).T
-        ids = torch.cat(_all_gather_rows(ids.T.contiguous(), widths, group)).T
-        scores = torch.cat(_all_gather_rows(scores.T.contiguous(), widths, group)).T
+        keys = torch.cat(all_gather_rows(keys.T.contiguous(), widths, group)).T
+        ids = torch.cat(all_gather_rows(ids.T.contiguous(), widths, group)).T
+        scores = torch.cat(all_gather_rows(scores.T.contiguous(), widths, group)).T
         if extra is not None:
-            extra = torch.cat(_all_gather_rows(extra.T.contiguous(), widths, group)).T
+            extra = torch.cat(all_gather_rows(extra.T.contiguous(), widths, group)).T
 
     # Exact merge: sort by global id, then (stable) by key, so equal keys stay in increasing id order.
     by_id = torch.sort(ids, dim=1, stable=True).indices
@@ -379,9 +330,9 @@ def sharded_retrieval_metrics(
 
     # Class sizes over the whole reference set.
     local_classes, local_counts = torch.unique(rlab, return_counts=True)
-    class_sizes = [int(m) for m in _all_gather_objects(int(local_classes.numel()), group)]
-    classes = torch.cat(_all_gather_rows(local_classes, class_sizes, group))
-    counts = torch.cat(_all_gather_rows(local_counts, class_sizes, group))
+    class_sizes = [int(m) for m in all_gather_objects(int(local_classes.numel()), group)]
+    classes = torch.cat(all_gather_rows(local_classes, class_sizes, group))
+    counts = torch.cat(all_gather_rows(local_counts, class_sizes, group))
     classes, inverse = torch.unique(classes, return_inverse=True)
     counts = torch.zeros(classes.numel(), dtype=torch.long, device=device).index_add_(0, inverse, counts)
     if classes.numel():
@@ -395,7 +346,7 @@ def sharded_retrieval_metrics(
         inside = (qi >= layout.offset) & (qi < layout.offset + int(reference_shard.shape[0]))
         own_rel = torch.zeros(num_queries, dtype=torch.long, device=device)
         own_rel[inside] = (rlab[qi[inside] - layout.offset] == qlab[inside]).long()
-        num_rel = num_rel - torch.stack(_all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
+        num_rel = num_rel - torch.stack(all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
     evaluated = num_rel > 0
 
     recall = torch.zeros(len(ks), num_queries, dtype=torch.float64, device=device)

@@ -17,13 +17,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_retrieval_reference import clustered, ref_knn
 
 METRICS = ["cosine", "dot", "euclidean", "squared_euclidean"]
-KNN_MODULE = sys.modules["dml_bias.metrics.knn"]
+ENGINE = sys.modules["dml_bias.metrics._exact"]
 
 
 @pytest.fixture(params=["bf16", "fp32"])
 def bulk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the bf16 candidate pass forced on (emulated where the CPU lacks it) and off."""
-    monkeypatch.setattr(KNN_MODULE, "_BF16_CPU", request.param == "bf16")
+    monkeypatch.setattr(ENGINE, "BF16_CPU", request.param == "bf16")
     return str(request.param)
 
 
@@ -83,13 +83,13 @@ def test_ties_exact_on_integer_data(
     r = torch.tensor(data.draw(st.lists(ints, min_size=m, max_size=m)), dtype=torch.float32) if use_ref else None
     size = m if use_ref else n - 1
     k = data.draw(st.integers(1, size))
-    old = KNN_MODULE._BF16_CPU
-    KNN_MODULE._BF16_CPU = bf16
+    old = ENGINE.BF16_CPU
+    ENGINE.BF16_CPU = bf16
     try:
         chunk = data.draw(st.integers(1, 5))
         scores, indices = knn(x, r, k=k, metric=metric, normalize_embeddings=False, chunk_size=chunk)
     finally:
-        KNN_MODULE._BF16_CPU = old
+        ENGINE.BF16_CPU = old
     ref_s, ref_i = ref_knn(x, r, k, metric=metric, normalize=False)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=1e-6)
@@ -130,6 +130,11 @@ def test_chunk_size_does_not_change_result(chunk: int | None) -> None:
     assert torch.equal(full[1], got[1])
 
 
+def mkldnn_fp32_precision() -> str | None:
+    """The CPU's per-backend float32 matmul setting, or ``None`` on torch releases without it (before 2.9)."""
+    return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+
+
 @pytest.mark.parametrize("precision", ["medium", "high"])
 def test_matmul_precision_setting_does_not_change_result(precision: str, bulk: str) -> None:
     x, _ = clustered(300, 64, 10, seed=4)
@@ -137,14 +142,69 @@ def test_matmul_precision_setting_does_not_change_result(precision: str, bulk: s
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)  # "medium" is bf16 on the CPU, "high" TF32
     try:
-        mkldnn_setting = torch.backends.mkldnn.matmul.fp32_precision
+        mkldnn_setting = mkldnn_fp32_precision()
         got = knn(x, k=20, metric="dot")
-        assert torch.backends.mkldnn.matmul.fp32_precision == mkldnn_setting  # restored
+        assert mkldnn_fp32_precision() == mkldnn_setting  # restored
         assert torch.get_float32_matmul_precision() == precision
     finally:
         torch.set_float32_matmul_precision(before)
     assert torch.equal(expected[1], got[1])
     assert torch.equal(expected[0], got[0])
+
+
+class LegacyCublasSettings:
+    """``torch.backends.cuda.matmul`` as torch releases before 2.9 have it: no ``fp32_precision`` switch."""
+
+    LEGACY = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+
+    def __init__(self, real: object) -> None:
+        object.__setattr__(self, "real", real)
+
+    def __getattr__(self, name: str) -> object:
+        if name in self.LEGACY:
+            return getattr(self.real, name)
+        raise AttributeError(f"Unknown attribute {name}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name not in self.LEGACY:
+            raise AttributeError(f"Unknown attribute {name}")
+        setattr(self.real, name, value)
+
+
+@pytest.mark.parametrize("metric", ["dot", "euclidean"])
+def test_works_and_stays_exact_without_per_backend_fp32_precision(
+    metric: str, bulk: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Older torch: no torch.backends.{cuda,mkldnn}.matmul.fp32_precision. knn must fall back to the global
+    # set_float32_matmul_precision switch (pinned to "highest" during the call, the user's value restored).
+    x, _ = clustered(300, 64, 10, seed=4)
+    r, _ = clustered(200, 64, 10, seed=5)
+    expected = knn(x, r, k=20, metric=metric)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", LegacyCublasSettings(torch.backends.cuda.matmul))
+    monkeypatch.delattr(type(torch.backends.mkldnn), "matmul", raising=False)
+    monkeypatch.delattr(type(torch.backends.mkldnn), "fp32_precision", raising=False)
+    assert mkldnn_fp32_precision() is None
+    set_precision = torch.set_float32_matmul_precision
+    calls: list[str] = []
+
+    def spy(value: str) -> None:
+        calls.append(value)
+        set_precision(value)
+
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", spy)
+    set_precision("medium")  # the user's choice: bf16 on capable CPUs
+    try:
+        got = knn(x, r, k=20, metric=metric)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        set_precision("highest")
+    assert calls[0] == "highest"
+    assert calls[-1] == "medium"
+    assert torch.equal(got[1], expected[1])
+    assert torch.equal(got[0], expected[0])
+    ref_s, ref_i = ref_knn(x, r, k=20, metric=metric)
+    np.testing.assert_array_equal(got[1].numpy(), ref_i)
+    np.testing.assert_allclose(got[0].double().numpy(), ref_s, rtol=1e-6, atol=1e-6)
 
 
 def test_inputs_not_modified_and_dtypes() -> None:
@@ -221,9 +281,9 @@ def test_bad_inputs() -> None:
 def test_tiny_memory_budget_gives_the_same_result() -> None:
     # The block size comes from the budget: with a budget of a few bytes every block is a single query row.
     x, _ = clustered(23, 8, 3, seed=8)
-    prep = KNN_MODULE._prepare(x, None, "cosine", None, None)
-    assert KNN_MODULE._block_rows(23, 16 * 23, None, 64) == 1
-    small = KNN_MODULE._knn_prepared(prep, 22, "cosine", None, 64)
+    prep = ENGINE.prepare(x, None, "cosine", None, None)
+    assert ENGINE.block_rows(23, 16 * 23, None, 64) == 1
+    small = ENGINE.knn_prepared(prep, 22, "cosine", None, 64)
     full = knn(x, k=22)
     assert torch.equal(small[0], full[0])
     assert torch.equal(small[1], full[1])
@@ -232,14 +292,14 @@ def test_tiny_memory_budget_gives_the_same_result() -> None:
 @pytest.mark.parametrize("metric", ["dot", "cosine", "euclidean"])
 def test_bulk_error_bound_holds(metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The float32 bulk keys (and the bf16 ones) stay within the bound used to pick candidates.
-    monkeypatch.setattr(KNN_MODULE, "_BF16_CPU", True)
+    monkeypatch.setattr(ENGINE, "BF16_CPU", True)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(64, 300, generator=g) * torch.rand(64, 1, generator=g) * 50
-    prep = KNN_MODULE._prepare(x, None, metric, False, None)
+    prep = ENGINE.prepare(x, None, metric, False, None)
     exact = prep.query @ prep.reference.T
     if prep.distance:
         exact = -(torch.cdist(prep.query, prep.reference) ** 2)
-    bulk = KNN_MODULE._bulk_keys(prep, 0, 64).double()
+    bulk = ENGINE.bulk_keys(prep, 0, 64).double()
     if prep.distance:
         bulk -= prep.query_sqnorm[:, None]
     assert bool(((bulk - exact).abs() <= prep.eps[:, None]).all())

@@ -23,8 +23,8 @@ from dml_bias.metrics import knn, retrieval_metrics
 sys.path.insert(0, os.path.dirname(__file__))
 from test_retrieval_reference import clustered, ref_knn, ref_metrics
 
-KNN: Any = sys.modules["dml_bias.metrics.knn"]
-DETECT = KNN._cpu_has_fast_bf16
+ENGINE: Any = sys.modules["dml_bias.metrics._exact"]
+DETECT = ENGINE.cpu_has_fast_bf16
 
 
 class Spy:
@@ -43,12 +43,12 @@ class Spy:
 @pytest.fixture(params=["bf16", "fp32"])
 def spies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
     """Spy on both candidate passes, with bf16 bulk scores (rescored) or float32 ones (used as they are)."""
-    monkeypatch.setattr(KNN, "_BF16_CPU", request.param == "bf16")
-    rows, self_pass = Spy(KNN._candidates_grouped), Spy(KNN._self_candidates_grouped)
-    monkeypatch.setattr(KNN, "_candidates_grouped", rows)
-    monkeypatch.setattr(KNN, "_self_candidates_grouped", self_pass)
+    monkeypatch.setattr(ENGINE, "BF16_CPU", request.param == "bf16")
+    rows, self_pass = Spy(ENGINE.candidates_grouped), Spy(ENGINE.self_candidates_grouped)
+    monkeypatch.setattr(ENGINE, "candidates_grouped", rows)
+    monkeypatch.setattr(ENGINE, "self_candidates_grouped", self_pass)
     retrieval = sys.modules["dml_bias.metrics.retrieval"]
-    monkeypatch.setattr(retrieval, "_self_candidates_grouped", self_pass)
+    monkeypatch.setattr(retrieval, "self_candidates_grouped", self_pass)
     return {"rows": rows, "self": self_pass}
 
 
@@ -68,7 +68,7 @@ def test_self_pass_matches_float64_loop(
     spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, tile: int, k: int
 ) -> None:
     # 300 items in tiles of 32/64 (last one partial) or one tile; groups of up to 16 plus singletons per panel.
-    monkeypatch.setattr(KNN, "_TILE", tile)
+    monkeypatch.setattr(ENGINE, "TILE", tile)
     x, _ = clustered(300, 24, 6, seed=k)
     x = with_duplicates(x, seed=tile)
     scores, indices = knn(x, k=k)
@@ -114,15 +114,15 @@ def test_self_pass_property(n: int, dim: int, k: int, tile: int, seed: int, ints
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (n, dim), generator=g).float() if ints else torch.randn(n, dim, generator=g)
     x[0] = x[1]
-    old = (KNN._BF16_CPU, KNN._TILE)
-    spy = Spy(KNN._self_candidates_grouped)
-    fn = KNN._self_candidates_grouped
-    KNN._BF16_CPU, KNN._TILE, KNN._self_candidates_grouped = True, tile, spy
+    old = (ENGINE.BF16_CPU, ENGINE.TILE)
+    spy = Spy(ENGINE.self_candidates_grouped)
+    fn = ENGINE.self_candidates_grouped
+    ENGINE.BF16_CPU, ENGINE.TILE, ENGINE.self_candidates_grouped = True, tile, spy
     try:
         scores, indices = knn(x, k=k, metric="dot")
     finally:
-        KNN._BF16_CPU, KNN._TILE = old
-        KNN._self_candidates_grouped = fn
+        ENGINE.BF16_CPU, ENGINE.TILE = old
+        ENGINE.self_candidates_grouped = fn
     assert spy.used == 1
     ref_s, ref_i = ref_knn(x, None, k, metric="dot", normalize=False)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
@@ -131,7 +131,7 @@ def test_self_pass_property(n: int, dim: int, k: int, tile: int, seed: int, ints
 
 def test_retrieval_metrics_through_both_bf16_passes(spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch) -> None:
     # The label-aware shortcut (near-ties of same-relevance items are not re-scored) must not change a value.
-    monkeypatch.setattr(KNN, "_TILE", 64)
+    monkeypatch.setattr(ENGINE, "TILE", 64)
     x, y = clustered(800, 16, 50, seed=5, spread=1.5)  # classes of ~16: 8 K still fits in N
     x = with_duplicates(x, seed=2)
     ks = (1, 2, 4, 8)
@@ -150,10 +150,10 @@ def test_retrieval_metrics_through_both_bf16_passes(spies: dict[str, Spy], monke
 def test_threshold_keeps_every_exact_top_k_item(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bound behind both passes, checked directly on the bf16 GEMM: with theta the k-th largest bf16 score,
     # every item of the exact top-k has a bf16 score at or above the threshold; and the band is narrow.
-    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+    monkeypatch.setattr(ENGINE, "BF16_CPU", True)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 512, generator=g) * torch.rand(500, 1, generator=g) * 3
-    prep = KNN._prepare(x, None, "dot", None, None)
+    prep = ENGINE.prepare(x, None, "dot", None, None)
     assert prep.query16 is not None
     assert prep.eps16 is not None
     bulk = (prep.query16 @ prep.reference16.T).double()  # bf16 output, as in the passes
@@ -162,49 +162,49 @@ def test_threshold_keeps_every_exact_top_k_item(monkeypatch: pytest.MonkeyPatch)
     exact.fill_diagonal_(-math.inf)
     for k in (1, 10, 30):
         theta = torch.topk(bulk, k, dim=1).values[:, -1]
-        low = KNN._group_low(KNN._grouped(prep), slice(0, 500), theta).double()
+        low = ENGINE.group_low(ENGINE.grouped_inputs(prep), slice(0, 500), theta).double()
         top = torch.topk(exact, k, dim=1).indices
         assert bool((bulk.gather(1, top) >= low[:, None]).all())
         assert bool((theta - low <= 4.1 * prep.eps16 + 3 * 2.0**-8 * theta.abs()).all())
 
 
 def test_budget_too_small_falls_back_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(KNN, "_BF16_CPU", True)
+    monkeypatch.setattr(ENGINE, "BF16_CPU", True)
     x, _ = clustered(300, 12, 4, seed=8)
-    prep = KNN._prepare(x, None, "cosine", None, None)
-    assert KNN._self_candidates_grouped(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
-    assert KNN._self_candidates_grouped(prep, 3, budget=2**30) is not None
-    assert KNN._self_candidates_grouped(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
-    small = KNN._knn_prepared(prep, 3, "cosine", None, 300 * 300)
+    prep = ENGINE.prepare(x, None, "cosine", None, None)
+    assert ENGINE.self_candidates_grouped(prep, 3, budget=300 * 300) is None  # N^2 bf16 scores do not fit
+    assert ENGINE.self_candidates_grouped(prep, 3, budget=2**30) is not None
+    assert ENGINE.self_candidates_grouped(prep, 40, budget=2**30) is None  # k above N / 16: no group maxima
+    small = ENGINE.knn_prepared(prep, 3, "cosine", None, 300 * 300)
     _ref_s, ref_i = ref_knn(x, None, 3)
     np.testing.assert_array_equal(small[1].numpy(), ref_i)
 
 
 def test_auto_detection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(KNN, "_BF16_CPU", None)
+    monkeypatch.setattr(ENGINE, "BF16_CPU", None)
     for fast in (True, False):
-        monkeypatch.setattr(KNN, "_cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert KNN._half_dtype(torch.device("cpu")) == (torch.bfloat16 if fast else None)
-    assert KNN._half_dtype(torch.device("cuda")) == torch.float16
-    monkeypatch.setattr(KNN, "_FP16_CUDA", False)
-    assert KNN._half_dtype(torch.device("cuda")) is None
-    monkeypatch.setattr(KNN, "_BF16_CPU", False)
-    assert KNN._half_dtype(torch.device("cpu")) is None
-    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
-    assert KNN._half_dtype(torch.device("cpu")) == torch.float16
+        monkeypatch.setattr(ENGINE, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert ENGINE.half_dtype(torch.device("cpu")) == (torch.bfloat16 if fast else None)
+    assert ENGINE.half_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(ENGINE, "FP16_CUDA", False)
+    assert ENGINE.half_dtype(torch.device("cuda")) is None
+    monkeypatch.setattr(ENGINE, "BF16_CPU", False)
+    assert ENGINE.half_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(ENGINE, "FORCE_HALF", torch.float16)
+    assert ENGINE.half_dtype(torch.device("cpu")) == torch.float16
     assert isinstance(DETECT(), bool)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_float16_pass_matches_float64_loop(monkeypatch: pytest.MonkeyPatch, metric: str) -> None:
     # The CUDA pass (float16 inputs and output, u = 2^-11), run on the CPU through the test hook.
-    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
-    monkeypatch.setattr(KNN, "_TILE", 64)
-    spy = Spy(KNN._self_candidates_grouped)
-    monkeypatch.setattr(KNN, "_self_candidates_grouped", spy)
+    monkeypatch.setattr(ENGINE, "FORCE_HALF", torch.float16)
+    monkeypatch.setattr(ENGINE, "TILE", 64)
+    spy = Spy(ENGINE.self_candidates_grouped)
+    monkeypatch.setattr(ENGINE, "self_candidates_grouped", spy)
     x, _ = clustered(300, 24, 6, seed=11)
     x = with_duplicates(x, seed=3)
-    prep = KNN._prepare(x, None, metric, None, None)
+    prep = ENGINE.prepare(x, None, metric, None, None)
     assert prep.query16.dtype == torch.float16
     assert prep.half_u == 2.0**-11
     scores, indices = knn(x, k=5, metric=metric)
@@ -219,10 +219,10 @@ def test_float16_pass_matches_float64_loop(monkeypatch: pytest.MonkeyPatch, metr
 
 def test_float16_pass_is_skipped_for_large_norms(monkeypatch: pytest.MonkeyPatch) -> None:
     # Dot scores of long vectors could overflow float16 (65504): the float32 pass runs instead.
-    monkeypatch.setattr(KNN, "_FORCE_HALF", torch.float16)
+    monkeypatch.setattr(ENGINE, "FORCE_HALF", torch.float16)
     x = torch.randn(50, 8) * 100
-    assert KNN._prepare(x, None, "dot", None, None).query16 is None
-    assert KNN._prepare(x, None, "cosine", None, None).query16 is not None
+    assert ENGINE.prepare(x, None, "dot", None, None).query16 is None
+    assert ENGINE.prepare(x, None, "cosine", None, None).query16 is not None
 
 
 @pytest.mark.parametrize("precision", ["medium", "high"])
@@ -244,11 +244,11 @@ def test_matmul_precision_cannot_change_the_16bit_passes(spies: dict[str, Spy], 
 @pytest.mark.cuda
 def test_cuda_float16_passes_match_float64_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     # Both 16-bit passes on a GPU (tensor cores, float16 output): the same exact answer as the float64 loop.
-    monkeypatch.setattr(KNN, "_TILE", 64)
+    monkeypatch.setattr(ENGINE, "TILE", 64)
     x, y = clustered(600, 32, 40, seed=6)
     x = with_duplicates(x, seed=4)
     xc, yc = x.cuda(), y.cuda()
-    assert KNN._prepare(xc, None, "cosine", None, None).query16.dtype == torch.float16
+    assert ENGINE.prepare(xc, None, "cosine", None, None).query16.dtype == torch.float16
     _, indices = knn(xc, k=6)
     np.testing.assert_array_equal(indices.cpu().numpy(), ref_knn(x, None, 6)[1])
     _, rows = knn(xc[:50], xc, k=6, exclude_self=True, chunk_size=16)

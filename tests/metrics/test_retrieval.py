@@ -18,13 +18,13 @@ from dml_bias.metrics import map_at_r, mean_average_precision, r_precision, reca
 sys.path.insert(0, os.path.dirname(__file__))
 from test_retrieval_reference import clustered, ref_metrics
 
-KNN_MODULE = sys.modules["dml_bias.metrics.knn"]
+ENGINE = sys.modules["dml_bias.metrics._exact"]
 
 
 @pytest.fixture(params=["bf16", "fp32"])
 def bulk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the bf16 candidate pass of the top-K path forced on and off."""
-    monkeypatch.setattr(KNN_MODULE, "_BF16_CPU", request.param == "bf16")
+    monkeypatch.setattr(ENGINE, "BF16_CPU", request.param == "bf16")
     return str(request.param)
 
 
@@ -255,7 +255,7 @@ def test_bad_inputs() -> None:
 def test_tiny_memory_budget_gives_the_same_result() -> None:
     retrieval = sys.modules["dml_bias.metrics.retrieval"]
     x, lx = clustered(40, 8, 4, seed=19, spread=2.0)
-    prep = KNN_MODULE._prepare(x, None, "cosine", None, None)
+    prep = ENGINE.prepare(x, None, "cosine", None, None)
     full = retrieval._per_query(prep, lx, lx, (1, 2), None)
     tiny = retrieval._per_query(prep, lx, lx, (1, 2), None, budget=64)
     fast = retrieval._per_query_topk(prep, lx, lx, (1, 2), None, budget=64)

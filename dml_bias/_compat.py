@@ -1,0 +1,76 @@
+"""Shims for torch APIs that differ between the supported releases, chosen by feature detection.
+
+torch 2.9 replaced the global float32 matmul switches (``torch.set_float32_matmul_precision``, ``allow_tf32``)
+by per-backend ``fp32_precision`` settings, and newer releases refuse to read the legacy switches once the new
+ones were set. Everything here asks whether an attribute exists, never which version is installed, so a
+backport or a removal is handled the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ["ieee_fp32_matmul", "reduced_precision_fp32_matmul"]
+
+#: cuBLAS switches that let float16/bf16 GEMMs reduce in lower precision (both are switched off for a search).
+_REDUCED_PRECISION_REDUCTIONS = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+
+
+def _has_setting(backend: Any, name: str) -> bool:
+    # The backend objects answer unknown names with AttributeError, so this is a plain feature test.
+    return backend is not None and hasattr(backend, name)
+
+
+def _per_backend_switches() -> tuple[Any, Any] | None:
+    """The cuda and mkldnn matmul settings objects where both have ``fp32_precision``, else ``None``."""
+    cuda_mm = getattr(torch.backends.cuda, "matmul", None)
+    mkldnn_mm = getattr(torch.backends.mkldnn, "matmul", None)
+    if _has_setting(cuda_mm, "fp32_precision") and _has_setting(mkldnn_mm, "fp32_precision"):
+        return cuda_mm, mkldnn_mm
+    return None
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Run float32 matmuls in full IEEE float32 (no TF32, no bf16), restoring the user's settings afterwards.
+
+    With the per-backend ``fp32_precision`` switches (torch 2.9 and later) those are set to ``"ieee"``;
+    without them the global ``torch.set_float32_matmul_precision("highest")`` does the same (on those releases
+    it also drives cuBLAS' ``allow_tf32`` and the CPU's bf16 "medium" mode). The cuBLAS reduced-precision
+    reductions are switched off where they exist. The two APIs are never mixed.
+    """
+    cuda_mm = torch.backends.cuda.matmul
+    switches: list[tuple[Any, str, Any]] = [
+        (cuda_mm, name, False) for name in _REDUCED_PRECISION_REDUCTIONS if _has_setting(cuda_mm, name)
+    ]
+    per_backend = _per_backend_switches()
+    if per_backend is not None:
+        switches += [(backend, "fp32_precision", "ieee") for backend in per_backend]
+    saved = [getattr(backend, name) for backend, name, _ in switches]
+    saved_global = None if per_backend is not None else torch.get_float32_matmul_precision()
+    try:
+        if saved_global is not None:
+            torch.set_float32_matmul_precision("highest")
+        for backend, name, value in switches:
+            setattr(backend, name, value)
+        yield
+    finally:
+        if saved_global is not None:
+            torch.set_float32_matmul_precision(saved_global)
+        for (backend, name, _), value in zip(switches, saved, strict=True):
+            setattr(backend, name, value)
+
+
+def reduced_precision_fp32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may currently run in TF32 or bf16 (the user's settings)."""
+    per_backend = _per_backend_switches()
+    if per_backend is not None:
+        backend = per_backend[0] if device.type == "cuda" else per_backend[1]
+        return backend.fp32_precision in ("tf32", "bf16")
+    # Legacy releases: one global switch for every backend ("high": TF32, "medium": bf16), read as the
+    # per-backend settings read it on newer releases (where "high" also shows as "tf32" on the CPU).
+    return torch.get_float32_matmul_precision() != "highest"

@@ -1,0 +1,62 @@
+"""Collectives of the distributed evaluation (the sharded search and the evaluator), safe without a process group.
+
+Every helper degrades to the single-process answer when :mod:`torch.distributed` is unavailable or not
+initialised, so the callers need no separate code path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_gather_objects", "all_gather_rows", "comm_device", "rank", "world_size"]
+
+
+def world_size(group: Any = None) -> int:
+    """The number of ranks of ``group`` (1 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def rank(group: Any = None) -> int:
+    """This process' rank in ``group`` (0 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group))
+
+
+def comm_device(group: Any = None) -> torch.device:
+    """The device the collectives of ``group`` need: the current CUDA device for NCCL, else the CPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Gather one small picklable object per rank, in rank order (``[obj]`` without torch.distributed)."""
+    if world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group: Any = None) -> list[torch.Tensor]:
+    """Gather a tensor whose first dimension differs between ranks (``sizes[r]`` rows on rank ``r``).
+
+    All ranks pass the same trailing shape and dtype. Rows are padded to the largest size for the collective and
+    trimmed afterwards; the parts come back on ``tensor``'s device, in rank order.
+    """
+    if world_size(group) == 1:
+        return [tensor]
+    device = comm_device(group)
+    longest = max(sizes)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return [part[:size].to(tensor.device) for part, size in zip(parts, sizes, strict=True)]

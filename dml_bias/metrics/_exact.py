@@ -1,0 +1,740 @@
+"""The exact k-nearest-neighbour engine shared by the search, the retrieval metrics and the sharded search.
+
+:func:`~dml_bias.metrics.knn` (its ``"torch"`` backend), :func:`~dml_bias.metrics.faiss_knn` (its fallback above
+faiss' GPU ``k`` limit), :mod:`~dml_bias.metrics.retrieval` and :mod:`~dml_bias.metrics.sharded` all build on
+the blocked passes here; the algorithm and its error bounds are described in :mod:`dml_bias.metrics.knn`.
+The module is private to the package; its names carry no underscore because the modules above share them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from dml_bias._checks import (
+    check_choice,
+    check_finite,
+    check_number,
+    check_query_reference,
+    describe,
+)
+from dml_bias._compat import ieee_fp32_matmul
+from dml_bias.similarity import METRICS
+
+__all__ = [
+    "BF16_CPU",
+    "FORCE_HALF",
+    "FP16_CUDA",
+    "MEMORY_BUDGET",
+    "TILE",
+    "GroupedInputs",
+    "Prepared",
+    "block_product",
+    "block_rows",
+    "bulk_keys",
+    "candidates_grouped",
+    "cpu_has_fast_bf16",
+    "exact_keys",
+    "exact_knn",
+    "gamma",
+    "group_low",
+    "grouped_inputs",
+    "half_dtype",
+    "knn_prepared",
+    "prepare",
+    "rows_of",
+    "scratch",
+    "self_candidates_grouped",
+    "target_block",
+    "topk_block",
+    "validate_chunk_size",
+]
+
+#: Default bound, in bytes, on the extra memory used by one block of work.
+MEMORY_BUDGET = 2 * 2**30
+
+_U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
+_U64 = 2.0**-53  # unit roundoff of float64
+
+
+def gamma(n: int, u: float) -> float:
+    r"""Higham's :math:`\gamma_n = nu / (1 - nu)`: the relative error bound of an ``n``-term dot product."""
+    return n * u / (1.0 - n * u)
+
+
+@dataclass
+class Prepared:
+    """Validated inputs in the canonical float64 form, plus what every block needs."""
+
+    query: torch.Tensor  # (Nq, D) float64, normalised if the metric asks for it
+    reference: torch.Tensor  # (M, D) float64
+    query32: torch.Tensor  # (Nq, D) float32 copies for the bulk GEMM
+    reference32: torch.Tensor  # (M, D) float32
+    query_norm: torch.Tensor  # (Nq,) float64 row norms
+    query_sqnorm: torch.Tensor  # (Nq,) float64 squared row norms (distance keys)
+    reference_sqnorm32: torch.Tensor  # (M,) float32 squared norms (Euclidean bulk scores)
+    distance: bool  # True for the Euclidean metrics
+    exclude_self: bool
+    eps: torch.Tensor  # (Nq,) float64 bound on |bulk key - exact key|
+    out_dtype: torch.dtype
+    # 16-bit candidate pass (cosine/dot): copies and the input part of its bound.
+    query16: torch.Tensor | None = None  # bf16 (CPU) or float16 (CUDA)
+    reference16: torch.Tensor | None = None
+    half_u: float = 0.0  # unit roundoff of the 16-bit GEMM output
+    eps16: torch.Tensor | None = None  # (Nq,) float64, without the output-rounding term
+    # Reused block buffers: fresh multi-megabyte tensors per block cost page faults on every first touch.
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_query(self) -> int:
+        return int(self.query.shape[0])
+
+    @property
+    def num_reference(self) -> int:
+        return int(self.reference.shape[0])
+
+
+def prepare(
+    query: torch.Tensor,
+    reference: torch.Tensor | None,
+    metric: str,
+    exclude_self: bool | None,
+    normalize_embeddings: bool | None,
+) -> Prepared:
+    check_choice(metric, "metric", METRICS)
+    same = reference is None
+    reference = check_query_reference(query, reference)
+    if exclude_self is None:
+        exclude_self = same
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool or None, got {describe(exclude_self)}")
+    if exclude_self and query.shape[0] > reference.shape[0]:
+        raise ValueError(
+            "exclude_self=True means query i is reference i, so query must not have more rows than reference "
+            f"({reference.shape[0]}), got query of {describe(query)}"
+        )
+    if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
+        raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
+    check_finite(query, "query")
+    if not same:
+        check_finite(reference, "reference")
+    normalise = metric == "cosine" or (metric != "dot" if normalize_embeddings is None else normalize_embeddings)
+    q64 = query.detach().to(torch.float64)
+    r64 = q64 if same else reference.detach().to(torch.float64)
+    if normalise:
+        q64 = q64 / q64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        r64 = q64 if same else r64 / r64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    q32 = q64.to(torch.float32)
+    r32 = q32 if same else r64.to(torch.float32)
+    wide = torch.float64 in (query.dtype, reference.dtype)  # finite narrower inputs stay finite in float32
+    if wide and not (bool(torch.isfinite(q32).all()) and bool(torch.isfinite(r32).all())):
+        raise ValueError("query and reference must fit in float32 for the bulk pass (values above 3.4e38 found)")
+    qn = q64.norm(dim=1)
+    rn = qn if same else r64.norm(dim=1)
+    rmax = float(rn.max())
+    dim = int(q64.shape[1])
+    distance = metric in ("euclidean", "squared_euclidean")
+    # |fl32(q32 . r32) - q64 . r64| <= c * |q| |r|: input rounding (2u + u^2), float32 accumulation over D
+    # terms (IEEE round to nearest on the CPU; u doubled on accelerators to cover other rounding modes), and
+    # the float64 re-scoring.
+    u_acc = _U32 if q64.device.type == "cpu" else 2 * _U32
+    c = 2 * _U32 + _U32**2 + gamma(dim, u_acc) * (1 + _U32) ** 2 + 2 * gamma(dim + 2, _U64)
+    if distance:
+        # bulk key = 2 fl(q.r) - |r|^2 (float32) - |q|^2 (float64), exact key = -|q - r|^2 (float64); the
+        # float32 subtraction and the squared norms add at most 8u (|q| + |r|)^2.
+        eps = 2 * c * qn * rmax + 8 * _U32 * (qn + rmax) ** 2 + 4 * gamma(dim + 2, _U64) * (qn + rmax) ** 2
+    else:
+        eps = c * qn * rmax
+    out_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q16 = r16 = eps16 = None
+    half = None if distance else half_dtype(q64.device)
+    if half == torch.float16 and max(float(qn.max()), rmax) >= 2.0**7:
+        half = None  # scores up to |q| |r| must stay far inside float16's range (65504)
+    if half is not None:
+        q16 = q32.to(half)
+        r16 = q16 if same else r32.to(half)
+        # |x16.y16 - x.y| <= |x16||r_y| + |r_x||y16| + |r_x||r_y| with r = x - x16 (exact, per row), plus the
+        # float32 accumulation of D exact bf16 products and the float64 re-scoring.
+        qh = q16.to(torch.float64)
+        q_res, qhn = (q64 - qh).norm(dim=1), qh.norm(dim=1)
+        del qh
+        if same:
+            r_res, rhn = q_res, float(qhn.max())
+        else:
+            rh = r16.to(torch.float64)
+            r_res, rhn = (r64 - rh).norm(dim=1), float(rh.norm(dim=1).max())
+            del rh
+        rres = float(r_res.max())
+        eps16 = (qhn * rres + q_res * rhn + q_res * rres + gamma(dim, 2 * _U32) * qhn * rhn) * (1 + 2**-20)
+        eps16 = eps16 + 2 * gamma(dim + 2, _U64) * qn * rmax
+    return Prepared(
+        query=q64,
+        reference=r64,
+        query32=q32,
+        reference32=r32,
+        query_norm=qn,
+        query_sqnorm=(q64 * q64).sum(1) if distance else qn[:0],
+        reference_sqnorm32=(r32.to(torch.float64) ** 2).sum(1).to(torch.float32) if distance else q32[0, :0],
+        distance=distance,
+        exclude_self=exclude_self,
+        eps=eps,
+        out_dtype=out_dtype,
+        query16=q16,
+        reference16=r16,
+        half_u=_HALF_UNIT[half] if half is not None else 0.0,
+        eps16=eps16,
+    )
+
+
+#: Run the candidate pass of cosine/dot top-k in bf16 on the CPU (exact all the same: bf16 candidates, float32
+#: re-scoring of the candidates, float64 for near-ties). ``None`` (default): on when the CPU has native bf16
+#: dot products (AVX512-BF16 or AMX), where a bf16 GEMM runs about twice as fast as a float32 one; ``True`` /
+#: ``False`` force it on (emulated, slowly, on other CPUs) or off. Tests set it to cover both paths.
+BF16_CPU: bool | None = None
+
+#: Run the candidate pass in float16 on CUDA devices (tensor cores; same bound with float16's unit roundoff).
+FP16_CUDA = True
+
+#: Test hook: force this 16-bit dtype for the candidate pass on any device (``None``: the rules above).
+FORCE_HALF: torch.dtype | None = None
+
+#: Unit roundoff (round to nearest) of the 16-bit formats, for the rounding of the GEMM output.
+_HALF_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def half_dtype(device: torch.device) -> torch.dtype | None:
+    """The 16-bit dtype of the candidate pass on this device, or ``None`` for the float32 pass."""
+    if FORCE_HALF is not None:
+        return FORCE_HALF
+    if device.type == "cpu":
+        fast = cpu_has_fast_bf16() if BF16_CPU is None else BF16_CPU
+        return torch.bfloat16 if fast else None
+    if device.type == "cuda" and FP16_CUDA:
+        return torch.float16
+    return None
+
+
+def rows_of(
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rows ``start:stop`` of candidates computed for all queries at once (``None`` stays ``None``)."""
+    return None if found is None else (found[0][start:stop], found[1][start:stop], found[2][start:stop])
+
+
+def _sampled_dot(query: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(query[rows[i]] * reference[cols[i]]).sum()`` for every pair (``rows`` sorted), by a sampled product."""
+    nrow = int(query.shape[0])
+    crow = torch.zeros(nrow + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=nrow), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        zeros = torch.zeros(rows.shape[0], dtype=query.dtype, device=rows.device)
+        size = (nrow, int(reference.shape[0]))
+        pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=size, check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, query, reference.T, beta=0.0).values()
+
+
+def exact_keys(prep: Prepared, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
+    """Exact float64 keys (larger is closer) of the pairs ``(rows[i], cols[i])``, chunked to the budget.
+
+    The key of a pair depends only on the two rows (an element-wise product or difference summed over the
+    last dimension), so duplicated embeddings get identical keys and the tie rule applies to them.
+    For distances the key is ``-|q - r|^2`` (larger is closer); the bulk key minus ``|q|^2`` approximates it.
+    """
+    dim = max(1, int(prep.query.shape[1]))
+    n = int(rows.shape[0])
+    out = torch.empty(n, dtype=torch.float64, device=rows.device)
+    if n == 0:
+        return out
+    if rows.device.type == "cpu" and not prep.distance:
+        # One float64 dot product per pair (sampled dense-dense product): the same arithmetic for every pair,
+        # whatever its position, so duplicated embeddings still get identical keys.
+        order = torch.argsort(rows, stable=True)
+        out[order] = _sampled_dot(prep.query, prep.reference, rows[order], cols[order])
+        return out
+    # Small chunks into reused buffers: the pairs are scattered, and fresh large temporaries cost page faults.
+    step = max(1, min(n, budget // (2 * 8 * dim), 2**21 // dim))
+    qbuf = torch.empty(step, dim, dtype=torch.float64, device=rows.device)
+    ybuf = torch.empty(step, dim, dtype=torch.float64, device=rows.device)
+    for s in range(0, n, step):
+        r, c = rows[s : s + step], cols[s : s + step]
+        q, y = qbuf[: r.shape[0]], ybuf[: r.shape[0]]
+        torch.index_select(prep.query, 0, r, out=q)
+        torch.index_select(prep.reference, 0, c, out=y)
+        if prep.distance:
+            q.sub_(y).square_()
+            torch.sum(q, 1, out=out[s : s + step]).neg_()
+        else:
+            q.mul_(y)
+            torch.sum(q, 1, out=out[s : s + step])
+    return out
+
+
+def _key_to_score(prep: Prepared, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """Turn exact keys back into the user-facing score (similarity or distance)."""
+    if not prep.distance:
+        return keys
+    sq = -keys
+    return sq if metric == "squared_euclidean" else sq.sqrt()
+
+
+def scratch(prep: Prepared, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``shape`` buffer of ``dtype``, reused across the blocks of one call under ``name``."""
+    size = math.prod(shape)
+    key = f"{name}_{dtype}"
+    buf = prep.scratch.get(key)
+    if buf is None or buf.numel() < size:
+        buf = prep.scratch[key] = torch.empty(size, dtype=dtype, device=prep.query.device)
+    return buf[:size].view(shape)
+
+
+def block_product(prep: Prepared, query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``query @ reference.T`` in IEEE precision, into a buffer reused across the blocks of one call.
+
+    Large fresh tensors are page-faulted in on every first touch (about a third of the bf16 GEMM's time at
+    N = 100,000 on the CPU); the caller must be done with the previous block's product.
+    """
+    out = scratch(prep, "product", (int(query.shape[0]), int(reference.shape[0])), query.dtype)
+    with ieee_fp32_matmul():  # no TF32, no bf16 "medium" precision, no reduced-precision reductions
+        torch.mm(query, reference.T, out=out)
+    return out
+
+
+def bulk_keys(prep: Prepared, start: int, stop: int) -> torch.Tensor:
+    """Approximate keys ``(stop - start, M)`` in float32, with the query's own column at ``-inf``."""
+    a = block_product(prep, prep.query32[start:stop], prep.reference32)
+    if prep.distance:
+        a = a.mul_(2.0).sub_(prep.reference_sqnorm32)
+    if prep.exclude_self:
+        rows = torch.arange(stop - start, device=a.device)
+        a[rows, rows + start] = -math.inf
+    return a
+
+
+#: Preferred number of bulk scores per block (speed: the block stays in cache-friendly sizes).
+_TARGET_BLOCK = 2**23
+
+
+#: The same for the group-maximum passes, whose GEMM wants wider blocks (the selection runs on group maxima).
+_TARGET_BLOCK_GROUPED = 2**25
+
+
+def target_block(prep: Prepared) -> int:
+    """Preferred number of bulk scores per block for this search."""
+    return _TARGET_BLOCK if prep.distance else _TARGET_BLOCK_GROUPED
+
+
+def block_rows(
+    num_query: int,
+    per_row_bytes: int,
+    chunk_size: int | None,
+    budget: int,
+    width: int = 0,
+    target: int = _TARGET_BLOCK,
+) -> int:
+    """Query rows per block: ``chunk_size`` if given, else what fits the budget (and a speed-friendly size)."""
+    if chunk_size is not None:
+        return min(chunk_size, num_query)
+    rows = budget // max(per_row_bytes, 1)
+    if width > 0:
+        rows = min(rows, max(64, target // width))
+    return max(1, min(num_query, rows))
+
+
+def _grid_keys(prep: Prepared, start: int, cols: torch.Tensor, budget: int) -> torch.Tensor:
+    """Float64 keys of query rows ``start + i`` against ``cols[i, j]`` (``(R, C)``), via batched GEMV (SDDMM on CPU).
+
+    Used only for *returned values*: the order was fixed before, by the exact element-wise keys.
+    """
+    nrows, width = cols.shape
+    dim = max(1, int(prep.reference.shape[1]))
+    out = torch.empty(nrows, width, dtype=torch.float64, device=cols.device)
+    if out.numel() == 0:
+        return out
+    if cols.device.type == "cpu" and not prep.distance:
+        rows = torch.arange(start, start + nrows, device=cols.device).repeat_interleave(width)
+        return _sampled_dot(prep.query, prep.reference, rows, cols.reshape(-1)).view(nrows, width)
+    step = max(1, min(nrows, min(budget, 2**24) // (width * dim * 8)))
+    ybuf = torch.empty(step * width, dim, dtype=torch.float64, device=cols.device)
+    for s in range(0, nrows, step):
+        c = cols[s : s + step]
+        y = ybuf[: c.numel()]
+        torch.index_select(prep.reference, 0, c.reshape(-1), out=y)
+        y3 = y.view(c.shape[0], width, dim)
+        q = prep.query[start + s : start + s + c.shape[0]]
+        if prep.distance:
+            out[s : s + step] = -(y3.sub_(q[:, None, :]).square_().sum(-1))
+        else:
+            out[s : s + step] = torch.bmm(y3, q[:, :, None]).squeeze(-1)
+    return out
+
+
+#: Largest group of reference items summarised by one maximum in the 16-bit candidate pass.
+_GROUP = 16
+
+
+def _round_down32(x: torch.Tensor) -> torch.Tensor:
+    """Float32 values ``<= x`` (float64), as close as possible: a threshold that never drops a candidate."""
+    y = x.to(torch.float32)
+    return torch.where(y.to(torch.float64) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+
+
+def _group_size(num_reference: int, k: int) -> int:
+    """Items per group maximum in the group-maximum pass (``< 2``: the pass does not pay for this ``k``)."""
+    return max(1, min(_GROUP, num_reference // (8 * k)))
+
+
+@dataclass
+class GroupedInputs:
+    """Inputs of the group-maximum candidate pass: bulk copies, their bound, the output rounding."""
+
+    query: torch.Tensor  # (Nq, D) bulk-dtype rows (bf16 / float16 / float32)
+    reference: torch.Tensor  # (M, D)
+    eps: torch.Tensor  # (Nq,) float64 bound on |accumulated bulk score - exact score|
+    unit: float  # unit roundoff of the stored output (0: the output is the float32 accumulator itself)
+    tiny: float  # absolute error of an underflowing output
+
+    @property
+    def rescore(self) -> bool:
+        """Whether candidates need float32 scores of their own (16-bit bulk scores are too coarse)."""
+        return self.unit > 0
+
+
+def grouped_inputs(prep: Prepared) -> GroupedInputs | None:
+    """The group-maximum pass' inputs for this search, or ``None`` (Euclidean metrics: the top-k float32 pass)."""
+    if prep.distance:
+        return None
+    if prep.query16 is not None and prep.reference16 is not None and prep.eps16 is not None:
+        tiny = 2.0**-24 if prep.half_u == _HALF_UNIT[torch.float16] else 2.0**-133
+        return GroupedInputs(prep.query16, prep.reference16, prep.eps16, prep.half_u, tiny)
+    dim = int(prep.query.shape[1])
+    return GroupedInputs(prep.query32, prep.reference32, prep.eps, 0.0, dim * 2.0**-149)
+
+
+def group_low(grouped: GroupedInputs, rows: slice, theta: torch.Tensor) -> torch.Tensor:
+    r"""Float32 candidate thresholds from :math:`\theta` (see :func:`candidates_grouped`)."""
+    theta = theta.to(torch.float64)
+    e = grouped.eps[rows]
+    u, tiny = grouped.unit, grouped.tiny
+    v = theta - u / (1 - u) * theta.abs() - 2 * tiny - 2 * e
+    low = v - u * v.abs() - tiny
+    return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
+
+
+def _rescore(
+    prep: Prepared,
+    start: int,
+    nrow: int,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    budget: int,
+    values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 scores of candidate pairs (``rows`` relative to ``start``, sorted), padded per row, best first.
+
+    ``values``: the pairs' float32 bulk scores when they already carry the float32 bound; otherwise they are
+    computed: on the CPU by a sampled dense-dense product (one float32 dot product per pair, no gathered
+    copies), elsewhere by a gather of the candidate rows and a batched matrix-vector product, in chunks that
+    fit the budget.
+    """
+    device = cols.device
+    count = torch.bincount(rows, minlength=nrow)
+    crow = torch.zeros(nrow + 1, dtype=torch.long, device=device)
+    torch.cumsum(count, 0, out=crow[1:])
+    width = int(count.max()) if nrow > 0 else 0
+    slot = torch.arange(cols.shape[0], device=device) - crow[rows]
+    scores = torch.full((nrow, width), -math.inf, dtype=torch.float32, device=device)
+    padded = torch.full((nrow, width), -1, dtype=torch.long, device=device)
+    padded[rows, slot] = cols
+    query = prep.query32[start : start + nrow]
+    if values is not None:
+        scores[rows, slot] = values.to(torch.float32)
+    elif device.type == "cpu":
+        with ieee_fp32_matmul():
+            scores[rows, slot] = _sampled_dot(query, prep.reference32, rows, cols)
+    else:
+        dim = max(1, int(query.shape[1]))
+        step = max(1, min(nrow, budget // max(1, 4 * width * dim)))
+        with ieee_fp32_matmul():
+            for s0 in range(0, nrow, step):
+                y = prep.reference32[padded[s0 : s0 + step].clamp_min(0)]  # (r, W, D)
+                scores[s0 : s0 + step] = torch.bmm(y, query[s0 : s0 + step, :, None]).squeeze(-1)
+        scores.masked_fill_(padded < 0, -math.inf)
+    scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return scores, padded.gather(1, order), count
+
+
+def candidates_grouped(
+    prep: Prepared, start: int, stop: int, k: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    r"""Candidates holding the exact top-``k`` of queries ``start:stop`` from one bulk GEMM, with float32 scores.
+
+    Returns ``(scores, cols, count)``: ``(R, W)`` float32 scores of the candidates (float32 accuracy, the bound
+    ``prep.eps``) sorted best first, their reference indices (``-1`` = padding), and the number per row; or
+    ``None`` for the Euclidean metrics, when group maxima do not pay (``k`` above a sixteenth of the reference)
+    or when the candidates would not fit the budget; the caller then uses the float32 top-k pass.
+
+    The bound: every bulk score :math:`\hat s = \mathrm{fl}_{16}(z)` with :math:`|z - s| \le e` (``prep.eps16``:
+    inputs rounded to bf16 on the CPU or float16 on CUDA, float32 accumulation) and :math:`|\hat s - z| \le
+    u|z|` (``prep.half_u``: :math:`2^{-8}` for bf16, :math:`2^{-11}` for float16). With float32 bulk scores
+    (no fast 16-bit products) :math:`u = 0`, :math:`e` is the float32 bound ``prep.eps``, and the candidates'
+    bulk scores are returned as they are (no re-scoring).
+    Let :math:`\theta` be the ``k``-th largest maximum of groups of reference items: ``k`` distinct items have
+    :math:`\hat s \ge \theta`, so the ``k``-th best exact score is at least :math:`f = \theta - u'|\theta| - e`
+    (:math:`u' = u / (1 - u)`; :math:`v - u'|v|` is increasing). An item of the exact top-``k`` has
+    :math:`s \ge f`, so :math:`z \ge v = f - e` and, the rounding being monotone, :math:`\hat s \ge v - u|v|`:
+    every item at or above that threshold is a candidate. The group maxima are element-wise maxima of
+    contiguous slices of the score rows (cheap), and the selection of :math:`\theta` runs on them, up to
+    sixteen times fewer values than the block.
+    """
+    grouped = grouped_inputs(prep)
+    m = prep.num_reference
+    group = _group_size(m, k)
+    if grouped is None or group < 2:
+        return None
+    nrow = stop - start
+    device = prep.query.device
+    st = block_product(prep, grouped.query[start:stop], grouped.reference)  # (R, M) bulk scores
+    if prep.exclude_self:
+        own = torch.arange(start, min(stop, m), device=device)
+        st[own - start, own] = -math.inf
+    # Group j holds the columns j, j + G, j + 2G, ... (G groups; columns past group * G are groups of one):
+    # its maximum is an element-wise maximum of `group` contiguous slices of the row.
+    ngroup = m // group
+    full = ngroup * group
+    body = st[:, :full].view(nrow, group, ngroup)
+    gmax = torch.cat([body.amax(1), st[:, full:]], 1)  # (R, G + M - full)
+    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    low = group_low(grouped, slice(start, stop), theta)
+    hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
+    if hit_q.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
+        return None
+    tail = hit_g >= ngroup
+    hq, hg = hit_q[~tail], hit_g[~tail]
+    members = body[hq, :, hg]  # (H, group): each hit group's values, read from one row of the block
+    p, j = (members >= low[hq][:, None]).nonzero(as_tuple=True)
+    rows = torch.cat([hq[p], hit_q[tail]])
+    cols = torch.cat([hg[p] + j * ngroup, hit_g[tail] - ngroup + full])
+    order = torch.argsort(rows * m + cols)  # CSR layout: by query, then by reference index
+    values = None if grouped.rescore else torch.cat([members[p, j], gmax[hit_q[tail], hit_g[tail]]])[order]
+    return _rescore(prep, start, nrow, rows[order], cols[order], budget, values)
+
+
+#: Rows (and columns) of one tile of the symmetric pass.
+TILE = 2048
+
+
+def self_candidates_grouped(
+    prep: Prepared, k: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`candidates_grouped` for all queries at once when the query set is the reference set (self excluded).
+
+    The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
+    work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
+    kept until the thresholds are known, so this runs only when ``N^2`` bulk scores fit the budget (``None``
+    otherwise). Groups are strided within each panel of columns; the bound is the same.
+    """
+    grouped = grouped_inputs(prep)
+    n = prep.num_reference
+    group = _group_size(n, k)
+    if grouped is None or group < 2 or not prep.exclude_self or prep.num_query != n:
+        return None
+    if grouped.query is not grouped.reference:
+        return None
+    tile = min(TILE, n)
+    bounds = [*list(range(0, n, tile)), n]
+    panels = list(itertools.pairwise(bounds))
+    sizes = [b - a for a, b in panels]
+    ngroups = [size // group for size in sizes]
+    widths = [g + size - g * group for g, size in zip(ngroups, sizes, strict=True)]  # groups + singletons
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    x = grouped.query
+    if (n * n + n * offsets[-1]) * x.element_size() > budget:
+        return None
+    device = prep.query.device
+    gmax = torch.empty(n, offsets[-1], dtype=x.dtype, device=device)
+    tiles: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (a0, a1) in enumerate(panels):
+        for j in range(i, len(panels)):
+            b0, b1 = panels[j]
+            with ieee_fp32_matmul():
+                t = x[a0:a1] @ x[b0:b1].T
+            if i == j:
+                diag = torch.arange(a1 - a0, device=device)
+                t[diag, diag] = -math.inf
+            full_j = ngroups[j] * group
+            out = gmax[a0:a1, offsets[j] : offsets[j + 1]]
+            if ngroups[j] > 0:  # a short last panel may hold singletons only
+                torch.amax(t[:, :full_j].view(a1 - a0, group, ngroups[j]), 1, out=out[:, : ngroups[j]])
+            out[:, ngroups[j] :] = t[:, full_j:]
+            if i < j:
+                full_i = ngroups[i] * group
+                out = gmax[b0:b1, offsets[i] : offsets[i + 1]]
+                if ngroups[i] > 0:
+                    out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
+                out[:, ngroups[i] :] = t[full_i:].T
+            tiles[(i, j)] = t
+    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    low = group_low(grouped, slice(0, n), theta)
+    hits = gmax >= low[:, None]
+    del gmax
+    if int(hits.sum()) * group * 40 > budget:  # the members are expanded tile by tile
+        return None
+    rows_out, cols_out, vals_out = [], [], []
+    for (i, j), t in tiles.items():
+        for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
+            q0, q1 = panels[qp]
+            c0 = panels[cp][0]
+            ng, full = ngroups[cp], ngroups[cp] * group
+            block = hits[q0:q1, offsets[cp] : offsets[cp + 1]]
+            if qp == i:  # the tile's rows are the queries: a group's values sit in one row (cache-friendly)
+                q, g = block[:, :ng].nonzero(as_tuple=True)
+                vals = t[:, :full].view(q1 - q0, group, ng)[q, :, g]  # (H, group)
+            else:  # the tile's columns are the queries: walk each group's rows query by query, group-major
+                g, q = block[:, :ng].T.nonzero(as_tuple=True)
+                vals = t[:full].view(group, ng, q1 - q0)[:, g, q].T  # (H, group)
+            p, r = (vals >= low[q + q0][:, None]).nonzero(as_tuple=True)
+            sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
+            rows_out += [q[p] + q0, sq + q0]
+            cols_out += [g[p] + r * ng + c0, sg + full + c0]
+            if not grouped.rescore:
+                vals_out += [vals[p, r], t[sq, sg + full] if qp == i else t[sg + full, sq]]
+    del tiles, hits
+    rows = torch.cat(rows_out)
+    cols = torch.cat(cols_out)
+    order = torch.argsort(rows * n + cols)  # CSR layout: by query, then by reference index
+    values = torch.cat(vals_out)[order] if vals_out else None
+    return _rescore(prep, 0, n, rows[order], cols[order], budget, values)
+
+
+def topk_block(
+    prep: Prepared,
+    start: int,
+    stop: int,
+    k: int,
+    budget: int,
+    need_keys: bool = True,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` keys (float64) and reference indices (int64) for queries ``start:stop``, best first.
+
+    With ``need_keys=False`` only the order is exact; the returned keys may be the bulk approximations.
+    With ``labels=(query_labels[start:stop], reference_labels)`` (and ``need_keys=False``) only the *label
+    sequence* is exact: items that share the relevance to the query (same label or not) may swap places when
+    their scores are too close to order without re-scoring, which changes no label-based metric.
+    """
+    if found is None and not prep.distance:
+        found = candidates_grouped(prep, start, stop, k, budget)
+    if found is not None:
+        vals, cols, count = found
+    else:
+        a = bulk_keys(prep, start, stop)
+        eps32 = prep.eps[start:stop].to(torch.float32)
+        # A few more than k at once: the candidates almost always fit, which saves a pass over the block.
+        k2 = min(a.shape[1], k + max(8, k // 4))
+        vals, cols = torch.topk(a, k2, dim=1, largest=True, sorted=True)
+        kth = vals[:, k - 1]
+        # float32 rounding of the threshold itself is covered by widening the band by a relative 2^-22.
+        low = kth - 2 * eps32 - (kth.abs() + 2 * eps32) * 2.0**-22
+        if k2 < a.shape[1] and not bool((vals[:, -1] < low).all()):
+            count = (a >= low[:, None]).sum(1)  # some row has more candidates: take them all, best first
+            vals, cols = torch.topk(a, int(count.max()), dim=1, largest=True, sorted=True)
+        else:
+            count = (vals >= low[:, None]).sum(1)
+        del a
+    device = cols.device
+    width = cols.shape[1]
+    valid = torch.arange(width, device=device)[None, :] < count[:, None]
+    approx = vals.to(torch.float64)
+    if prep.distance:
+        approx -= prep.query_sqnorm[start:stop, None]
+    approx = approx.masked_fill(~valid, -torch.inf)
+    # Candidates not safely ordered with respect to a neighbour in this order (gap <= 2 eps) are re-scored
+    # exactly; the others keep their float32 key, which orders them correctly against every other candidate.
+    e = prep.eps[start:stop, None].to(torch.float64)
+    tight = (approx[:, :-1] - approx[:, 1:] <= 2 * e + approx[:, :-1].abs() * 2.0**-22) & valid[:, 1:]
+    close = torch.zeros_like(valid)
+    close[:, 1:] |= tight
+    close[:, :-1] |= tight
+    if labels is not None and not need_keys:
+        # Chains of tight neighbours are the only places where the order may be wrong; a chain whose items
+        # are all relevant (or all irrelevant) gives the same label sequence in any order.
+        rel = labels[1][cols.clamp_min(0)] == labels[0][:, None]
+        chain = torch.zeros_like(cols)
+        torch.cumsum(~tight, 1, out=chain[:, 1:])
+        chain += torch.arange(cols.shape[0], device=device)[:, None] * width
+        kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
+        kinds[0, chain[valid & rel]] = True
+        kinds[1, chain[valid & ~rel]] = True
+        close &= (kinds[0] & kinds[1])[chain]
+    keys = approx.clone()
+    cr, cc = close.nonzero(as_tuple=True)
+    if cr.numel() > 0:
+        keys[cr, cc] = exact_keys(prep, cr + start, cols[cr, cc], budget)
+    # Order by (key descending, column ascending): sort columns first, then a stable sort by key.
+    by_col = torch.argsort(cols.masked_fill(~valid, torch.iinfo(torch.long).max), dim=1)
+    keys, cols, close = keys.gather(1, by_col), cols.gather(1, by_col), close.gather(1, by_col)
+    by_key = torch.argsort(keys, dim=1, descending=True, stable=True)[:, :k]
+    keys, cols, close = keys.gather(1, by_key), cols.gather(1, by_key), close.gather(1, by_key)
+    if need_keys:
+        # Items ordered by their float32 key still need their exact value as output.
+        exact = _grid_keys(prep, start, cols, budget)
+        keys = torch.where(close, keys, exact)
+    return keys, cols
+
+
+def validate_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None:
+        check_number(chunk_size, "chunk_size", low=1, integer=True)
+
+
+def knn_prepared(
+    prep: Prepared, k: int, metric: str, chunk_size: int | None, budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    nq = prep.num_query
+    device = prep.query.device
+    scores = torch.empty(nq, k, dtype=prep.out_dtype, device=device)
+    indices = torch.empty(nq, k, dtype=torch.long, device=device)
+    per_row = prep.num_reference * 16 + k * 64
+    step = block_rows(nq, per_row, chunk_size, budget, width=prep.num_reference, target=target_block(prep))
+    pre = self_candidates_grouped(prep, k, budget) if chunk_size is None else None
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        keys, cols = topk_block(prep, start, stop, k, budget, found=rows_of(pre, start, stop))
+        scores[start:stop] = _key_to_score(prep, keys, metric).to(prep.out_dtype)
+        indices[start:stop] = cols
+    return scores, indices
+
+
+def exact_knn(
+    query: torch.Tensor,
+    reference: torch.Tensor | None,
+    k: int,
+    *,
+    metric: str,
+    exclude_self: bool | None,
+    chunk_size: int | None,
+    normalize_embeddings: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"torch"`` backend of :func:`~dml_bias.metrics.knn`: arguments checked, exact top-``k`` returned."""
+    validate_chunk_size(chunk_size)
+    prep = prepare(query, reference, metric, exclude_self, normalize_embeddings)
+    available = prep.num_reference - (1 if prep.exclude_self else 0)
+    check_number(k, "k", low=1, high=max(available, 1), integer=True)
+    if available < 1:
+        raise ValueError(f"k must be in [1, {available}] (reference size after self exclusion), got {k}")
+    return knn_prepared(prep, k, metric, chunk_size, MEMORY_BUDGET)
