@@ -24,6 +24,7 @@ __all__ = [
     "check_labels",
     "check_number",
     "check_query_reference",
+    "check_rows_finite",
     "check_same_device",
     "check_shape",
     "check_tensor",
@@ -135,13 +136,21 @@ def check_shape(
     return sizes
 
 
-def check_embeddings(x: Any, name: str = "embeddings", *, dim: int | None = None, allow_empty: bool = False) -> None:
+def check_embeddings(
+    x: Any,
+    name: str = "embeddings",
+    *,
+    dim: int | None = None,
+    dim_source: str | None = None,
+    allow_empty: bool = False,
+) -> None:
     """Check that ``x`` is a 2-D floating-point tensor of shape ``(N, D)`` with ``N >= 1``.
 
     Args:
         x: The tensor to check.
         name: The argument's name, used in the message.
         dim: If given, the required embedding size ``D``.
+        dim_source: Where ``dim`` comes from, e.g. ``"embeddings.shape[1]"``, quoted in the message.
         allow_empty: Whether ``N == 0`` is accepted.
 
     Example:
@@ -158,7 +167,8 @@ def check_embeddings(x: Any, name: str = "embeddings", *, dim: int | None = None
     if not allow_empty and x.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one row (N >= 1), got {describe(x)}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} must have size D={dim} in dimension 1, got {describe(x)}")
+        origin = f" ({dim_source})" if dim_source else ""
+        raise ValueError(f"{name} must have size D={dim}{origin} in dimension 1, got {describe(x)}")
 
 
 def check_labels(
@@ -217,11 +227,86 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{n} must be on the same device as {first_name} ({first.device}), got device {t.device}")
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (this synchronises a CUDA stream)."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
+def _raise_not_finite(x: torch.Tensor, name: str) -> None:
+    """The counting check behind :func:`check_finite` (input-sized temporaries; run only on a suspect input)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
         raise ValueError(f"{name} must be finite, got {bad} NaN or infinite value(s) in a tensor of {describe(x)}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (this synchronises a CUDA stream).
+
+    The common case costs two reductions and one host sync, with no temporary of the input's size: the minimum
+    and the maximum are both finite exactly when every value is (NaN propagates through both). Only then is
+    the input counted, to report how many values are bad.
+
+    Example:
+        >>> import torch
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "scores")
+        Traceback (most recent call last):
+        ...
+        ValueError: scores must be finite, got 1 NaN or infinite value(s) in a tensor of shape (2,) ...
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        _raise_not_finite(x, name)
+
+
+def check_rows_finite(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    nonzero: bool = False,
+    originals: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Check the rows of 2-D floating-point tensors with one host sync for all of them.
+
+    Raises ``ValueError`` naming the first tensor (in the mapping's order) that holds NaN or infinite values
+    and, with ``nonzero=True`` (for inputs that are L2-normalised next), one with a row of zero norm (its
+    direction, so its cosine, is undefined) or a row whose norm overflows the tensor's dtype (normalising would
+    silently turn it into a zero row).
+
+    Each tensor is reduced to its row norms (``(N,)``, no temporary of the input's size) and these to their sum
+    and minimum; the sum is finite exactly when every value is finite and no norm overflows. Only a tensor that
+    fails is examined further, to tell the cases apart and count. All tensors must share one device.
+
+    Args:
+        tensors: ``{argument name: (N, D) tensor}``.
+        nonzero: Also reject zero-norm rows and overflowing norms.
+        originals: The tensors as the user passed them, where ``tensors`` holds copies (e.g. upcast to float32):
+            messages describe and count these.
+
+    Example:
+        >>> import torch
+        >>> check_rows_finite({"embeddings": torch.ones(2, 3), "proxies": torch.zeros(4, 3)}, nonzero=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: proxies must have no row of zero norm (its direction is undefined), got 4 such row(s), ...
+    """
+    named = [(n, t) for n, t in tensors.items() if t.numel() > 0]
+    if not named:
+        return
+    # Norms in float32 at least (a float16 norm overflows at 65504); a float32/float64 input is not copied.
+    norms = [torch.linalg.vector_norm(t, dim=1, dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in named]
+    stats = torch.stack([s for nrm in norms for s in (nrm.sum(), nrm.amin())]).tolist()
+    for i, ((name, t), nrm) in enumerate(zip(named, norms, strict=True)):
+        total, smallest = stats[2 * i], stats[2 * i + 1]
+        t = t if originals is None else originals.get(name, t)
+        if not math.isfinite(total):
+            _raise_not_finite(t, name)
+            if nonzero and bool(torch.isinf(nrm).any()):
+                row = int(torch.isinf(nrm).nonzero()[0, 0])
+                raise ValueError(
+                    f"{name} must have row norms that fit {nrm.dtype} (they are L2-normalised), got an overflowing "
+                    f"norm in row {row} (largest value {float(t[row].detach().abs().max()):.3g}); rescale the rows"
+                )
+        if nonzero and smallest == 0:
+            zero = nrm == 0
+            raise ValueError(
+                f"{name} must have no row of zero norm (its direction is undefined), got {int(zero.sum())} such "
+                f"row(s), the first at index {int(zero.nonzero()[0, 0])}, in a tensor of {describe(t)}"
+            )
 
 
 def check_number(

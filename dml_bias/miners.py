@@ -31,7 +31,7 @@ def _mask_inputs(
     distance: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate, then return the similarity matrix (larger = closer) and the positive/negative masks."""
-    batch = C.prepare_batch(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
+    batch = C.prepare_batch(embeddings, labels, None, ref_emb, ref_labels, distance=distance, labels_required=True)
     assert batch.labels is not None
     assert batch.ref_labels is not None
     if batch.y is not None and ref_labels is None:

@@ -65,6 +65,41 @@ def test_device_and_finite() -> None:
     with pytest.raises(ValueError, match=r"x must be finite, got 2 NaN or infinite"):
         C.check_finite(torch.tensor([1.0, float("nan"), float("inf")]), "x")
     C.check_finite(torch.tensor([1, 2]), "x")
+    C.check_finite(torch.zeros(0), "x")
+    C.check_finite(torch.full((4,), 6e4, dtype=torch.float16), "x")  # a float16 sum would overflow: not an error
+
+
+def test_finite_check_has_no_input_sized_temporary_when_finite(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The common case reduces to the minimum and maximum first; the counting isfinite(x) runs only on failure.
+    seen: list[int] = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real(t))
+    C.check_finite(torch.randn(100, 10), "x")
+    C.check_rows_finite({"a": torch.randn(100, 10), "b": torch.randn(7, 10)}, nonzero=True)
+    assert seen == [2]
+    with pytest.raises(ValueError, match="x must be finite"):
+        C.check_finite(torch.tensor([[0.0, float("inf")]] * 50), "x")
+    assert seen[-1] == 100
+
+
+def test_rows_finite_names_the_argument_and_the_case() -> None:
+    good, bad = torch.randn(3, 2), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"proxies must be finite, got 1 NaN or infinite value\(s\)"):
+        C.check_rows_finite({"embeddings": good, "proxies": bad})
+    zero = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    C.check_rows_finite({"embeddings": zero})
+    with pytest.raises(ValueError, match=r"embeddings must have no row of zero norm .* got 2 such row.*index 1"):
+        C.check_rows_finite({"embeddings": zero}, nonzero=True)
+    huge = torch.tensor([[3e38, 3e38], [1.0, 0.0]])
+    C.check_rows_finite({"embeddings": huge})
+    with pytest.raises(ValueError, match=r"embeddings must have row norms that fit torch.float32 .* row 0"):
+        C.check_rows_finite({"embeddings": huge}, nonzero=True)
+    # The rows of a float16 tensor are measured in float32: 6e4 is a fine value.
+    C.check_rows_finite({"embeddings": torch.full((2, 4), 6e4, dtype=torch.float16)}, nonzero=True)
+    # Messages describe the tensor the caller passed, not the upcast copy that was checked.
+    half = torch.tensor([[float("inf"), 1.0]], dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"dtype torch.float16"):
+        C.check_rows_finite({"embeddings": half.float()}, originals={"embeddings": half})
 
 
 @pytest.mark.parametrize(

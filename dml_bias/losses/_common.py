@@ -3,6 +3,7 @@
 * :func:`prepare_batch` validates the PML-style call ``(embeddings, labels, indices_tuple, ref_emb, ref_labels)``
   and returns float32/float64 copies of the embeddings (half inputs are upcast, so the exponent math never runs
   in fp16/bf16) together with the self-pair rule.
+* :func:`normalize_rows` and :func:`similarity_matrix` L2-normalise with :func:`norm_eps` of the input's dtype.
 * :func:`masked_logsumexp` is the numerically safe ``log(1 + sum(exp(x)))`` over a mask, with
   ``finfo(dtype).min`` sentinels (never ``inf``) and an appended zero column.
 * :func:`pair_masks`, :func:`convert_to_pairs`, :func:`convert_to_triplets` and :func:`miner_weights` reproduce
@@ -14,8 +15,8 @@ Nothing here is public; names and signatures may change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,7 @@ from dml_bias._checks import (
     check_embeddings,
     check_labels,
     check_number,
+    check_rows_finite,
     check_same_device,
     check_tensor,
     describe,
@@ -39,6 +41,49 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+#: The normalisation floor of float16 inputs: ``2**-9``. See :func:`norm_eps`.
+FLOAT16_NORM_EPS = 2.0**-9
+
+
+def norm_eps(dtype: torch.dtype) -> float:
+    r"""The ``eps`` of the L2 normalisation :math:`x / \max(\lVert x \rVert, \epsilon)` for inputs of ``dtype``.
+
+    The gradient through the normalisation is :math:`(I - \hat x \hat x^\top) g / \lVert x \rVert` (at most
+    :math:`\lVert g \rVert / \epsilon`). The math runs in float32, but the gradient is returned in the input's
+    dtype: for a float16 input (largest value 65504) it overflows to ``inf`` for rows of norm below about
+    :math:`10^{-3}`, so float16 rows are normalised with :data:`FLOAT16_NORM_EPS` (``2**-9``; rows of smaller norm
+    are divided by it instead, and the gradient stays below :math:`512 \lVert g \rVert`). Every other dtype
+    (bfloat16 has float32's range) keeps ``1e-12``, the default of :func:`torch.nn.functional.normalize` and
+    pytorch-metric-learning.
+    """
+    return FLOAT16_NORM_EPS if dtype == torch.float16 else 1e-12
+
+
+def normalize_rows(x: torch.Tensor, source_dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalise the rows of the (upcast) ``x`` with the ``eps`` of the dtype the caller passed in."""
+    return normalize(x, eps=norm_eps(source_dtype))
+
+
+def similarity_matrix(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    distance: str,
+    x_dtype: torch.dtype,
+    y_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`~dml_bias.similarity.pairwise` (``y=None``: ``x`` itself) with :func:`norm_eps` of the source dtypes.
+
+    ``x``/``y`` are the upcast tensors; ``x_dtype``/``y_dtype`` the dtypes the caller passed them in. Identical to
+    ``pairwise(x, y, distance)`` for float32/float64/bfloat16 inputs.
+    """
+    if distance == "dot":
+        return pairwise(x, y, "dot")
+    xn = normalize_rows(x, x_dtype)
+    yn = None if y is None else normalize_rows(y, x_dtype if y_dtype is None else y_dtype)
+    # "dot" of the normalised rows is the cosine; pairwise's "cosine" would normalise again with eps=1e-12.
+    return pairwise(xn, yn, "dot" if distance == "cosine" else distance, normalize_embeddings=False)
 
 
 @contextlib.contextmanager
@@ -67,14 +112,58 @@ def check_nonnegative(value: float, name: str) -> None:
 
 
 def check_contrastive_margins(pos_margin: float, neg_margin: float, distance: str) -> None:
-    """Contrastive margins: finite; ``>= 0`` with a distance (a distance is never negative)."""
+    """Contrastive margins: finite, and ordered as the hinges need.
+
+    With a distance: ``0 <= pos_margin <= neg_margin`` (positives are pulled inside ``pos_margin``, negatives pushed
+    beyond ``neg_margin``). With a similarity, where larger is closer: ``pos_margin >= neg_margin``.
+    """
     check_metric(distance)
     if is_similarity(distance):
         check_number(pos_margin, "pos_margin")
         check_number(neg_margin, "neg_margin")
+        if pos_margin < neg_margin:
+            raise ValueError(
+                f"pos_margin must be >= neg_margin with the similarity distance={distance!r} (positives are pulled "
+                f"above pos_margin, negatives pushed below neg_margin), got pos_margin={pos_margin} and "
+                f"neg_margin={neg_margin}"
+            )
     else:
         check_nonnegative(pos_margin, "pos_margin")
         check_nonnegative(neg_margin, "neg_margin")
+        if pos_margin > neg_margin:
+            raise ValueError(
+                f"pos_margin must be <= neg_margin with the distance distance={distance!r} (positives are pulled "
+                f"within pos_margin, negatives pushed beyond neg_margin), got pos_margin={pos_margin} and "
+                f"neg_margin={neg_margin}"
+            )
+
+
+def class_parameter(
+    num_classes: int, embedding_size: int, device: torch.device | str | None, dtype: torch.dtype | None, name: str
+) -> torch.nn.Parameter:
+    """The uninitialised ``(num_classes, embedding_size)`` parameter of a class-weight loss.
+
+    ``dtype`` must be ``None`` or a floating-point ``torch.dtype`` (``TypeError``: gradients need floating point),
+    ``device`` ``None``, a :class:`torch.device`, a device string or an index naming an available device
+    (``ValueError`` otherwise).
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        got = repr(dtype) if isinstance(dtype, torch.dtype) else describe(dtype)
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype for the {name}, got {got}")
+    if device is not None:
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+            raise TypeError(
+                f"device must be None, a torch.device, a device string or a CUDA index, got {describe(device)}"
+            )
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0', got {device!r}") from err
+    try:
+        data = torch.empty(num_classes, embedding_size, device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as err:  # e.g. no driver, a bad CUDA ordinal, torch not compiled with it
+        raise ValueError(f"device {str(device)!r} cannot hold the {name}: {err}") from err
+    return torch.nn.Parameter(data)
 
 
 def check_classification_call(
@@ -138,6 +227,13 @@ class Batch:
     ref_labels: torch.Tensor | None
     indices_tuple: IndicesTuple | None
     anchor_source: torch.Tensor  # the original embeddings (for a zero that keeps the graph)
+    y_dtype: torch.dtype  # the dtype ref_emb was passed in (the embeddings' without ref_emb)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. proxies, upcast to x's dtype
+
+    @property
+    def x_dtype(self) -> torch.dtype:
+        """The dtype the embeddings were passed in (it sets the normalisation's ``eps``)."""
+        return self.anchor_source.dtype
 
     @property
     def exclude_self(self) -> bool:
@@ -153,10 +249,10 @@ class Batch:
             # A fused fast path: torch.cdist has its own backward kernel (zero gradient at zero distance, like
             # pairwise), which is ~1.6x faster on CPU at N = 2048 than autograd through pairwise's expanded
             # form, and it is what pytorch-metric-learning uses, so the values agree more closely.
-            x = normalize(self.x)
-            y = x if self.y is None else normalize(self.y)
+            x = normalize_rows(self.x, self.x_dtype)
+            y = x if self.y is None else normalize_rows(self.y, self.y_dtype)
             return torch.cdist(x, y)
-        return pairwise(self.x, self.y, distance)
+        return similarity_matrix(self.x, self.y, distance, self.x_dtype, self.y_dtype)
 
 
 def prepare_batch(
@@ -166,10 +262,14 @@ def prepare_batch(
     ref_emb: torch.Tensor | None,
     ref_labels: torch.Tensor | None,
     *,
+    distance: str,
     labels_required: bool = False,
-    extra: Sequence[torch.Tensor] = (),
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Batch:
     """Validate the PML-style loss arguments and upcast the embeddings.
+
+    The embeddings (and ``extra``) must be finite and, for every ``distance`` but ``"dot"``, have no row of zero
+    norm (:func:`~dml_bias._checks.check_rows_finite`: one host sync).
 
     Args:
         embeddings: ``(N, D)`` floating.
@@ -177,9 +277,13 @@ def prepare_batch(
         indices_tuple: pairs or triplets, or ``None``.
         ref_emb: ``(M, D)`` floating or ``None`` (then the columns are ``embeddings``, self-pairs excluded).
         ref_labels: ``(M,)`` integer, required with ``ref_emb`` when labels are used.
+        distance: the metric the loss uses (``"dot"`` accepts zero rows: nothing is normalised).
         labels_required: the loss always needs labels.
-        extra: other tensors (e.g. parameters) that take part in the dtype promotion.
+        extra: other ``(C, D)`` tensors by argument name (e.g. ``{"proxies": proxies}``), checked like the
+            embeddings (same ``D``, same device, finite), taking part in the dtype promotion and returned upcast
+            in :attr:`Batch.extra`.
     """
+    extra = {} if extra is None else dict(extra)
     check_embeddings(embeddings, "embeddings")
     n, d = embeddings.shape
     if labels is not None:
@@ -197,10 +301,20 @@ def prepare_batch(
             raise ValueError("ref_labels must be given with ref_emb (a 1-D integer tensor of length ref_emb.shape[0])")
         if ref_labels is not None:
             check_labels(ref_labels, "ref_labels", length=ref_emb.shape[0], length_source="ref_emb.shape[0]")
-    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
-    dtype = compute_dtype(embeddings, *(t for t in (ref_emb, *extra) if t is not None))
+    for name, t in extra.items():
+        check_embeddings(t, name, dim=d, dim_source="embeddings.shape[1]")
+    check_same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels, **extra)
+    dtype = compute_dtype(embeddings, *(t for t in (ref_emb, *extra.values()) if t is not None))
     x = embeddings.to(dtype)
     y = None if same or ref_emb is None else ref_emb.to(dtype)
+    upcast = {name: t.to(dtype) for name, t in extra.items()}
+    check_metric(distance)
+    # On the upcast copies: no float16 norm overflow, and no extra copy (a float32 input is used as it is).
+    check_rows_finite(
+        {"embeddings": x, **({} if y is None else {"ref_emb": y}), **upcast},
+        nonzero=distance != "dot",
+        originals={"embeddings": embeddings, **({} if ref_emb is None else {"ref_emb": ref_emb}), **extra},
+    )
     m = n if y is None else y.shape[0]
     idx = None
     if indices_tuple is not None:
@@ -212,6 +326,8 @@ def prepare_batch(
         ref_labels=labels if y is None else ref_labels,
         indices_tuple=idx,
         anchor_source=embeddings,
+        y_dtype=embeddings.dtype if ref_emb is None else ref_emb.dtype,
+        extra=upcast,
     )
 
 

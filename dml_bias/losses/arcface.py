@@ -89,7 +89,7 @@ class ArcFaceLoss(nn.Module):
         self.embedding_size = int(embedding_size)
         self.margin = float(margin)
         self.scale = float(scale)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.weight = C.class_parameter(self.num_classes, self.embedding_size, device, dtype, "class weights")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -120,6 +120,8 @@ class ArcFaceLoss(nn.Module):
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
         labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
+        # The parameter is ours: a width mismatch is the embeddings' (the functional twin blames the parameter).
+        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
         return arcface_loss(embeddings, labels, self.weight, indices_tuple, margin=self.margin, scale=self.scale)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dml_bias._checks import check_embeddings, check_labels, check_same_device
+from dml_bias._checks import check_labels
 from dml_bias.losses import _common as C
 
 __all__ = [
@@ -72,7 +72,7 @@ def multi_similarity_loss(
     C.check_positive(beta, "beta")
     C.check_number(base, "base")
     C.check_metric(distance)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         pos_mask, neg_mask = C.pair_masks(batch)
         sim = C.similarity_sign(distance) * batch.matrix(distance)
@@ -116,17 +116,23 @@ def proxy_anchor_loss(
     C.check_nonnegative(margin, "margin")
     C.check_positive(alpha, "alpha")
     C.check_metric(distance)
-    check_embeddings(proxies, "proxies")
-    check_embeddings(embeddings, "embeddings", dim=proxies.shape[1])
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, None, None, labels_required=True, extra=(proxies,))
+    batch = C.prepare_batch(
+        embeddings,
+        labels,
+        indices_tuple,
+        None,
+        None,
+        distance=distance,
+        labels_required=True,
+        extra={"proxies": proxies},
+    )
     assert batch.labels is not None
     num_classes = proxies.shape[0]
     check_labels(batch.labels, "labels", num_classes=num_classes)
-    check_same_device(embeddings=embeddings, proxies=proxies)
     with C.no_autocast(embeddings.device):
-        p = proxies.to(batch.x.dtype)
+        p = batch.extra["proxies"]
         sign = C.similarity_sign(distance)
-        sim = sign * C.pairwise(batch.x, p, distance)  # (N, C), larger = closer
+        sim = sign * C.similarity_matrix(batch.x, p, distance, embeddings.dtype, proxies.dtype)  # (N, C): larger=closer
         pos_mask = batch.labels.unsqueeze(1) == torch.arange(num_classes, device=p.device).unsqueeze(0)
         pos_exp = -alpha * (sim - sign * margin)
         neg_exp = alpha * (sim + sign * margin)
@@ -180,7 +186,7 @@ def contrastive_loss(
         tensor(2.4142)
     """
     C.check_contrastive_margins(pos_margin, neg_margin, distance)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         mat = batch.matrix(distance)
         # PML's margin(): hinge on (d - m+) and (m- - d) for distances, flipped for similarities.
@@ -236,7 +242,7 @@ def triplet_margin_loss(
     """
     C.check_nonnegative(margin, "margin")
     C.check_metric(distance)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         # A "distance" in both cases: larger = farther.
         dist = -C.similarity_sign(distance) * batch.matrix(distance)
@@ -293,7 +299,7 @@ def ntxent_loss(
     """
     C.check_positive(temperature, "temperature")
     C.check_metric(distance)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
         pairs = C.convert_to_pairs(batch)
@@ -351,7 +357,7 @@ def supcon_loss(
     """
     C.check_positive(temperature, "temperature")
     C.check_metric(distance)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
         pos_mask, neg_mask = C.pair_masks(batch)
@@ -394,14 +400,13 @@ def arcface_loss(
     """
     C.check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
     C.check_positive(scale, "scale")
-    check_embeddings(weight, "weight")
-    check_embeddings(embeddings, "embeddings", dim=weight.shape[1])
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, None, None, labels_required=True, extra=(weight,))
+    batch = C.prepare_batch(
+        embeddings, labels, indices_tuple, None, None, distance="cosine", labels_required=True, extra={"weight": weight}
+    )
     assert batch.labels is not None
     check_labels(batch.labels, "labels", num_classes=weight.shape[0])
-    check_same_device(embeddings=embeddings, weight=weight)
     with C.no_autocast(embeddings.device):
-        cos = C.pairwise(batch.x, weight.to(batch.x.dtype), "cosine")  # (N, C)
+        cos = C.similarity_matrix(batch.x, batch.extra["weight"], "cosine", embeddings.dtype, weight.dtype)  # (N, C)
         target = cos.gather(1, batch.labels.unsqueeze(1)).squeeze(1)
         # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), with sin(theta) = sqrt(1 - cos^2) replaced by
         # its chord v / sqrt(eps) for v = 1 - cos^2 < eps: exact at cos = +-1 and for v >= eps, and the gradient

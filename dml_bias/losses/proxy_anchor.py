@@ -92,7 +92,7 @@ class ProxyAnchorLoss(nn.Module):
         self.margin = float(margin)
         self.alpha = float(alpha)
         self.distance = distance
-        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.proxies = C.class_parameter(self.num_classes, self.embedding_size, device, dtype, "proxies")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,6 +128,8 @@ class ProxyAnchorLoss(nn.Module):
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
         labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
+        # The parameter is ours: a width mismatch is the embeddings' (the functional twin blames the parameter).
+        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
         return proxy_anchor_loss(
             embeddings,
             labels,

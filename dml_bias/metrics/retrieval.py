@@ -291,6 +291,12 @@ def _run(
         query, query_labels, reference, reference_labels, metric, exclude_self, normalize_embeddings, chunk_size
     )
     available = prep.num_reference - (1 if prep.exclude_self else 0)
+    if available < 1:
+        name = "query" if reference is None else "reference"
+        raise ValueError(
+            f"{name} must hold at least 2 rows with self exclusion (no other item is left to rank), got "
+            f"{describe(query if reference is None else reference)}"
+        )
     ks_t = _check_ks(ks, available)
     compute = _per_query if full_map else _per_query_topk
     res = compute(prep, qlab, rlab, ks_t, chunk_size)
@@ -409,6 +415,8 @@ def retrieval_metrics(
         raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
     if not isinstance(full_map, bool):
         raise TypeError(f"full_map must be a bool, got {describe(full_map)}")
+    if isinstance(ks, Sequence) and not isinstance(ks, str) and len(ks) == 0:
+        raise ValueError("ks must hold at least one k (an empty ks would return no Recall@k), got an empty sequence")
     res, ks_t = _run(
         query,
         query_labels,

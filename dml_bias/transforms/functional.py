@@ -85,6 +85,8 @@ def _check_image(image: Any, name: str = "image", *, min_ndim: int = 3, exact_nd
         raise ValueError(f"{name} must be a {exact_ndim}-D tensor of shape (C, H, W), got {describe(image)}")
     if image.ndim < min_ndim:
         raise ValueError(f"{name} must have shape (C, H, W) or (..., C, H, W), got {describe(image)}")
+    if 0 in image.shape[-3:]:
+        raise ValueError(f"{name} must have C, H and W >= 1 (an image with pixels), got {describe(image)}")
 
 
 def _prepare_mask(mask: Any, image: torch.Tensor, mask_name: str = "mask", image_name: str = "image") -> torch.Tensor:
