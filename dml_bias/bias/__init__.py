@@ -6,6 +6,10 @@ test images and on background-swapped variants; :class:`StudyResult` prints the 
 report and saves ``results.json``, ``per_class.csv``, ``report.md`` and figures. The command line
 ``dml-bias study`` does the same.
 
+For one trained model, without retraining: :func:`similarity_attribution` (what makes a query similar to its
+neighbour, per pixel), :func:`foreground_energy` (how much of that lies on the object) and
+:func:`background_sensitivity` (how far the embedding moves when only the background changes).
+
 Example:
     >>> from dml_bias.bias import StudyConfig
     >>> StudyConfig().modes
@@ -14,30 +18,36 @@ Example:
 
 from __future__ import annotations
 
-from dml_bias.bias.models import EmbeddingHead, SmallCNN, build_resnet50
-from dml_bias.bias.study import (
-    DATASETS,
-    LOSSES,
-    METRIC_KEYS,
-    MODES,
-    VARIANTS,
-    StudyConfig,
-    StudyError,
-    StudyResult,
-    run_study,
+from dml_bias.bias.attribution import (
+    ATTRIBUTION_METHODS,
+    BackgroundSensitivity,
+    ForegroundEnergy,
+    background_sensitivity,
+    foreground_energy,
+    similarity_attribution,
 )
+from dml_bias.bias.config import DATASETS, LOSSES, METRIC_KEYS, MODES, VARIANTS, StudyConfig, StudyError
+from dml_bias.bias.models import EmbeddingHead, SmallCNN, build_resnet50
+from dml_bias.bias.result import StudyResult
+from dml_bias.bias.study import run_study
 
 __all__ = [
+    "ATTRIBUTION_METHODS",
     "DATASETS",
     "LOSSES",
     "METRIC_KEYS",
     "MODES",
     "VARIANTS",
+    "BackgroundSensitivity",
     "EmbeddingHead",
+    "ForegroundEnergy",
     "SmallCNN",
     "StudyConfig",
     "StudyError",
     "StudyResult",
+    "background_sensitivity",
     "build_resnet50",
+    "foreground_energy",
     "run_study",
+    "similarity_attribution",
 ]

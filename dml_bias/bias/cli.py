@@ -38,8 +38,8 @@ def _floats(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.2,0.5, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers such as 0.2,0.5, got {text!r}")
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers between 0 and 1 (exclusive) such as 0.2,0.5, got {text!r}")
     return values
 
 
@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--modes", type=_csv("modes", MODES), default=MODES, help=f"comma-separated, from {','.join(MODES)}"
     )
-    study.add_argument("--sigmas", type=_floats, default=(0.2, 0.5), help="σ values of the soft mode (default 0.2,0.5)")
+    study.add_argument(
+        "--sigmas", type=_floats, default=(0.2, 0.5), help="σ values of the soft mode, in (0, 1) (default 0.2,0.5)"
+    )
     study.add_argument(
         "--variants",
         type=_csv("variants", VARIANTS),

@@ -1,9 +1,13 @@
-"""Figures of the background-bias study (matplotlib, Agg backend, PNG).
+"""Figures of the background-bias study (matplotlib, PNG).
 
 ``recall_by_mode.png``: Recall@k per mask mode and loss (original images, and Recall@1 on ``mixed_rand``);
 ``per_class_failures.png``: the per-class failure scatter, no mask vs hard mask; ``retrieval_grid.png``: queries
-with their top-5 for the no-mask and the hard-mask model, wrong results framed red. Usually called through
-:meth:`~dml_bias.bias.study.StudyResult.plot`.
+with their top-5 for the no-mask and the hard-mask model, wrong results framed red; ``attribution_maps.png``:
+query/neighbour pairs with the similarity attribution maps of every model of the first loss. Usually called
+through :meth:`~dml_bias.bias.StudyResult.plot`.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects with their own Agg canvas: matplotlib's global
+backend (and ``pyplot``'s figure list) is left alone, so a notebook keeps its inline plots.
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dml_bias.bias.study import StudyResult
+    from dml_bias.bias.result import StudyResult
 
 __all__: list[str] = []
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure with an Agg canvas of its own and its ``(nrows, ncols)`` array of axes (no pyplot, no backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
 
 
 def plot_all(result: StudyResult, out_dir: Path) -> list[Path]:
@@ -40,6 +46,8 @@ def plot_all(result: StudyResult, out_dir: Path) -> list[Path]:
         paths.append(plot_per_class(result, out_dir / "per_class_failures.png"))
     if result.grid is not None and result.grid.get("models"):
         paths.append(plot_retrieval_grid(result, out_dir / "retrieval_grid.png"))
+    if result.attribution_maps is not None and result.attribution_maps.get("models"):
+        paths.append(plot_attribution(result, out_dir / "attribution_maps.png"))
     return paths
 
 
@@ -47,9 +55,8 @@ def plot_recall_by_mode(result: StudyResult, path: Path) -> Path:
     """Grouped bars of Recall@1/2/4/8 on the original images per mode, one panel per loss; dots: ``mixed_rand``."""
     from dml_bias.bias.report import LOSS_TITLES
 
-    plt = _pyplot()
     losses = list(dict.fromkeys(r["loss"] for r in result.runs))
-    fig, axes = plt.subplots(1, len(losses), figsize=(6.0 * len(losses), 4.0), squeeze=False)
+    fig, axes = _subplots(1, len(losses), (6.0 * len(losses), 4.0))
     ks = ("recall@1", "recall@2", "recall@4", "recall@8")
     for ax, loss in zip(axes[0], losses, strict=True):
         runs = [r for r in result.runs if r["loss"] == loss]
@@ -78,7 +85,6 @@ def plot_recall_by_mode(result: StudyResult, path: Path) -> Path:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -86,10 +92,9 @@ def plot_per_class(result: StudyResult, path: Path) -> Path:
     """Scatter of per-class Recall@1 failures: no-mask model (x) vs hard-mask model (y), one panel per loss."""
     from dml_bias.bias.report import LOSS_TITLES, per_class_rows
 
-    plt = _pyplot()
     rows = per_class_rows(result)
     losses = list(dict.fromkeys(r["loss"] for r in rows))
-    fig, axes = plt.subplots(1, len(losses), figsize=(5.0 * len(losses), 4.5), squeeze=False)
+    fig, axes = _subplots(1, len(losses), (5.0 * len(losses), 4.5))
     for ax, loss in zip(axes[0], losses, strict=True):
         lr = [r for r in rows if r["loss"] == loss]
         x = [r["failures_none"] for r in lr]
@@ -109,7 +114,6 @@ def plot_per_class(result: StudyResult, path: Path) -> Path:
         ax.set_title(f"{LOSS_TITLES.get(loss, loss)}: Recall@1 failures per class on {result.config.report_variant}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -119,13 +123,13 @@ def _to_hwc(image: torch.Tensor) -> Any:
 
 def plot_retrieval_grid(result: StudyResult, path: Path) -> Path:
     """Rows: a query and its top-5 for the no-mask model, then for the hard-mask model; wrong results red."""
-    plt = _pyplot()
     grid = result.grid
-    assert grid is not None
+    if grid is None or not grid.get("models"):
+        raise ValueError("result.grid must hold the retrieval grid's images (a 'none' or 'hard' run), got none")
     models = grid["models"]
     nq = int(grid["query_labels"].numel())
     k = max(int(m["neighbour_labels"].shape[1]) for m in models.values())
-    fig, axes = plt.subplots(nq * len(models), k + 1, figsize=(1.3 * (k + 1), 1.3 * nq * len(models)), squeeze=False)
+    fig, axes = _subplots(nq * len(models), k + 1, (1.3 * (k + 1), 1.3 * nq * len(models)))
     names = result.dataset.get("class_names", [])
     for qi in range(nq):
         for mi, (mode, m) in enumerate(models.items()):
@@ -147,5 +151,74 @@ def plot_retrieval_grid(result: StudyResult, path: Path) -> Path:
     fig.suptitle(f"{grid['loss']}: queries ({grid['variant']}) and their top-{k}; red = wrong class", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return path
+
+
+def attribution_pairs(result: StudyResult, count: int = 3) -> list[int]:
+    """Positions (into the attribution subset) of the queries the attribution figure shows.
+
+    The first image of each of the ``count`` classes that the per-class bias report ranks first for the figure's
+    loss (the classes the no-mask model recognised by their background); without that report, of the first classes.
+    """
+    data = result.attribution_maps
+    if data is None:
+        return []
+    from dml_bias.bias.report import per_class_rows
+
+    labels = data["labels"].tolist()
+    ranked = [r["label"] for r in per_class_rows(result) if r["loss"] == data["loss"]]
+    order = ranked + [c for c in dict.fromkeys(labels) if c not in ranked]
+    picks = [labels.index(c) for c in order if c in labels]
+    return picks[:count]
+
+
+def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor) -> None:
+    ax.imshow(_to_hwc(image))
+    top = float(heat.max())
+    ax.imshow((heat / top if top > 0 else heat).numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_attribution(result: StudyResult, path: Path, count: int = 3) -> Path:
+    """Rows: the models of the first loss; columns: query/neighbour pairs with their similarity attribution maps.
+
+    Each map (:func:`~dml_bias.bias.similarity_attribution`, normalised to its maximum) explains the similarity of
+    the image to the other one of its pair: the query to its nearest neighbour among the original test images, and
+    the neighbour to the query. The images are shown unmasked; the models saw them in their own mask mode. The
+    query's title gives its foreground energy (the share of the map on the object).
+    """
+    data = result.attribution_maps
+    if data is None or not data.get("models"):
+        raise ValueError("result.attribution_maps must hold attribution maps (config.attribution_images > 0)")
+    from dml_bias.bias.report import LOSS_TITLES
+
+    picks = attribution_pairs(result, count)
+    models = data["models"]
+    names = result.dataset.get("class_names", [])
+    fig, axes = _subplots(len(models), 2 * len(picks), (1.5 * 2 * len(picks), 1.6 * len(models)))
+    for row, model in enumerate(models):
+        for col, pos in enumerate(picks):
+            query = int(data["indices"][pos])
+            neighbour = int(model["neighbours"][pos])
+            q_ax, n_ax = axes[row][2 * col], axes[row][2 * col + 1]
+            _overlay(q_ax, data["images"][query], model["query_maps"][pos])
+            _overlay(n_ax, data["images"][neighbour], model["neighbour_maps"][pos])
+            ok = int(data["test_labels"][neighbour]) == int(data["test_labels"][query])
+            for spine in n_ax.spines.values():
+                spine.set_edgecolor("limegreen" if ok else "red")
+                spine.set_linewidth(2)
+            energy = float(model["foreground_energy"][pos])
+            label = int(data["test_labels"][query])
+            title = names[label] if label < len(names) else str(label)
+            q_ax.set_title(f"{title[:14]}\nfg-energy {energy:.2f}", fontsize=5)
+            n_ax.set_title("nearest neighbour", fontsize=5)
+        axes[row][0].set_ylabel(model["name"], fontsize=7)
+    fig.suptitle(
+        f"{LOSS_TITLES.get(data['loss'], data['loss'])}: what makes a query similar to its nearest neighbour "
+        "(Grad-CAM of the cosine similarity); neighbour framed red = wrong class",
+        fontsize=7,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path

@@ -1,8 +1,9 @@
 """Text output of the background-bias study: the printed tables, the per-class bias report and ``report.md``.
 
-These functions take a :class:`~dml_bias.bias.study.StudyResult`; the usual entry points are its methods
-:meth:`~dml_bias.bias.study.StudyResult.table`, :meth:`~dml_bias.bias.study.StudyResult.per_class_report` and
-:meth:`~dml_bias.bias.study.StudyResult.save`.
+These functions take a :class:`~dml_bias.bias.StudyResult`; the usual entry points are its methods
+:meth:`~dml_bias.bias.StudyResult.table`, :meth:`~dml_bias.bias.StudyResult.per_class_report` and
+:meth:`~dml_bias.bias.StudyResult.save`. (The result module imports this one; this one imports it only for type
+checking.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dml_bias.bias.study import StudyResult
+    from dml_bias.bias.result import StudyResult
 
 __all__: list[str] = []
 
@@ -45,6 +46,19 @@ PER_CLASS_FIELDS = (
     "reliance",
     "reliance_share",
     "background_alone_recall@1",
+    "background_sensitivity_none",
+    "background_sensitivity_hard",
+    "foreground_energy_none",
+    "foreground_energy_hard",
+    "foreground_chance",
+)
+#: The attribution measures per run (``run["attribution"]``), with their column titles.
+ATTRIBUTION_COLUMNS = (
+    ("foreground_energy", "fg-energy"),
+    ("foreground_chance", "chance"),
+    ("background_shift", "bg-shift"),
+    ("object_shift", "obj-shift"),
+    ("background_sensitivity", "bg-sens"),
 )
 
 
@@ -108,11 +122,20 @@ def format_tables(result: StudyResult, *, raw: bool | None = None) -> str:
                 f"{('—' if ratio is None else f'{ratio:.1f}×'):>9}  {worst['name']} ({worst['recall@1']:.2f})"
             )
         out.append("")
+        attribution = _attribution_lines(result, loss)
+        if attribution:
+            out.extend([*attribution, ""])
     notes = [
         "eval: own = test images with the model's own mask mode; raw = unmasked test images (channel mode: an "
         "all-object mask channel); both = the mode has no test-time mask (none, bg_augment).",
         "BG-gap = Recall@1 mixed_same − mixed_rand (large: the model uses the background).",
     ]
+    if any("attribution" in r for r in result.runs):
+        notes.append(
+            "fg-energy = share of the Grad-CAM map (query vs its nearest neighbour) on the object; chance = the "
+            "object's area share. bg-shift / obj-shift = 1 − cos of the embedding before and after replacing only "
+            "the background / only the object; bg-sens = bg-shift ÷ (bg-shift + obj-shift), 0 … 1."
+        )
     if chance is not None:
         notes.append(
             f"bg/chance = only_bg_t Recall@1 ÷ chance Recall@1 ({chance:.3f}); well above 1× means the background "
@@ -182,6 +205,11 @@ def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
                     "reliance": (fn - fno) - (fh - fho),
                     "reliance_share": ((fn - fno) - (fh - fho)) / max(fn, 1),
                     "background_alone_recall@1": none["per_class_recall@1"]["metrics"].get("only_bg_t", {}).get(c),
+                    "background_sensitivity_none": _attribution_of(none, c, "background_sensitivity"),
+                    "background_sensitivity_hard": _attribution_of(hard, c, "background_sensitivity"),
+                    "foreground_energy_none": _attribution_of(none, c, "foreground_energy"),
+                    "foreground_energy_hard": _attribution_of(hard, c, "foreground_energy"),
+                    "foreground_chance": _attribution_of(none, c, "foreground_chance"),
                 }
             )
         loss_rows.sort(key=lambda r: (-r["reliance_share"], -r["reliance"], -r["difference"], r["label"]))
@@ -189,6 +217,12 @@ def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
             r["rank"] = rank
         rows.extend(loss_rows)
     return rows
+
+
+def _attribution_of(run: dict[str, Any], label: str, key: str) -> float | None:
+    """A per-class attribution measure of a run (``None`` without attribution or images of that class)."""
+    values = run.get("attribution", {}).get("per_class", {}).get(label)
+    return None if values is None else values[key]
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -229,6 +263,76 @@ def per_class_summary(result: StudyResult, top: int = 10) -> dict[str, dict[str,
             "spearman_difference": _spearman([r["difference"] for r in lr], dists),
             "spearman_background_alone": None if any(b is None for b in bg) else _spearman(bg, dists),
         }
+    return out
+
+
+def attribution_summary(result: StudyResult) -> dict[str, dict[str, Any]]:
+    """Per loss: do the retraining-free measures of the no-mask model find the classes the retraining test finds?
+
+    For every loss with a ``"none"`` run that has attribution measures: the number of classes and Spearman's rank
+    correlation, over the test classes, of the no-mask model's per-class background sensitivity
+    (``spearman_sensitivity_reliance_share``) and of its background energy, one minus the foreground energy
+    (``spearman_background_energy_reliance_share``), with the retraining-based reliance share of
+    :func:`per_class_rows` (``None`` without a ``"hard"`` run), and of both with the home backgrounds'
+    distinctiveness (``spearman_sensitivity_distinctiveness``, ``spearman_background_energy_distinctiveness``;
+    ``None`` on data without it). Classes with a NaN measure are left out.
+    """
+    distinct = result.dataset.get("background_distinctiveness")
+    rows = per_class_rows(result)
+    out: dict[str, dict[str, Any]] = {}
+    for loss in dict.fromkeys(r["loss"] for r in result.runs):
+        none = next((r for r in result.runs if r["loss"] == loss and r["mode"] == "none"), None)
+        if none is None or "attribution" not in none:
+            continue
+        per_class = none["attribution"]["per_class"]
+        share = {str(r["label"]): r["reliance_share"] for r in rows if r["loss"] == loss}
+        summary: dict[str, Any] = {"num_classes": len(per_class)}
+        for key, name in (("background_sensitivity", "sensitivity"), ("foreground_energy", "background_energy")):
+            score = {
+                c: (1.0 - v[key] if key == "foreground_energy" else v[key])
+                for c, v in per_class.items()
+                if v[key] == v[key]  # not NaN
+            }
+            targets = {
+                "reliance_share": share or None,
+                "distinctiveness": None if distinct is None else {c: distinct[int(c)] for c in score},
+            }
+            for target_name, target in targets.items():
+                common = [c for c in score if c in (target or {})]
+                summary[f"spearman_{name}_{target_name}"] = (
+                    _spearman([score[c] for c in common], [target[c] for c in common])
+                    if target is not None and len(common) > 2
+                    else None
+                )
+        out[loss] = summary
+    return out
+
+
+def _attribution_lines(result: StudyResult, loss: str) -> list[str]:
+    """The attribution table of one loss (empty without attribution measures)."""
+    runs = [r for r in result.runs if r["loss"] == loss and "attribution" in r]
+    if not runs:
+        return []
+    first = runs[0]["attribution"]
+    per_class = result.config.attribution_images
+    out = [
+        f"{LOSS_TITLES.get(loss, loss)}: attribution on {first['num_images']} test images ({per_class} per class, "
+        f"own mask mode; maps at {first['layer']!r})",
+        f"  {'mode':<12} " + " ".join(f"{title:>9}" for _, title in ATTRIBUTION_COLUMNS),
+    ]
+    for run in runs:
+        a = run["attribution"]
+        out.append(f"  {run['name']:<12} " + " ".join(_fmt(a[key], 9) for key, _ in ATTRIBUTION_COLUMNS))
+    summary = attribution_summary(result).get(loss)
+    if summary is not None:
+        parts = []
+        for name, title in (("sensitivity", "bg-sens"), ("background_energy", "1 − fg-energy")):
+            for target, target_title in (("reliance_share", "reliance share"), ("distinctiveness", "distinctiveness")):
+                value = summary[f"spearman_{name}_{target}"]
+                if value is not None:
+                    parts.append(f"{title} ~ {target_title} {value:+.2f}")
+        if parts:
+            out.append("  no-mask model, Spearman over classes: " + ", ".join(parts))
     return out
 
 
@@ -334,6 +438,27 @@ def write_report_md(result: StudyResult, path: Path, figures: Sequence[Path] = (
         "The whole list is in `per_class.csv`; every number is in `results.json`.",
         "",
     ]
+    if any("attribution" in r for r in result.runs):
+        lines += ["## Attribution (no retraining)", ""]
+        for loss in dict.fromkeys(r["loss"] for r in result.runs):
+            runs = [r for r in result.runs if r["loss"] == loss and "attribution" in r]
+            if not runs:
+                continue
+            lines += [
+                f"### {LOSS_TITLES.get(loss, loss)}",
+                "",
+                "| mode | " + " | ".join(key for key, _ in ATTRIBUTION_COLUMNS) + " |",
+                "|---|" + "---|" * len(ATTRIBUTION_COLUMNS),
+            ]
+            for run in runs:
+                cells = " | ".join(f"{run['attribution'][key]:.3f}" for key, _ in ATTRIBUTION_COLUMNS)
+                lines.append(f"| {run['name']} | {cells} |")
+            summary = attribution_summary(result).get(loss, {})
+            lines.append("")
+            for key, value in summary.items():
+                if key.startswith("spearman_") and value is not None:
+                    lines.append(f"- `{key}`: {value:+.3f}")
+            lines.append("")
     if result.runs:
         lines += ["## All metrics", ""]
         for loss in dict.fromkeys(r["loss"] for r in result.runs):

@@ -38,6 +38,8 @@ def test_module_help_in_a_fresh_interpreter() -> None:
         (["study", "--swap", "gallery"], "invalid choice: 'gallery'"),
         (["study", "--epochs", "0"], "expected a positive integer, got '0'"),
         (["study", "--sigmas", "0.2,x"], "expected comma-separated numbers"),
+        (["study", "--sigmas", "2"], "expected numbers between 0 and 1 (exclusive) such as 0.2,0.5, got '2'"),
+        (["study", "--sigmas", "0.2,1"], "expected numbers between 0 and 1 (exclusive)"),
         (["study", "--dataset", "cub"], "--dataset cub needs --root PATH"),
         (["study", "--root", "/tmp"], "--root and --weights are only used with --dataset cub"),
     ],

@@ -11,7 +11,10 @@ import torch
 
 from dml_bias.bias import METRIC_KEYS, VARIANTS, StudyConfig, StudyResult, run_study
 from dml_bias.bias import study as study_module
-from dml_bias.bias.report import per_class_rows, per_class_summary
+from dml_bias.bias.data import StudyData
+from dml_bias.bias.evaluation import chance_recall_at_1, embed, evaluate_retrieval
+from dml_bias.bias.models import SmallCNN
+from dml_bias.bias.report import PER_CLASS_FIELDS, per_class_rows, per_class_summary
 
 TINY = {
     "num_classes": 6,
@@ -80,23 +83,33 @@ def test_every_mode_and_loss_in_results_json(tiny_result: tuple[StudyResult, Pat
     assert data["seed"] == 0
     assert data["config"]["epochs_resolved"] == 1
     assert {"torch", "dml_bias", "python"} <= set(data["versions"])
-    assert data["timings"]["total"] > 0
+    # the total covers the data preparation and every run's training, evaluation and attribution
+    parts = data["timings"]["data"] + sum(
+        r["train_seconds"] + r["eval_seconds"] + r["attribution_seconds"] for r in data["runs"]
+    )
+    assert data["timings"]["total"] >= parts
     assert data["interrupted"] is False
     # TINY: 3 classes with a home of their own, 3 sharing the fourth background
     assert sorted(data["dataset"]["background_distinctiveness"]) == pytest.approx([1 / 3] * 3 + [1.0] * 3)
     assert set(data["per_class_summary"]) == {"proxy_anchor", "multi_similarity"}
-    for summary in data["per_class_summary"].values():
+    from scipy.stats import spearmanr
+
+    for loss, summary in data["per_class_summary"].items():
         assert summary["num_classes"] == TINY["num_classes"]
-        assert -1.0 <= summary["spearman_reliance_share"] <= 1.0
+        rows = [r for r in data["per_class"] if r["loss"] == loss]
+        shares = [r["reliance_share"] for r in rows]
+        distinct = [r["background_distinctiveness"] for r in rows]
+        expected = 0.0 if len(set(shares)) < 2 else spearmanr(shares, distinct).statistic
+        assert summary["spearman_reliance_share"] == pytest.approx(expected)
 
 
 def test_own_and_raw_evaluations(tiny_result: tuple[StudyResult, Path]) -> None:
     result, _ = tiny_result
     by = {(r["loss"], r["name"]): r for r in result.runs}
     for loss in ("proxy_anchor", "multi_similarity"):
-        # No test-time mask: the raw evaluation is the same evaluation.
-        assert by[(loss, "none")]["metrics_raw"] == by[(loss, "none")]["metrics"]
-        assert by[(loss, "bg_augment")]["metrics_raw"] == by[(loss, "bg_augment")]["metrics"]
+        # No test-time mask: the raw evaluation is the same evaluation (the same entry, not a second one).
+        assert by[(loss, "none")]["metrics_raw"] is by[(loss, "none")]["metrics"]
+        assert by[(loss, "bg_augment")]["metrics_raw"] is by[(loss, "bg_augment")]["metrics"]
         hard = by[(loss, "hard")]["metrics"]
         # Hard masks at test time hide every background: the swapped variants equal the original exactly.
         for v in ("only_fg", "mixed_same", "mixed_rand", "mixed_next"):
@@ -150,16 +163,33 @@ def test_ranking_follows_home_background_distinctiveness() -> None:
 
 
 def test_swap_queries_keeps_the_original_gallery() -> None:
+    """Both protocols against a hand-made evaluation of the same (untrained) model."""
+    from dml_bias.metrics import retrieval_metrics
+
     base = {**TINY, "losses": ("proxy_anchor",), "modes": ("none",), "variants": ("original", "mixed_rand")}
-    both = run_study(StudyConfig(**base, swap="both")).runs[0]["metrics"]
-    queries = run_study(StudyConfig(**base, swap="queries")).runs[0]["metrics"]
-    # Same seed, same model: on the original images the two protocols coincide.
-    assert queries["original"] == pytest.approx(both["original"])
-    assert queries["mixed_rand"] != both["mixed_rand"]
+    spec = {"loss": "proxy_anchor", "mode": "none", "sigma": None}
+    torch.manual_seed(0)
+    model = SmallCNN(embedding_size=8, width=4).eval()
+    results = {}
+    for swap in ("both", "queries"):
+        cfg = StudyConfig(**base, swap=swap)
+        data = StudyData(cfg)
+        results[swap] = evaluate_retrieval(cfg, data, model, spec, ["original", "mixed_rand"], torch.device("cpu"))[0]
+    orig = embed(model, data.variant("original"), "none", None, False, data, torch.device("cpu"))
+    mixed = embed(model, data.variant("mixed_rand"), "none", None, False, data, torch.device("cpu"))
+    labels = data.test.labels
+    ks = [1, 2, 4, 8]
+    swapped_gallery = retrieval_metrics(mixed, labels, ks=ks, full_map=False)
+    original_gallery = retrieval_metrics(mixed, labels, orig, labels, ks=ks, exclude_self=True, full_map=False)
+    for k in ("recall@1", "recall@8", "map@r"):
+        assert results["both"]["metrics"]["mixed_rand"][k] == pytest.approx(float(swapped_gallery[k]))
+        assert results["queries"]["metrics"]["mixed_rand"][k] == pytest.approx(float(original_gallery[k]))
+    # on the original images the two protocols coincide
+    assert results["queries"]["metrics"]["original"] == pytest.approx(results["both"]["metrics"]["original"])
 
 
 def test_interrupt_keeps_completed_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_train = study_module._train
+    real_train = study_module.train_model
     calls = {"n": 0}
 
     def train_then_interrupt(*args, **kwargs):
@@ -168,7 +198,7 @@ def test_interrupt_keeps_completed_runs(tmp_path: Path, monkeypatch: pytest.Monk
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "_train", train_then_interrupt)
+    monkeypatch.setattr(study_module, "train_model", train_then_interrupt)
     cfg = StudyConfig(**{**TINY, "losses": ("proxy_anchor",), "modes": ("none", "hard")}, out_dir=str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg)
@@ -262,7 +292,7 @@ def test_per_class_summary_with_ties_and_constant_scores() -> None:
 def test_chance_recall() -> None:
     labels = torch.tensor([0, 0, 1, 1, 1])
     # class 0 queries: 1 of 4 others; class 1 queries: 2 of 4 others
-    assert study_module._chance_recall_at_1(labels) == pytest.approx((2 * 0.25 + 3 * 0.5) / 5)
+    assert chance_recall_at_1(labels) == pytest.approx((2 * 0.25 + 3 * 0.5) / 5)
 
 
 @pytest.mark.parametrize(
@@ -303,3 +333,142 @@ def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
     target.write_text("x")
     with pytest.raises(study_module.StudyError, match="not a directory"):
         run_study(StudyConfig(**TINY, out_dir=str(target)))
+
+
+# ------------------------------------------------------------------------------------ attribution in the study
+
+ATTRIBUTION_KEYS = {
+    "layer",
+    "num_images",
+    "foreground_energy",
+    "foreground_chance",
+    "background_shift",
+    "object_shift",
+    "background_sensitivity",
+    "per_class",
+}
+
+
+def test_attribution_keys_in_results_report_and_csv(tiny_result: tuple[StudyResult, Path]) -> None:
+    _result, out = tiny_result
+    data = json.loads((out / "results.json").read_text())
+    n_images = TINY["num_classes"] * StudyConfig().attribution_images
+    assert data["config"]["attribution_images"] == 4
+    assert len(data["dataset"]["attribution_images"]["indices"]) == n_images
+    labels = data["dataset"]["attribution_images"]["indices"]
+    donors = data["dataset"]["attribution_images"]["donors"]
+    assert len(donors) == len(labels)
+    for run in data["runs"]:
+        a = run["attribution"]
+        assert set(a) == ATTRIBUTION_KEYS
+        assert a["layer"] == "features"
+        assert a["num_images"] == n_images
+        assert set(a["per_class"]) == {str(c) for c in range(TINY["num_classes"])}
+        assert 0.0 <= a["foreground_energy"] <= 1.0
+        assert 0.0 <= a["background_sensitivity"] <= 1.0
+        # the chance level is the objects' mean area share, the same for every model
+        assert a["foreground_chance"] == pytest.approx(data["runs"][0]["attribution"]["foreground_chance"])
+        # the mean over images equals the count-weighted mean of the per-class means
+        weighted = sum(v["background_shift"] * v["count"] for v in a["per_class"].values()) / n_images
+        assert a["background_shift"] == pytest.approx(weighted)
+    assert set(data["attribution_summary"]) == {"proxy_anchor", "multi_similarity"}
+    for summary in data["attribution_summary"].values():
+        assert set(summary) == {
+            "num_classes",
+            "spearman_sensitivity_reliance_share",
+            "spearman_sensitivity_distinctiveness",
+            "spearman_background_energy_reliance_share",
+            "spearman_background_energy_distinctiveness",
+        }
+    md = (out / "report.md").read_text()
+    for text in ("## Attribution (no retraining)", "| foreground_energy |", "`spearman_sensitivity_reliance_share`"):
+        assert text in md
+    assert "![attribution_maps](attribution_maps.png)" in md
+    assert (out / "attribution_maps.png").is_file()
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert list(rows[0]) == list(PER_CLASS_FIELDS)
+    by_run = {(r["loss"], r["mode"]): r for r in data["runs"]}
+    for row in rows:
+        none = by_run[(row["loss"], "none")]["attribution"]["per_class"][row["label"]]
+        assert float(row["background_sensitivity_none"]) == pytest.approx(none["background_sensitivity"])
+        assert float(row["background_sensitivity_hard"]) == 0.0
+    assert "bg-sens" in _result.table()
+
+
+def test_hard_mask_model_has_zero_background_shift(tiny_result: tuple[StudyResult, Path]) -> None:
+    """With hard masks the background is gone from the input, so swapping it cannot move the embedding."""
+    result, _ = tiny_result
+    for run in result.runs:
+        a = run["attribution"]
+        if run["mode"] == "hard":
+            assert a["background_shift"] == 0.0
+            assert a["background_sensitivity"] == 0.0
+            assert all(v["background_shift"] == 0.0 for v in a["per_class"].values())
+            assert a["object_shift"] > 0.0
+        elif run["mode"] in ("none", "bg_augment"):
+            assert a["background_shift"] > 0.0
+
+
+def test_attribution_off(tmp_path: Path) -> None:
+    cfg = StudyConfig(**{**TINY, "losses": ("proxy_anchor",), "modes": ("none",)}, attribution_images=0)
+    result = run_study(cfg)
+    assert "attribution" not in result.runs[0]
+    assert result.attribution_maps is None
+    assert result.to_dict()["attribution_summary"] == {}
+    names = {p.name for p in result.save(tmp_path).values()}
+    assert "attribution_maps.png" not in names
+
+
+def test_figures_leave_the_matplotlib_backend_alone(tiny_result: tuple[StudyResult, Path], tmp_path: Path) -> None:
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        paths = tiny_result[0].plot(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert {p.name for p in paths} == {
+        "recall_by_mode.png",
+        "per_class_failures.png",
+        "retrieval_grid.png",
+        "attribution_maps.png",
+    }
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+def test_soft_sigmas_must_lie_in_the_open_unit_interval() -> None:
+    for bad in (1.0, 2.0, 0.0):
+        with pytest.raises(ValueError, match=r"soft_sigmas must be a number in \(0.0, 1.0\)"):
+            StudyConfig(soft_sigmas=(0.2, bad)).validate()
+    StudyConfig(soft_sigmas=(0.01, 0.99)).validate()
+    # without the soft mode the σ values are not used
+    StudyConfig(modes=("none",), soft_sigmas=(2.0,)).validate()
+
+
+def test_training_settings_user_values_win_over_the_recipe() -> None:
+    cub = {"dataset": "cub", "root": "CUB_200_2011"}
+    recipe = StudyConfig(**cub).resolved_training("multi_similarity")
+    assert (recipe["lr"], recipe["weight_decay"], recipe["batch_size"], recipe["m_per_class"]) == (3e-5, 5e-4, 80, 5)
+    own = StudyConfig(**cub, lr=1e-2, weight_decay=0.0, batch_size=12, m_per_class=3)
+    for loss in ("proxy_anchor", "multi_similarity"):
+        s = own.resolved_training(loss)
+        assert (s["lr"], s["weight_decay"], s["batch_size"], s["m_per_class"], s["from_recipe"]) == (
+            1e-2,
+            0.0,
+            12,
+            3,
+            [],
+        )
+    # a partial setting: the user's batch with the recipe's images per class must still fit
+    with pytest.raises(ValueError, match="batch_size must be a multiple of m_per_class=4"):
+        StudyConfig(**cub, batch_size=90).validate()
+    synthetic = StudyConfig().to_dict()["training_resolved"]["proxy_anchor"]
+    assert synthetic == {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 60, "m_per_class": 5}
+
+
+def test_runs_record_the_settings_actually_used(tiny_result: tuple[StudyResult, Path]) -> None:
+    result, _ = tiny_result
+    for run in result.runs:
+        assert run["training"] == {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 12, "m_per_class": 3, "epochs": 1}
