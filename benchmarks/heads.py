@@ -9,12 +9,15 @@ For each joint (``absdiff``, ``product``, ``concat``), D = 512, K = 50 condition
   ~4 GB peak) only;
 * ``ours``: ``head.score_matrix(q, g)`` at ``--n-naive`` (the ratios) and at ``--n`` (default 5,000);
 * ``ours_topk``: ``head.topk(q, g, 10)`` at ``--n`` (absdiff).
+* ``naive_rows``: the naive broadcast over blocks of ``--naive-rows`` (100) query rows at ``--n`` (absdiff; 1 GB of
+  joint features per block at G = 5,000): what a user writes when the whole broadcast does not fit, and the only
+  naive form that runs at Q = G = 5,000 on a 24 GiB machine. One run; the ratio against ``ours`` at ``--n``.
 
 Each run is a fresh spawned process (one warm-up call on 8 x 8 pairs, then one timed call); at ``--n-naive`` the
 naive and our runs alternate ``--repeat`` times (default 3) and the minimum time is reported; at ``--n`` ours runs
 once. Peak memory: on the CPU the growth of the process's peak RSS (``ru_maxrss``) over its value once the inputs
 and the head exist (tracemalloc does not see torch's allocations); on CUDA ``max_memory_allocated`` above the
-inputs. Both include the returned ``(Q, G)`` matrix (4 MB at 1,000, 100 MB at 5,000). Ratios are naive /
+inputs. Both include the returned ``(Q, G)`` matrix (4 MB at 1,000, 100 MB at 5,000). Ratios are naive (or naive_rows) /
 ours at the same size (> 1: ours is faster or smaller); ``|diff|`` is the largest difference from the naive
 scores.
 
@@ -51,7 +54,14 @@ def naive_scores(head: Any, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(r, dim=-1) * torch.sigmoid(z)).sum(-1)
 
 
-def run_case(case: str, joint: str, n: int, device: str, repeat: int, threads: int | None, out: Any) -> None:
+def naive_rows(head: Any, q: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """The naive broadcast over blocks of ``rows`` query rows (each block's (rows, G, D) joint tensor at once)."""
+    return torch.cat([naive_scores(head, q[i : i + rows], g) for i in range(0, q.shape[0], rows)])
+
+
+def run_case(
+    case: str, joint: str, n: int, device: str, repeat: int, threads: int | None, out: Any, rows: int = 100
+) -> None:
     """One case in this (fresh) process: best-of-``repeat`` seconds, peak memory, the scores' checksum."""
     if threads:
         torch.set_num_threads(threads)
@@ -66,6 +76,7 @@ def run_case(case: str, joint: str, n: int, device: str, repeat: int, threads: i
         "naive": lambda: naive_scores(head, q, g),
         "ours": lambda: head.score_matrix(q, g),
         "ours_topk": lambda: head.topk(q, g, 10),
+        "naive_rows": lambda: naive_rows(head, q, g, rows),
     }
     fn = fns[case]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -96,10 +107,12 @@ def run_case(case: str, joint: str, n: int, device: str, repeat: int, threads: i
     out.put({"seconds": best, "peak_mib": peak, "sample": sample.tolist()})  # plain lists: no shared memory
 
 
-def measure(case: str, joint: str, n: int, device: str, repeat: int, threads: int | None) -> dict[str, Any]:
+def measure(
+    case: str, joint: str, n: int, device: str, repeat: int, threads: int | None, rows: int = 100
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_case, args=(case, joint, n, device, repeat, threads, queue))
+    proc = ctx.Process(target=run_case, args=(case, joint, n, device, repeat, threads, queue, rows))
     proc.start()
     result = queue.get()
     proc.join()
@@ -125,6 +138,10 @@ def measure_interleaved(
     return best
 
 
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float((torch.tensor(a["sample"]) - torch.tensor(b["sample"])).abs().max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000, help="Q = G for ours alone (default 5000)")
@@ -134,6 +151,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case at --n-naive; the minimum is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each case")
     parser.add_argument("--skip-large", action="store_true", help="skip the runs at --n")
+    parser.add_argument("--naive-rows", type=int, default=100, help="query rows per block of naive_rows")
+    parser.add_argument("--skip-naive-rows", action="store_true", help="skip naive_rows at --n")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, D={D}, K={K}")
     header = (
@@ -145,18 +164,24 @@ def main() -> None:
         for joint in args.joints:
             pair = measure_interleaved(["naive", "ours"], joint, args.n_naive, device, args.repeat, args.threads)
             naive, ours = pair["naive"], pair["ours"]
-            diff = float((torch.tensor(ours["sample"]) - torch.tensor(naive["sample"])).abs().max())
-            rows = [("naive", args.n_naive, naive, "", ""), ("ours", args.n_naive, ours, "", f"{diff:.1e}")]
+            diff = _max_diff(ours, naive)
+            # (case, n, result, the peer it is compared with or None, |diff| text)
+            rows = [("naive", args.n_naive, naive, None, ""), ("ours", args.n_naive, ours, naive, f"{diff:.1e}")]
             if not args.skip_large:
-                rows.append(("ours", args.n, measure("ours", joint, args.n, device, 1, args.threads), "", ""))
+                large = measure("ours", joint, args.n, device, 1, args.threads)
+                peer, diff_text = None, ""
+                if joint == "absdiff" and not args.skip_naive_rows:
+                    peer = measure("naive_rows", joint, args.n, device, 1, args.threads, args.naive_rows)
+                    rows.append(("naive_rows", args.n, peer, None, ""))
+                    diff_text = f"{_max_diff(large, peer):.1e}"
+                rows.append(("ours", args.n, large, peer, diff_text))
                 if joint == "absdiff":
                     rows.append(
-                        ("ours_topk", args.n, measure("ours_topk", joint, args.n, device, 1, args.threads), "", "")
+                        ("ours_topk", args.n, measure("ours_topk", joint, args.n, device, 1, args.threads), None, "")
                     )
-            for case, n, r, _, diff_text in rows:
-                same = case == "ours" and n == args.n_naive
-                t_ratio = f"{naive['seconds'] / r['seconds']:7.2f}" if same else f"{'':7}"
-                m_ratio = f"{naive['peak_mib'] / max(r['peak_mib'], 1e-3):7.1f}" if same else f"{'':7}"
+            for case, n, r, versus, diff_text in rows:
+                t_ratio = f"{versus['seconds'] / r['seconds']:7.2f}" if versus else f"{'':7}"
+                m_ratio = f"{versus['peak_mib'] / max(r['peak_mib'], 1e-3):7.1f}" if versus else f"{'':7}"
                 print(
                     f"{device:6} {joint:8} {case:10} {n:>6} {r['seconds']:9.3f} {t_ratio} {r['peak_mib']:9.1f} "
                     f"{m_ratio} {diff_text:>16}"
