@@ -1,12 +1,14 @@
 r"""What an embedding model looks at, measured without retraining.
 
-* :func:`similarity_attribution`: per-pixel maps that explain the cosine similarity of a query image to a reference
-  (Grad-CAM :cite:`selvaraju2017gradcam` applied to the similarity score, as Stylianou et al. visualise similarity
-  networks :cite:`stylianou2019visualizing`);
-* :func:`foreground_energy`: the share of a map's positive attribution that falls on the object (the energy-based
-  pointing game of Score-CAM :cite:`wang2020scorecam`), with the object's area share as the chance level;
-* :func:`background_sensitivity`: how far an embedding moves when only the background is replaced, against when
-  only the object is replaced (both with :func:`~dml_bias.transforms.functional.swap_background`).
+* :func:`~dml_bias.bias.similarity_attribution`: per-pixel maps that explain the cosine similarity of a query
+  image to a reference (Grad-CAM :cite:`selvaraju2017gradcam` applied to the similarity score, as Stylianou et
+  al. visualise similarity networks :cite:`stylianou2019visualizing`);
+* :func:`~dml_bias.bias.foreground_energy`: the share of a map's positive attribution that falls on the object
+  (the energy-based pointing game of Score-CAM :cite:`wang2020scorecam`), with the object's area share as the
+  chance level;
+* :func:`~dml_bias.bias.background_sensitivity`: how far an embedding moves when only the background is
+  replaced, against when only the object is replaced (both with
+  :func:`~dml_bias.transforms.functional.swap_background`).
 
 All three work on any :class:`torch.nn.Module` that maps a batch of images to a batch of embeddings; the study
 (:func:`~dml_bias.bias.run_study`) reports them for every trained model.
@@ -128,6 +130,29 @@ def _check_masks(masks: Any, name: str, n: int, h: int, w: int, source: str, *, 
     return flat != 0
 
 
+def _similarity_gradient(
+    embeddings: Any, ref: torch.Tensor, captured: list[torch.Tensor], layer_name: str, n: int
+) -> torch.Tensor:
+    """The gradient of the per-row cosine similarity with respect to the captured layer output."""
+    if not captured:
+        raise ValueError(f"layer {layer_name!r} did not run in model's forward pass; choose a layer it uses")
+    if len(captured) > 1:
+        raise ValueError(
+            f"layer {layer_name!r} ran {len(captured)} times in one forward pass; choose a layer that runs once"
+        )
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != n:
+        raise ValueError(f"model must map query to ({n}, D) embeddings, got {describe(embeddings)}")
+    if embeddings.shape[1] != ref.shape[1]:
+        raise ValueError(
+            f"reference must have the embedding size D={embeddings.shape[1]} of model's output, got {describe(ref)}"
+        )
+    # at least float32, so half-precision models get a usable gradient; float64 stays float64
+    work = torch.promote_types(embeddings.dtype, torch.float32)
+    score = F.cosine_similarity(embeddings.to(work), ref.detach().to(work), dim=1)
+    (grads,) = torch.autograd.grad(score.sum(), captured[0])
+    return grads
+
+
 # ------------------------------------------------------------------------------------------------ attribution
 
 
@@ -157,8 +182,10 @@ def similarity_attribution(
 
     The model runs in eval mode (so batch statistics do not mix the queries); afterwards every sub-module's
     training flag is as before, the temporary hook on ``layer`` is removed, and the parameters and their
-    ``.grad`` are untouched (the gradient is taken with :func:`torch.autograd.grad` with respect to the layer's
-    output only). The call works inside :func:`torch.no_grad` and :func:`torch.inference_mode`, on any device.
+    ``.grad`` are untouched (the gradient is taken with ``torch.autograd.grad`` with respect to the layer's
+    output only, and autograd records only the part of the forward pass after ``layer``). The call works inside
+    ``torch.no_grad()`` and ``torch.inference_mode()``, on any device. Memory grows with ``N``: pass large sets in
+    chunks.
 
     Args:
         model: A module mapping ``(N, C, H, W)`` images to ``(N, D)`` embeddings.
@@ -212,38 +239,28 @@ def similarity_attribution(
         # A fresh leaf, so the gradient stops here; the clone keeps it safe from in-place ops further on.
         leaf = output.detach().requires_grad_(True)
         captured.append(leaf)
+        # The forward pass runs without autograd up to this layer and with it from here on: only the part that
+        # the gradient needs is recorded (a fraction of the memory of a full training graph).
+        torch.set_grad_enabled(True)
         return leaf.clone()
 
-    with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model):
-        if reference.ndim == 4:
-            with torch.no_grad():
-                ref = model(reference.clone())
+    grad_mode = torch.is_grad_enabled()
+    with torch.inference_mode(False), _eval_mode(model):
+        try:
+            torch.set_grad_enabled(False)
+            ref = model(reference.clone()) if reference.ndim == 4 else reference.clone()
             if not isinstance(ref, torch.Tensor) or ref.ndim != 2:
                 raise ValueError(f"model must map images to (N, D) embeddings, got {describe(ref)}")
-        else:
-            ref = reference.clone()
-        handle = target.register_forward_hook(keep_output)
-        try:
-            embeddings = model(query.detach().clone())
+            handle = target.register_forward_hook(keep_output)
+            try:
+                embeddings = model(query.detach().clone())
+            finally:
+                handle.remove()
+            torch.set_grad_enabled(True)
+            grads = _similarity_gradient(embeddings, ref, captured, layer_name, sizes["N"])
         finally:
-            handle.remove()
-        if not captured:
-            raise ValueError(f"layer {layer_name!r} did not run in model's forward pass; choose a layer it uses")
-        if len(captured) > 1:
-            raise ValueError(
-                f"layer {layer_name!r} ran {len(captured)} times in one forward pass; choose a layer that runs once"
-            )
-        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != sizes["N"]:
-            raise ValueError(f"model must map query to ({sizes['N']}, D) embeddings, got {describe(embeddings)}")
-        if embeddings.shape[1] != ref.shape[1]:
-            raise ValueError(
-                f"reference must have the embedding size D={embeddings.shape[1]} of model's output, got {describe(ref)}"
-            )
-        activations = captured[0]
-        # at least float32, so half-precision models get a usable gradient; float64 stays float64
-        work = torch.promote_types(embeddings.dtype, torch.float32)
-        score = F.cosine_similarity(embeddings.to(work), ref.detach().to(work), dim=1)
-        (grads,) = torch.autograd.grad(score.sum(), activations)
+            torch.set_grad_enabled(grad_mode)
+    activations = captured[0]
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations.detach()).sum(dim=1, keepdim=True))
     maps = F.interpolate(

@@ -249,7 +249,7 @@ def evaluate_attribution(
     Returns:
         The run's ``attribution`` entry and, if ``keep_maps``, the figure's data for this model.
     """
-    from dml_bias.bias.attribution import background_sensitivity, foreground_energy, similarity_attribution
+    from dml_bias.bias.attribution import background_sensitivity, foreground_energy
     from dml_bias.metrics import knn
     from dml_bias.transforms.functional import foreground_mask
 
@@ -267,7 +267,7 @@ def evaluate_attribution(
     layer = attribution_layer(model)
     query_in = inputs(test.images[idx], test.masks[idx])
     neighbour_emb = original["gallery"][neighbours].to(device)
-    maps = similarity_attribution(model, query_in, neighbour_emb, layer=layer).cpu()
+    maps = _attribution_maps(model, query_in, neighbour_emb, layer)
     # Real segmentations are soft (CUB's grey levels): the energy counts the pixels above half as object.
     energy = foreground_energy(maps, foreground_mask(test.masks[idx]))
     shifts = background_sensitivity(
@@ -307,7 +307,7 @@ def evaluate_attribution(
     if keep_maps:
         neighbour_in = inputs(test.images[neighbours], test.masks[neighbours])
         query_emb = original["query"][idx].to(device)
-        neighbour_maps = similarity_attribution(model, neighbour_in, query_emb, layer=layer).cpu()
+        neighbour_maps = _attribution_maps(model, neighbour_in, query_emb, layer)
         figure = {
             "name": spec.get("name", mode),
             "query_maps": maps,
@@ -316,6 +316,19 @@ def evaluate_attribution(
             "foreground_energy": energy.energy,
         }
     return entry, figure
+
+
+def _attribution_maps(
+    model: nn.Module, query: torch.Tensor, reference: torch.Tensor, layer: str, chunk: int = 64
+) -> torch.Tensor:
+    """:func:`~dml_bias.bias.similarity_attribution` in chunks of ``chunk`` images (bounded memory), on the CPU."""
+    from dml_bias.bias.attribution import similarity_attribution
+
+    parts = [
+        similarity_attribution(model, query[i : i + chunk], reference[i : i + chunk], layer=layer).cpu()
+        for i in range(0, query.shape[0], chunk)
+    ]
+    return torch.cat(parts)
 
 
 def attribution_figure_data(
