@@ -789,8 +789,9 @@ class DELG(nn.Module):
             TypeError: if ``images`` is not a floating tensor or ``labels`` not an integer one.
         """
         self._check_images(images)
+        arcface = self.arcface
         if labels is not None:
-            if self.arcface is None or self.num_classes is None:
+            if arcface is None or self.num_classes is None:
                 raise ValueError("labels were given but the model has no classifiers: build it with num_classes=")
             check_labels(
                 labels,
@@ -852,12 +853,14 @@ class DELG(nn.Module):
         self._check_images(images)
         scales = self._check_scales(scales, "scales")
         with self._inference():
-            total: torch.Tensor | None = None
-            for scale in scales:
-                resized = self._resize(images, scale, antialias)
-                descriptor = self.global_head(self.backbone.layer4(self._local_map(resized)))
-                total = descriptor if total is None else total + descriptor
-            assert total is not None
+            # _check_scales returned a non-empty tuple: the sum starts from the first scale's descriptor.
+            descriptors = (
+                self.global_head(self.backbone.layer4(self._local_map(self._resize(images, scale, antialias))))
+                for scale in scales
+            )
+            total = next(descriptors)
+            for descriptor in descriptors:
+                total = total + descriptor
             return normalize(total)
 
     def extract_local(

@@ -149,7 +149,8 @@ def _segment_mean(
             dtype = torch.promote_types(scores.dtype, torch.float32)
             sums = torch.zeros(num_segments, dtype=dtype, device=scores.device)
         sums.index_add_(0, segment[start:stop].to(scores.device), scores.to(sums.dtype))
-    assert sums is not None  # every segment has at least one pair, so there is at least one chunk
+    if sums is None:  # the callers give every segment at least one pair, so there is at least one chunk
+        raise RuntimeError(f"internal error: no pairs to score for {num_segments} segments")
     counts = torch.bincount(segment, minlength=num_segments).to(device=sums.device, dtype=sums.dtype)
     return sums / counts
 

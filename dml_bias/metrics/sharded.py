@@ -362,7 +362,8 @@ def sharded_retrieval_metrics(
             _, _, neighbour_labels = _search_and_merge(
                 query[start:stop], reference_shard, k_search, layout, metric, exclude, chunk_size, group, payload=rlab
             )
-            assert neighbour_labels is not None
+            if neighbour_labels is None:  # _search_and_merge returns the payload's rows whenever one is passed
+                raise RuntimeError("internal error: the sharded search returned no labels for its neighbours")
             relevant = neighbour_labels == qlab[start:stop, None]
             for i, k in enumerate(ks):
                 recall[i, start:stop] = relevant[:, :k].any(dim=1).to(torch.float64)

@@ -12,28 +12,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dml_bias._checks import describe
-from dml_bias.transforms.functional import _check_options, _mask_background
+from dml_bias.transforms._masking import check_mask_options, mask_background_checked
+from dml_bias.transforms._sample import find_mask, is_image_leaf
 
 __all__ = ["BackgroundMask"]
-
-
-def _find_mask(flat_inputs: list[Any], transform_name: str) -> tv_tensors.Mask:
-    masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
-    if len(masks) != 1:
-        shapes = ", ".join(str(tuple(m.shape)) for m in masks)
-        found = f"{len(masks)} ({shapes})" if masks else "none"
-        raise ValueError(
-            f"{transform_name} needs exactly one tv_tensors.Mask in the sample, found {found}; leaves of the sample: "
-            + ", ".join(type(x).__name__ for x in flat_inputs)
-        )
-    return masks[0]
-
-
-def _is_image_leaf(inpt: Any) -> bool:
-    """Image leaves edited by the mask transforms: images, videos, PIL images and (per torchvision) pure tensors."""
-    if isinstance(inpt, (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image)):
-        return True
-    return type(inpt) is torch.Tensor
 
 
 class BackgroundMask(v2.Transform):
@@ -99,7 +81,7 @@ class BackgroundMask(v2.Transform):
         background_ids: Sequence[int] | None = None,
         soft_alpha: bool = False,
     ) -> None:
-        ids = _check_options(mode, sigma, threshold, background_ids, soft_alpha)
+        ids = check_mask_options(mode, sigma, threshold, background_ids, soft_alpha)
         super().__init__()
         self.mode = mode
         self.sigma = float(sigma)
@@ -109,11 +91,11 @@ class BackgroundMask(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         """Find the sample's one mask (``ValueError`` if there is none or more than one)."""
-        return {"mask": _find_mask(flat_inputs, type(self).__name__)}
+        return {"mask": find_mask(flat_inputs, type(self).__name__)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         """Mask one image leaf; return any other leaf (the mask included) as it is."""
-        if not _is_image_leaf(inpt):
+        if not is_image_leaf(inpt):
             return inpt
         mask = params["mask"].as_subclass(torch.Tensor)
         if isinstance(inpt, PIL.Image.Image):
@@ -126,7 +108,7 @@ class BackgroundMask(v2.Transform):
 
     def _apply(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         try:
-            return _mask_background(
+            return mask_background_checked(
                 image, mask, self.mode, self.sigma, self.threshold, self.background_ids, self.soft_alpha
             )
         except (TypeError, ValueError) as err:

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dml_bias._checks import check_choice, check_number, describe
-from dml_bias.transforms._mask import _find_mask, _is_image_leaf
+from dml_bias.transforms._sample import find_mask, is_image_leaf
 from dml_bias.transforms.functional import DONOR_RULES, FILLS, choose_donor, swap_background
 
 __all__ = ["BackgroundSwap"]
@@ -181,7 +181,7 @@ class BackgroundSwap(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         """Draw whether to swap, the donor and the tiling offset; load the donor."""
-        _find_mask(flat_inputs, type(self).__name__)
+        find_mask(flat_inputs, type(self).__name__)
         label, index = self._context
         generator = self._generator(index)
         self._calls += 1
@@ -207,7 +207,7 @@ class BackgroundSwap(v2.Transform):
         }
         return {
             "swap": True,
-            "mask": _find_mask(flat_inputs, type(self).__name__),
+            "mask": find_mask(flat_inputs, type(self).__name__),
             "donor_image": _to_tensor(donor_image),
             "donor_mask": _to_tensor(donor_mask),
             "tile_seed": tile_seed,
@@ -215,7 +215,7 @@ class BackgroundSwap(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         """Swap the background of one image leaf; return any other leaf as it is."""
-        if not params["swap"] or not _is_image_leaf(inpt):
+        if not params["swap"] or not is_image_leaf(inpt):
             return inpt
         is_pil = isinstance(inpt, PIL.Image.Image)
         image = TF.pil_to_tensor(inpt) if is_pil else inpt.as_subclass(torch.Tensor)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "datasets"))
@@ -339,8 +340,7 @@ def test_few_shot_accuracy_matches_slow_loop_with_ties() -> None:
     assert result.ci95 == pytest.approx(1.96 * np.std(acc, ddof=1) / math.sqrt(60))
     result0 = few_shot_accuracy(head, id_features(n), labels, generator=gen(11), ddof=0, **kw)
     assert result0.ci95 == pytest.approx(1.96 * np.std(acc) / math.sqrt(60))
-    assert 0.0 < result.mean < 1.0
-    assert result.ci95 > 0.0
+    assert len(set(expected)) > 1  # the interval checks above compare a real spread, not 0 with 0
 
 
 def test_few_shot_accuracy_tie_goes_to_lowest_class_position() -> None:
@@ -517,7 +517,7 @@ def test_outfit_tasks_with_a_polyvore_folder(tmp_path: Path) -> None:
         compat = compatibility_scores(head, id_features(n), outfits)
         assert_close(compat, torch.tensor(slow_compat(table, [o["items"] for o in outfits]), dtype=torch.float64))
         labels = torch.tensor([o["label"] for o in outfits])
-        assert 0.0 <= compatibility_auc(compat, labels) <= 1.0
+        assert compatibility_auc(compat, labels) == pytest.approx(roc_auc_score(labels.numpy(), compat.numpy()))
     # the real answer is the candidate from the question's own outfit: a head that knows outfits gets it right
     same_outfit = torch.zeros(n, n, dtype=torch.float64)
     for _, items in test.outfits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import sys
 from pathlib import Path
@@ -41,7 +42,24 @@ def parse_rows(text: str) -> list[dict[str, str]]:
     return rows
 
 
-def check_table(rows: list[dict[str, str]], num_attributes: int, unsupervised: int) -> None:
+def check_interval(accuracy: str, ci: str, episodes: int, queries: int) -> None:
+    """A printed ``mean ± CI95`` is one that some ``episodes`` episodes of ``queries`` queries can give.
+
+    The mean counts correct queries, so it is a multiple of ``1 / (episodes * queries)`` (up to the printed 4
+    decimals), and ``1.96 * std / sqrt(episodes)`` of per-episode accuracies in [0, 1] with that mean is at most
+    ``1.96 * sqrt(mean * (1 - mean) * episodes / (episodes - 1) / episodes)`` (all episodes at 0 or 1); a
+    constant accuracy (0 or 1 overall) has no spread at all.
+    """
+    mean, half_width = float(accuracy), float(ci)
+    total = episodes * queries
+    assert abs(mean * total - round(mean * total)) <= total * 5e-5, (accuracy, total)
+    largest = 1.96 * math.sqrt(mean * (1 - mean) / (episodes - 1))
+    assert 0.0 <= half_width <= largest + 5e-5, (accuracy, ci, largest)
+
+
+def check_table(
+    rows: list[dict[str, str]], num_attributes: int, unsupervised: int, episodes: int, queries: int
+) -> None:
     keys = [(r["name"], r["gate"], r["lam"]) for r in rows]
     assert keys == [
         ("cosine (encoder embeddings)", "-", "-"),
@@ -58,8 +76,7 @@ def check_table(rows: list[dict[str, str]], num_attributes: int, unsupervised: i
     a = num_attributes
     assert ks == ["-", str(unsupervised), str(a), str(a), str(a), str(2 * a), str(a + unsupervised), str(a), str(a)]
     for r in rows:
-        assert 0.0 <= float(r["acc"]) <= 1.0
-        assert 0.0 <= float(r["ci"]) < 0.2
+        check_interval(r["acc"], r["ci"], episodes, queries)
         if r["gate"] == "-":
             assert r["attr"] == "-"
         else:
@@ -74,7 +91,14 @@ def test_quick_synthetic_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SyntheticBackgrounds" in out
     assert "100 episodes, chance = 0.20" in out
     rows = parse_rows(out)
-    check_table(rows, num_attributes=20, unsupervised=module.Config.quick().unsupervised_conditions)
+    cfg = module.Config.quick()
+    check_table(
+        rows,
+        num_attributes=20,
+        unsupervised=cfg.unsupervised_conditions,
+        episodes=cfg.episodes,
+        queries=cfg.n_way * cfg.n_query,
+    )
     accuracy = {(r["name"], r["gate"], r["lam"]): float(r["acc"]) for r in rows}
     # Even the CI-sized encoder (4 short epochs) and heads are well above 5-way chance (0.2) on novel classes;
     # the observed values are about 0.55 (cosine) and 0.54 (unsupervised PAN) with a CI of ±0.015.
@@ -97,4 +121,5 @@ def test_quick_cub_run_on_a_tiny_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert module.main(argv) == 0
     out = capsys.readouterr().out
     assert "CUB-200-2011 (base -> novel), 5 episodes" in out
-    check_table(parse_rows(out), num_attributes=6, unsupervised=module.Config.quick().unsupervised_conditions)
+    unsupervised = module.Config.quick().unsupervised_conditions
+    check_table(parse_rows(out), num_attributes=6, unsupervised=unsupervised, episodes=5, queries=5 * 1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dml_bias.heads.verification as verification_module
+from dml_bias._compat import reduced_precision_fp32_matmul
 from dml_bias.heads import rerank, spatial_verification
 from dml_bias.metrics import revisited_map
 
@@ -621,12 +622,12 @@ def test_reduced_precision_matmul_settings_do_not_change_counts() -> None:
     """With bf16 float32 matmuls switched on, the wider error bound sends rows to the float64 re-check instead."""
     query_loc, query_desc, locs, descs = random_batch(6)
     expected = spatial_verification(query_loc, query_desc, locs, descs, max_trials=300)
-    backend = torch.backends.mkldnn.matmul
-    saved = backend.fp32_precision
+    saved = torch.get_float32_matmul_precision()
     try:
-        backend.fp32_precision = "bf16"
+        torch.set_float32_matmul_precision("medium")  # bf16 on capable CPUs, on every supported torch
+        assert reduced_precision_fp32_matmul(torch.device("cpu"))
         got = spatial_verification(query_loc, query_desc, locs, descs, max_trials=300)
     finally:
-        backend.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved)
     assert got.tolist() == expected.tolist()
     assert int(expected.max()) > 10
