@@ -74,7 +74,10 @@ def test_every_mode_and_loss_in_results_json(tiny_result: tuple[StudyResult, Pat
             assert set(run[key]) == set(VARIANTS)
             for values in run[key].values():
                 assert set(values) == set(METRIC_KEYS)
-                assert all(0.0 <= v <= 1.0 for v in values.values())
+                # Recall@k is the share of the 36 test queries with a hit: a whole number of queries
+                n_queries = TINY["num_classes"] * TINY["images_per_class"]
+                for k in ("recall@1", "recall@2", "recall@4", "recall@8"):
+                    assert values[k] * n_queries == pytest.approx(round(values[k] * n_queries), abs=1e-9)
         # recall@k cannot decrease with k
         m = run["metrics"]["original"]
         assert m["recall@1"] <= m["recall@2"] <= m["recall@4"] <= m["recall@8"]
@@ -355,22 +358,26 @@ def test_attribution_keys_in_results_report_and_csv(tiny_result: tuple[StudyResu
     n_images = TINY["num_classes"] * StudyConfig().attribution_images
     assert data["config"]["attribution_images"] == 4
     assert len(data["dataset"]["attribution_images"]["indices"]) == n_images
-    labels = data["dataset"]["attribution_images"]["indices"]
+    indices = data["dataset"]["attribution_images"]["indices"]
     donors = data["dataset"]["attribution_images"]["donors"]
-    assert len(donors) == len(labels)
+    assert len(set(indices)) == len(donors) == n_images
+    labels = StudyData(StudyConfig(**TINY)).test.labels
+    # the first four images of every class, each with a donor of another class
+    expected_indices = [int(j) for c in range(TINY["num_classes"]) for j in torch.nonzero(labels == c).flatten()[:4]]
+    assert indices == expected_indices
+    assert all(labels[d] != labels[i] for d, i in zip(donors, indices, strict=True))
     for run in data["runs"]:
         a = run["attribution"]
         assert set(a) == ATTRIBUTION_KEYS
         assert a["layer"] == "features"
         assert a["num_images"] == n_images
         assert set(a["per_class"]) == {str(c) for c in range(TINY["num_classes"])}
-        assert 0.0 <= a["foreground_energy"] <= 1.0
-        assert 0.0 <= a["background_sensitivity"] <= 1.0
         # the chance level is the objects' mean area share, the same for every model
         assert a["foreground_chance"] == pytest.approx(data["runs"][0]["attribution"]["foreground_chance"])
         # the mean over images equals the count-weighted mean of the per-class means
-        weighted = sum(v["background_shift"] * v["count"] for v in a["per_class"].values()) / n_images
-        assert a["background_shift"] == pytest.approx(weighted)
+        for key in ("background_shift", "object_shift"):
+            weighted = sum(v[key] * v["count"] for v in a["per_class"].values()) / n_images
+            assert a[key] == pytest.approx(weighted)
     assert set(data["attribution_summary"]) == {"proxy_anchor", "multi_similarity"}
     for summary in data["attribution_summary"].values():
         assert set(summary) == {
