@@ -61,6 +61,7 @@ class MemoryDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack sample dicts into plain ``(images, masks, labels)`` tensors (the DataLoader's ``collate_fn``)."""
     images = torch.stack([torch.as_tensor(s["image"]) for s in samples])
     masks = torch.stack([torch.as_tensor(s["mask"]) for s in samples])
     labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)

@@ -19,6 +19,7 @@ __all__: list[str] = []
 
 
 def build_model(config: StudyConfig, mode: str) -> nn.Module:
+    """A fresh network for ``mode``: a SmallCNN (synthetic) or a ResNet-50 (CUB); 4 input channels for ``channel``."""
     from dml_bias.bias.models import SmallCNN, build_resnet50
 
     in_channels = 4 if mode == "channel" else 3
@@ -30,6 +31,7 @@ def build_model(config: StudyConfig, mode: str) -> nn.Module:
 
 
 def freeze_bn(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode with frozen affine parameters (the CUB recipe, §D.2)."""
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.eval()
