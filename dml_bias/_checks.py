@@ -20,6 +20,7 @@ __all__ = [
     "check_choice",
     "check_dtype",
     "check_embeddings",
+    "check_factory_kwargs",
     "check_finite",
     "check_labels",
     "check_number",
@@ -264,8 +265,9 @@ def check_rows_finite(
 
     Raises ``ValueError`` naming the first tensor (in the mapping's order) that holds NaN or infinite values
     and, with ``nonzero=True`` (for inputs that are L2-normalised next), one with a row of zero norm (its
-    direction, so its cosine, is undefined) or a row whose norm overflows the tensor's dtype (normalising would
-    silently turn it into a zero row).
+    direction, so its cosine, is undefined; this includes rows whose squared entries all underflow, below about
+    ``4e-23`` in float32) or a row whose norm overflows (normalising would silently turn it into a zero row).
+    Norms are computed in float32 at least.
 
     Each tensor is reduced to its row norms (``(N,)``, no temporary of the input's size) and these to their sum
     and minimum; the sum is finite exactly when every value is finite and no norm overflows. Only a tensor that
@@ -305,8 +307,44 @@ def check_rows_finite(
             zero = nrm == 0
             raise ValueError(
                 f"{name} must have no row of zero norm (its direction is undefined), got {int(zero.sum())} such "
-                f"row(s), the first at index {int(zero.nonzero()[0, 0])}, in a tensor of {describe(t)}"
+                f"row(s), the first at index {int(zero.nonzero()[0, 0])}, in a tensor of {describe(t)} (a row of "
+                f"zeros, or of values so small that their squares underflow to 0 in {nrm.dtype})"
             )
+
+
+def check_factory_kwargs(device: Any, dtype: Any) -> torch.device | None:
+    """Check the ``device`` / ``dtype`` factory arguments of a module that creates parameters; return the device.
+
+    ``dtype`` must be ``None`` or a floating-point :class:`torch.dtype` (``TypeError``: parameters need gradients);
+    ``device`` ``None``, a :class:`torch.device`, a device string or a CUDA index (``TypeError`` otherwise) that
+    names a device this process can use (``ValueError`` otherwise, e.g. ``"gpu"`` or ``"cuda:7"`` on a machine
+    without it), checked by creating an empty tensor there.
+
+    Example:
+        >>> import torch
+        >>> check_factory_kwargs("cpu", torch.float64)
+        device(type='cpu')
+        >>> check_factory_kwargs(None, torch.int64)
+        Traceback (most recent call last):
+        ...
+        TypeError: dtype must be None or a floating-point torch.dtype, got torch.int64
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        got = repr(dtype) if isinstance(dtype, torch.dtype) else describe(dtype)
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {got}")
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be None, a torch.device, a device string or a CUDA index, got {describe(device)}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0', got {device!r}") from err
+    try:
+        torch.empty(0, device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as err:  # no driver, a bad CUDA ordinal, torch built without it
+        raise ValueError(f"device {str(device)!r} is not available: {err}") from err
+    return device
 
 
 def check_number(

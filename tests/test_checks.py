@@ -128,3 +128,20 @@ def test_number_accepts() -> None:
 def test_choice() -> None:
     with pytest.raises(ValueError, match="mode must be one of 'hard', 'soft', got 'x'"):
         C.check_choice("x", "mode", ("hard", "soft"))
+
+
+def test_factory_kwargs() -> None:
+    assert C.check_factory_kwargs(None, None) is None
+    assert C.check_factory_kwargs("meta", torch.float16) == torch.device("meta")
+    assert C.check_factory_kwargs(torch.device("cpu"), None) == torch.device("cpu")
+    with pytest.raises(TypeError, match=r"dtype must be None or a floating-point torch\.dtype, got torch\.int64"):
+        C.check_factory_kwargs(None, torch.int64)
+    with pytest.raises(TypeError, match=r"dtype must be None or a floating-point torch\.dtype, got str 'float32'"):
+        C.check_factory_kwargs(None, "float32")
+    with pytest.raises(TypeError, match=r"device must be None, a torch\.device, a device string or a CUDA index"):
+        C.check_factory_kwargs(True, None)
+    with pytest.raises(ValueError, match="device must name a device such as 'cpu' or 'cuda:0', got 'cpu:x'"):
+        C.check_factory_kwargs("cpu:x", None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:1' is not available"):
+            C.check_factory_kwargs("cuda:1", None)

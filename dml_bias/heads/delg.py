@@ -29,6 +29,7 @@ from torch import nn
 from dml_bias._checks import (
     check_choice,
     check_dtype,
+    check_factory_kwargs,
     check_labels,
     check_number,
     check_same_device,
@@ -112,6 +113,7 @@ class DELGGlobalHead(nn.Module):
         super().__init__()
         check_number(in_channels, "in_channels", low=1, integer=True)
         check_number(dim, "dim", low=1, integer=True)
+        device = check_factory_kwargs(device, dtype)
         self.in_channels = int(in_channels)
         self.dim = int(dim)
         self.pool = GeM(p)
@@ -243,6 +245,7 @@ class DELGLocalHead(nn.Module):
         check_number(hidden_channels, "hidden_channels", low=1, integer=True)
         if num_classes is not None:
             check_number(num_classes, "num_classes", low=1, integer=True)
+        device = check_factory_kwargs(device, dtype)
         self.in_channels = int(in_channels)
         self.dim = int(dim)
         self.hidden_channels = int(hidden_channels)

@@ -27,6 +27,7 @@ from torch import nn
 from dml_bias._checks import (
     check_choice,
     check_embeddings,
+    check_factory_kwargs,
     check_finite,
     check_number,
     check_same_device,
@@ -264,6 +265,7 @@ class ConditionalSimilarity(nn.Module):
         check_number(num_conditions, "num_conditions", low=1, integer=True)
         check_choice(joint, "joint", JOINTS)
         check_number(dropout, "dropout", low=0.0, high=1.0, high_inclusive=False)
+        device = check_factory_kwargs(device, dtype)
         self.in_features = int(in_features)
         self.num_conditions = int(num_conditions)
         self.joint = joint

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import check_dtype, check_number, check_shape, check_tensor, describe
+from dml_bias._checks import check_dtype, check_factory_kwargs, check_number, check_shape, check_tensor, describe
 
 __all__ = ["GeM", "gem"]
 
@@ -155,6 +155,7 @@ class GeM(nn.Module):
         check_number(eps, "eps", low=0.0, low_inclusive=False)
         if not isinstance(learnable, bool):
             raise TypeError(f"learnable must be a bool, got {describe(learnable)}")
+        device = check_factory_kwargs(device, dtype)
         self.eps = float(eps)
         self.learnable = learnable
         if learnable:

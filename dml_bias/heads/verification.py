@@ -564,6 +564,12 @@ def spatial_verification(
     locations, descriptors, lengths = _pad_index(
         index_locations, index_descriptors, index_lengths, dim, query_locations
     )
+    # NaN or inf would be matched and fitted silently (NaN descriptors still gave "inliers"). The padded index
+    # tensors are checked: rows past a candidate's length are zeros there.
+    check_finite(query_locations, "query_locations")
+    check_finite(query_descriptors, "query_descriptors")
+    check_finite(locations, "index_locations")
+    check_finite(descriptors, "index_descriptors")
     if not (isinstance(descriptor_threshold, (int, float)) and descriptor_threshold == math.inf):
         check_number(descriptor_threshold, "descriptor_threshold", low=0.0)
     check_number(residual_threshold, "residual_threshold", low=0.0)

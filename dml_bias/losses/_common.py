@@ -23,6 +23,7 @@ import torch
 from dml_bias._checks import (
     check_choice,
     check_embeddings,
+    check_factory_kwargs,
     check_labels,
     check_number,
     check_rows_finite,
@@ -139,31 +140,11 @@ def check_contrastive_margins(pos_margin: float, neg_margin: float, distance: st
 
 
 def class_parameter(
-    num_classes: int, embedding_size: int, device: torch.device | str | None, dtype: torch.dtype | None, name: str
+    num_classes: int, embedding_size: int, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> torch.nn.Parameter:
-    """The uninitialised ``(num_classes, embedding_size)`` parameter of a class-weight loss.
-
-    ``dtype`` must be ``None`` or a floating-point ``torch.dtype`` (``TypeError``: gradients need floating point),
-    ``device`` ``None``, a :class:`torch.device`, a device string or an index naming an available device
-    (``ValueError`` otherwise).
-    """
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        got = repr(dtype) if isinstance(dtype, torch.dtype) else describe(dtype)
-        raise TypeError(f"dtype must be None or a floating-point torch.dtype for the {name}, got {got}")
-    if device is not None:
-        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-            raise TypeError(
-                f"device must be None, a torch.device, a device string or a CUDA index, got {describe(device)}"
-            )
-        try:
-            device = torch.device(device)
-        except RuntimeError as err:
-            raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0', got {device!r}") from err
-    try:
-        data = torch.empty(num_classes, embedding_size, device=device, dtype=dtype)
-    except (RuntimeError, AssertionError) as err:  # e.g. no driver, a bad CUDA ordinal, torch not compiled with it
-        raise ValueError(f"device {str(device)!r} cannot hold the {name}: {err}") from err
-    return torch.nn.Parameter(data)
+    """The uninitialised ``(num_classes, embedding_size)`` parameter of a class-weight loss (factory kwargs checked)."""
+    device = check_factory_kwargs(device, dtype)
+    return torch.nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
 
 
 def check_classification_call(

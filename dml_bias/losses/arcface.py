@@ -89,7 +89,7 @@ class ArcFaceLoss(nn.Module):
         self.embedding_size = int(embedding_size)
         self.margin = float(margin)
         self.scale = float(scale)
-        self.weight = C.class_parameter(self.num_classes, self.embedding_size, device, dtype, "class weights")
+        self.weight = C.class_parameter(self.num_classes, self.embedding_size, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -92,7 +92,7 @@ class ProxyAnchorLoss(nn.Module):
         self.margin = float(margin)
         self.alpha = float(alpha)
         self.distance = distance
-        self.proxies = C.class_parameter(self.num_classes, self.embedding_size, device, dtype, "proxies")
+        self.proxies = C.class_parameter(self.num_classes, self.embedding_size, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -248,13 +248,13 @@ def _per_query_topk(
     recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
-    kmax = min(available, max([int(n_class.max()), *ks]))
+    kmax = min(available, max([1, int(n_class.max()), *ks]))  # >= 1: every query may be lone
     step = block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=target_block(prep))
     pre = self_candidates_grouped(prep, kmax, budget) if chunk_size is None else None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nr = n_class[start:stop]
-        kb = min(available, max([int(nr.max()), *ks]))
+        kb = min(available, max([1, int(nr.max()), *ks]))
         found = rows_of(pre, start, stop)
         labels = (qlab[start:stop], rlab)
         _, cols = topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)

@@ -1,0 +1,1604 @@
+"""A sweep of bad inputs across the whole public API, as a demanding user would try them.
+
+Every public function and class of ``tests/api_inventory.txt`` has cases in :data:`CASES` (``"module:name"`` ->
+bad calls); each bad call must raise the documented exception with a message that names the argument. A public
+name without cases fails :func:`test_every_public_name_has_bad_input_cases` unless :data:`EXEMPT` gives the
+reason (constants, result types, exception types). Then: nothing a user passes in is changed by a call (the
+parameters' dtype and device included), and every loss gives a finite value and gradient at the float16 /
+bfloat16 extremes.
+
+The data-set cases use the real loaders on tiny folders in the real on-disk formats (``datasets/_builders.py``),
+missing or damaged on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torchvision import tv_tensors
+
+sys.path.insert(0, str(Path(__file__).parent / "datasets"))
+import _builders as build
+
+from dml_bias import distributed as dist
+from dml_bias import heads as H
+from dml_bias import losses as L
+from dml_bias import metrics as M
+from dml_bias import similarity as S
+from dml_bias import transforms as T
+from dml_bias.datasets import (
+    CUB200,
+    AnnotationError,
+    Cars196,
+    CorruptImageError,
+    InShop,
+    MPerClassSampler,
+    PolyvoreOutfits,
+    RevisitedOxfordParis,
+    StanfordOnlineProducts,
+    SyntheticBackgrounds,
+)
+from dml_bias.losses import functional as LF
+from dml_bias.miners import BatchHardMiner, MultiSimilarityMiner
+from dml_bias.transforms import functional as TF
+
+INVENTORY = Path(__file__).with_name("api_inventory.txt")
+NAN, INF = float("nan"), float("inf")
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad call: ``call()`` must raise ``error`` with a message matching ``match`` (which names the argument)."""
+
+    what: str
+    call: Callable[[], Any]
+    error: type[BaseException] | tuple[type[BaseException], ...]
+    match: str
+    known: str | None = None  # a defect found by the sweep and reported, not fixed here: a strict xfail
+
+
+def api(path: str) -> Any:
+    """The public object at ``"module:name"``, resolved at call time (skips a name this tree does not have)."""
+    module, name = path.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"{path} is not in this tree")
+
+
+# ---------------------------------------------------------------------------------------------- shared inputs
+
+
+def emb(n: int = 6, d: int = 4, **kw: Any) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(n * 31 + d), **kw)
+
+
+LAB = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def with_value(x: torch.Tensor, value: float) -> torch.Tensor:
+    x = x.clone()
+    x.view(-1)[1] = value
+    return x
+
+
+def image(c: int = 3, h: int = 8, w: int = 8) -> torch.Tensor:
+    return torch.rand(c, h, w, generator=torch.Generator().manual_seed(c * h + w))
+
+
+def mask(h: int = 8, w: int = 8) -> torch.Tensor:
+    m = torch.zeros(1, h, w, dtype=torch.uint8)
+    m[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    return m
+
+
+_TMP: list[Path] = []
+
+
+def fresh_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="dml_bad_input_"))
+    _TMP.append(path)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup() -> Iterator[None]:
+    yield
+    for path in _TMP:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class CliExit(Exception):
+    """A ``SystemExit`` of the command line, with its status and stderr, as one exception to match."""
+
+
+def cli(*argv: str) -> None:
+    from dml_bias.bias.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:
+            code = exc.code  # type: ignore[assignment]
+    raise CliExit(f"exit {code}: {err.getvalue().strip()}")
+
+
+def head() -> H.ConditionalSimilarity:
+    return H.ConditionalSimilarity(4, 2).eval()
+
+
+def pan_output(n: int = 4) -> H.ConditionalSimilarityOutput:
+    return H.ConditionalSimilarity(8, 6)(torch.randn(n, 8), torch.randn(n, 8))
+
+
+def local_features(n: int = 12, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    return torch.rand(n, 2, generator=g) * 100, nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- data folders
+
+
+def cub_missing_file() -> Any:
+    root = fresh_dir()
+    build.build_cub(root)
+    (root / "CUB_200_2011" / "image_class_labels.txt").unlink()
+    return CUB200(root)
+
+
+def cub_corrupt_line() -> Any:
+    root = fresh_dir()
+    build.build_cub(root)
+    path = root / "CUB_200_2011" / "train_test_split.txt"
+    path.write_text(path.read_text().replace(" 1\n", " yes\n", 1))
+    return CUB200(root, protocol="classification")
+
+
+def cub_corrupt_image() -> Any:
+    root = fresh_dir()
+    info = build.build_cub(root)
+    first = sorted(info["names"])[0]
+    (root / "CUB_200_2011" / "images" / info["names"][first]).write_bytes(b"not a jpeg")
+    ds = CUB200(root, split=None)
+    return [ds[i] for i in range(len(ds))]
+
+
+def cub_missing_segmentations() -> Any:
+    root = fresh_dir()
+    info = build.build_cub(root)
+    shutil.rmtree(info["seg_dir"])
+    return CUB200(root, masks=True)
+
+
+def cars_missing() -> Any:
+    return Cars196(fresh_dir())
+
+
+def cars_corrupt_mat() -> Any:
+    root = fresh_dir()
+    build.build_cars(root)
+    (root / "cars_annos.mat").write_bytes(b"MATLAB 5.0 but not really")
+    return Cars196(root)
+
+
+def sop_corrupt_header() -> Any:
+    root = fresh_dir()
+    info = build.build_sop(root)
+    path = info["base"] / "Ebay_train.txt"
+    path.write_text("image_id class path\n" + "\n".join(path.read_text().splitlines()[1:]) + "\n")
+    return StanfordOnlineProducts(root)
+
+
+def sop_short_row() -> Any:
+    root = fresh_dir()
+    info = build.build_sop(root)
+    path = info["base"] / "Ebay_test.txt"
+    path.write_text(path.read_text() + "99 3\n")
+    return StanfordOnlineProducts(root, split="test")
+
+
+def inshop_missing() -> Any:
+    return InShop(fresh_dir())
+
+
+def inshop_bad_count() -> Any:
+    root = fresh_dir()
+    build.build_inshop(root)
+    path = next(root.rglob("list_eval_partition.txt"))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["999", *lines[1:]]) + "\n")
+    return InShop(root)
+
+
+def polyvore_missing() -> Any:
+    return PolyvoreOutfits(fresh_dir())
+
+
+def polyvore_corrupt_json() -> Any:
+    root = fresh_dir()
+    build.build_polyvore(root)
+    path = next(p for p in root.rglob("*.json") if "train" in p.name)
+    path.write_text("{not json")
+    return PolyvoreOutfits(root)
+
+
+def revisited_missing() -> Any:
+    return RevisitedOxfordParis(fresh_dir())
+
+
+def revisited_corrupt_pickle() -> Any:
+    root = fresh_dir()
+    build.build_revisited(root)
+    path = next(root.rglob("*.pkl"))
+    path.write_bytes(b"not a pickle")
+    return RevisitedOxfordParis(root)
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+
+PAIR_LOSS_CLASSES = {
+    "dml_bias.losses:MultiSimilarityLoss": L.MultiSimilarityLoss,
+    "dml_bias.losses:ContrastiveLoss": L.ContrastiveLoss,
+    "dml_bias.losses:TripletMarginLoss": L.TripletMarginLoss,
+    "dml_bias.losses:NTXentLoss": L.NTXentLoss,
+    "dml_bias.losses:SupConLoss": L.SupConLoss,
+}
+PAIR_LOSS_FUNCTIONS = {
+    "dml_bias.losses.functional:multi_similarity_loss": LF.multi_similarity_loss,
+    "dml_bias.losses.functional:contrastive_loss": LF.contrastive_loss,
+    "dml_bias.losses.functional:triplet_margin_loss": LF.triplet_margin_loss,
+    "dml_bias.losses.functional:ntxent_loss": LF.ntxent_loss,
+    "dml_bias.losses.functional:supcon_loss": LF.supcon_loss,
+}
+HYPER_BAD = {
+    "dml_bias.losses:MultiSimilarityLoss": ({"alpha": -1.0}, "alpha"),
+    "dml_bias.losses:ContrastiveLoss": ({"neg_margin": NAN}, "neg_margin"),
+    "dml_bias.losses:TripletMarginLoss": ({"margin": -0.1}, "margin"),
+    "dml_bias.losses:NTXentLoss": ({"temperature": 0}, "temperature"),
+    "dml_bias.losses:SupConLoss": ({"temperature": "0.1"}, "temperature"),
+}
+
+CASES: dict[str, list[Bad]] = {}
+
+
+def pair_loss_cases(fn: Callable[..., Any]) -> list[Bad]:
+    return [
+        Bad("1-D embeddings", lambda: fn(torch.randn(6), LAB), ValueError, r"embeddings must be a 2-D tensor"),
+        Bad("integer embeddings", lambda: fn(emb().long(), LAB), TypeError, "embeddings must be a floating-point"),
+        Bad("list embeddings", lambda: fn(emb().tolist(), LAB), TypeError, "embeddings must be a torch.Tensor"),
+        Bad("empty embeddings", lambda: fn(emb(0), LAB[:0]), ValueError, "embeddings must hold at least one row"),
+        Bad("float labels", lambda: fn(emb(), LAB.float()), TypeError, "labels must be a 1-D integer tensor"),
+        Bad("short labels", lambda: fn(emb(), LAB[:5]), ValueError, "labels must be a 1-D integer tensor of length 6"),
+        Bad("NaN embeddings", lambda: fn(with_value(emb(), NAN), LAB), ValueError, "embeddings must be finite"),
+        Bad(
+            "inf ref_emb",
+            lambda: fn(emb(), LAB, None, with_value(emb(), INF), LAB),
+            ValueError,
+            "ref_emb must be finite",
+        ),
+        Bad(
+            "zero row",
+            lambda: fn(emb() * torch.tensor([[0.0]] + [[1.0]] * 5), LAB),
+            ValueError,
+            "embeddings must have no row of zero norm",
+        ),
+        Bad(
+            "ref_emb of another width",
+            lambda: fn(emb(), LAB, None, emb(3, 5), LAB[:3]),
+            ValueError,
+            "ref_emb must have size D=4",
+        ),
+        Bad(
+            "index out of range",
+            lambda: fn(emb(), None, (torch.tensor([0]), torch.tensor([9]), torch.tensor([1]))),
+            ValueError,
+            r"indices_tuple\[1\] \(p\) must hold indices",
+        ),
+        Bad(
+            "float indices",
+            lambda: fn(emb(), None, (torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2]))),
+            TypeError,
+            r"indices_tuple\[0\] \(a\) must be a 1-D integer tensor",
+        ),
+        Bad("unknown distance", lambda: fn(emb(), LAB, distance="manhattan"), ValueError, "distance must be one of"),
+    ]
+
+
+for _key, _fn in PAIR_LOSS_FUNCTIONS.items():
+    CASES[_key] = pair_loss_cases(_fn)
+for _key, _cls in PAIR_LOSS_CLASSES.items():
+    _kw, _name = HYPER_BAD[_key]
+    CASES[_key] = [
+        *pair_loss_cases(
+            lambda *a, _c=_cls, **k: _c(**({"distance": k.pop("distance")} if "distance" in k else {}))(*a, **k)
+        ),
+        Bad(f"bad {_name}", lambda _c=_cls, _k=_kw: _c(**_k), (ValueError, TypeError), _name),
+        Bad(
+            "labels on another device",
+            lambda _c=_cls: _c()(emb(), LAB.to("meta")),
+            ValueError,
+            "labels must be on the same device as embeddings",
+        ),
+    ]
+CASES["dml_bias.losses:ContrastiveLoss"] += [
+    Bad("pos_margin > neg_margin", lambda: L.ContrastiveLoss(1.0, 0.5), ValueError, "pos_margin must be <= neg_margin"),
+    Bad(
+        "pos_margin < neg_margin (cosine)",
+        lambda: L.ContrastiveLoss(0.0, 1.0, distance="cosine"),
+        ValueError,
+        "pos_margin must be >= neg_margin",
+    ),
+]
+CASES["dml_bias.losses.functional:contrastive_loss"] += [
+    Bad(
+        "pos_margin > neg_margin",
+        lambda: LF.contrastive_loss(emb(), LAB, pos_margin=2.0, neg_margin=1.0),
+        ValueError,
+        "pos_margin must be <= neg_margin",
+    ),
+]
+
+CASES["dml_bias.losses:ProxyAnchorLoss"] = [
+    Bad("num_classes 0", lambda: L.ProxyAnchorLoss(0, 4), ValueError, "num_classes must be an integer"),
+    Bad("float embedding_size", lambda: L.ProxyAnchorLoss(3, 4.0), TypeError, "embedding_size must be an integer"),
+    Bad("negative margin", lambda: L.ProxyAnchorLoss(3, 4, margin=-0.1), ValueError, "margin must be a number"),
+    Bad(
+        "integer dtype",
+        lambda: L.ProxyAnchorLoss(3, 4, dtype=torch.int64),
+        TypeError,
+        "dtype must be None or a floating-point",
+    ),
+    Bad("unknown device", lambda: L.ProxyAnchorLoss(3, 4, device="gpu"), ValueError, "device must name a device"),
+    Bad("unknown distance", lambda: L.ProxyAnchorLoss(3, 4, distance="l1"), ValueError, "distance must be one of"),
+    Bad(
+        "label beyond num_classes",
+        lambda: L.ProxyAnchorLoss(3, 4)(emb(), LAB + 1),
+        ValueError,
+        r"labels must lie in \[0, 2\]",
+    ),
+    Bad(
+        "embeddings of another width",
+        lambda: L.ProxyAnchorLoss(3, 4)(emb(6, 5), LAB),
+        ValueError,
+        r"embeddings must have size D=4 \(embedding_size\)",
+    ),
+    Bad("no labels", lambda: L.ProxyAnchorLoss(3, 4)(emb()), ValueError, "labels must be given"),
+    Bad("ref_emb", lambda: L.ProxyAnchorLoss(3, 4)(emb(), LAB, ref_emb=emb()), ValueError, "does not support ref_emb"),
+    Bad(
+        "inf embeddings",
+        lambda: L.ProxyAnchorLoss(3, 4)(with_value(emb(), INF), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+    Bad("lr 0", lambda: L.ProxyAnchorLoss(3, 4).param_groups(lr=0.0), ValueError, "lr must be a number"),
+]
+CASES["dml_bias.losses:ArcFaceLoss"] = [
+    Bad("margin pi", lambda: L.ArcFaceLoss(3, 4, margin=3.2), ValueError, "margin must be a number in"),
+    Bad("scale 0", lambda: L.ArcFaceLoss(3, 4, scale=0.0), ValueError, "scale must be a number"),
+    Bad(
+        "integer dtype",
+        lambda: L.ArcFaceLoss(3, 4, dtype=torch.int32),
+        TypeError,
+        "dtype must be None or a floating-point",
+    ),
+    Bad("negative device index", lambda: L.ArcFaceLoss(3, 4, device=-1), ValueError, "device must name a device"),
+    Bad(
+        "label beyond num_classes",
+        lambda: L.ArcFaceLoss(3, 4)(emb(), LAB * 2),
+        ValueError,
+        r"labels must lie in \[0, 2\]",
+    ),
+    Bad(
+        "NaN embeddings",
+        lambda: L.ArcFaceLoss(3, 4)(with_value(emb(), NAN), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+    Bad(
+        "get_logits of another width",
+        lambda: L.ArcFaceLoss(3, 4).get_logits(emb(6, 3)),
+        ValueError,
+        "embeddings must have size D=4",
+    ),
+]
+CASES["dml_bias.losses.functional:proxy_anchor_loss"] = [
+    Bad(
+        "proxies of another width",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, emb(3, 5)),
+        ValueError,
+        r"proxies must have size D=4 \(embeddings.shape\[1\]\)",
+    ),
+    Bad(
+        "NaN proxies",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, with_value(emb(3, 4), NAN)),
+        ValueError,
+        "proxies must be finite",
+    ),
+    Bad(
+        "1-D proxies",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, torch.randn(4)),
+        ValueError,
+        "proxies must be a 2-D tensor",
+    ),
+    Bad(
+        "zero proxy",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, torch.zeros(3, 4)),
+        ValueError,
+        "proxies must have no row of zero norm",
+    ),
+    Bad(
+        "label beyond proxies",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, emb(2, 4)),
+        ValueError,
+        r"labels must lie in \[0, 1\]",
+    ),
+    Bad(
+        "proxies on another device",
+        lambda: LF.proxy_anchor_loss(emb(), LAB, emb(3, 4).to("meta")),
+        ValueError,
+        "proxies must be on the same device",
+    ),
+]
+CASES["dml_bias.losses.functional:arcface_loss"] = [
+    Bad(
+        "weight of another width",
+        lambda: LF.arcface_loss(emb(), LAB, emb(3, 5)),
+        ValueError,
+        r"weight must have size D=4 \(embeddings.shape\[1\]\)",
+    ),
+    Bad(
+        "inf weight",
+        lambda: LF.arcface_loss(emb(), LAB, with_value(emb(3, 4), INF)),
+        ValueError,
+        "weight must be finite",
+    ),
+    Bad(
+        "integer weight",
+        lambda: LF.arcface_loss(emb(), LAB, torch.ones(3, 4, dtype=torch.long)),
+        TypeError,
+        "weight must be a floating-point",
+    ),
+    Bad(
+        "negative margin",
+        lambda: LF.arcface_loss(emb(), LAB, emb(3, 4), margin=-0.5),
+        ValueError,
+        "margin must be a number",
+    ),
+]
+
+CASES["dml_bias.miners:MultiSimilarityMiner"] = [
+    Bad("negative epsilon", lambda: MultiSimilarityMiner(-0.1), ValueError, "epsilon must be a number"),
+    Bad(
+        "NaN embeddings",
+        lambda: MultiSimilarityMiner()(with_value(emb(), NAN), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+    Bad("no labels", lambda: MultiSimilarityMiner()(emb(), None), ValueError, "labels must be given"),
+    Bad(
+        "ref_emb without ref_labels",
+        lambda: MultiSimilarityMiner()(emb(), LAB, emb(3)),
+        ValueError,
+        "ref_labels must be given with ref_emb",
+    ),
+]
+CASES["dml_bias.miners:BatchHardMiner"] = [
+    Bad("unknown distance", lambda: BatchHardMiner(distance="hamming"), ValueError, "distance must be one of"),
+    Bad(
+        "inf embeddings", lambda: BatchHardMiner()(with_value(emb(), INF), LAB), ValueError, "embeddings must be finite"
+    ),
+    Bad(
+        "zero row",
+        lambda: BatchHardMiner()(torch.zeros(6, 4), LAB),
+        ValueError,
+        "embeddings must have no row of zero norm",
+    ),
+    Bad("2-D labels", lambda: BatchHardMiner()(emb(), LAB[:, None]), ValueError, "labels must be a 1-D integer tensor"),
+]
+
+# --- similarity
+CASES["dml_bias.similarity:pairwise"] = [
+    Bad("unknown metric", lambda: S.pairwise(emb(), metric="l1"), ValueError, "metric must be one of"),
+    Bad("y of another width", lambda: S.pairwise(emb(), emb(3, 5)), ValueError, "y must have size D=4"),
+    Bad("3-D x", lambda: S.pairwise(torch.randn(2, 3, 4)), ValueError, "x must be a 2-D tensor"),
+    Bad("integer x", lambda: S.pairwise(torch.ones(3, 4, dtype=torch.int32)), TypeError, "x must be a floating-point"),
+]
+CASES["dml_bias.similarity:is_similarity"] = [
+    Bad("unknown metric", lambda: S.is_similarity("jaccard"), ValueError, "metric must be one of"),
+]
+CASES["dml_bias.similarity:normalize"] = [
+    Bad("non-tensor", lambda: S.normalize([[1.0, 2.0]]), (TypeError, AttributeError), "normalize|Tensor|list"),
+]
+
+# --- metrics
+KS1: dict[Any, dict[str, Any]] = {M.retrieval_metrics: {"ks": (1,)}}
+RET = [M.map_at_r, M.r_precision, M.mean_average_precision, M.recall_at_k, M.retrieval_metrics]
+for _fn in RET:
+    _key = f"dml_bias.metrics.retrieval:{_fn.__name__}"
+    CASES[_key] = [
+        Bad("NaN query", lambda _f=_fn: _f(with_value(emb(), NAN), LAB), ValueError, "query must be finite"),
+        Bad(
+            "short labels",
+            lambda _f=_fn: _f(emb(), LAB[:4]),
+            ValueError,
+            "query_labels must be a 1-D integer tensor of length 6",
+        ),
+        Bad(
+            "float labels",
+            lambda _f=_fn: _f(emb(), LAB.double()),
+            TypeError,
+            "query_labels must be a 1-D integer tensor",
+        ),
+        Bad(
+            "single self-excluded query",
+            lambda _f=_fn: _f(emb(1), LAB[:1]),
+            ValueError,
+            "query must hold at least 2 rows",
+        ),
+        Bad(
+            "reference without labels",
+            lambda _f=_fn: _f(emb(), LAB, emb(3)),
+            ValueError,
+            "reference_labels must be given",
+        ),
+        Bad("unknown metric", lambda _f=_fn: _f(emb(), LAB, metric="l2"), ValueError, "metric must be one of"),
+        Bad(
+            "all lone queries",
+            lambda _f=_fn: _f(emb(), torch.arange(6), **KS1.get(_f, {})),
+            ValueError,
+            "query_labels must share a label",
+        ),
+    ]
+CASES["dml_bias.metrics.retrieval:retrieval_metrics"] += [
+    Bad("ks=[]", lambda: M.retrieval_metrics(emb(), LAB, ks=[]), ValueError, "ks must hold at least one k"),
+    Bad("k > n", lambda: M.retrieval_metrics(emb(), LAB, ks=(1, 6)), ValueError, r"ks must be .*\[1, 5\]"),
+    Bad("k = 0", lambda: M.retrieval_metrics(emb(), LAB, ks=(0,)), ValueError, "ks must be an integer"),
+    Bad("ks a string", lambda: M.retrieval_metrics(emb(), LAB, ks="1"), TypeError, "ks must be a sequence"),
+]
+CASES["dml_bias.metrics.retrieval:recall_at_k"] += [
+    Bad("k = 0", lambda: M.recall_at_k(emb(), LAB, k=0), ValueError, "ks must be an integer in|k must"),
+]
+CASES["dml_bias.metrics.knn:knn"] = [
+    Bad("k = 0", lambda: M.knn(emb(), k=0), ValueError, r"\bk must be"),
+    Bad("k > n", lambda: M.knn(emb(), k=6), ValueError, r"\bk must be"),
+    Bad("inf reference", lambda: M.knn(emb(), with_value(emb(3), INF)), ValueError, "reference must be finite"),
+    Bad("chunk_size 0", lambda: M.knn(emb(), k=1, chunk_size=0), ValueError, "chunk_size must be"),
+]
+CASES["dml_bias.metrics:faiss_knn"] = [
+    Bad("k = 0", lambda: M.faiss_knn(emb(), k=0), (ValueError, ImportError), r"\bk must be|faiss"),
+    Bad(
+        "unknown metric",
+        lambda: M.faiss_knn(emb(), k=1, metric="hamming"),
+        (ValueError, ImportError),
+        "metric must be one of|faiss",
+    ),
+]
+CASES["dml_bias.metrics.sharded:sharded_knn"] = [
+    Bad("k = 0", lambda: M.sharded_knn(emb(), emb(4), 0), ValueError, r"\bk must be"),
+    Bad(
+        "NaN shard",
+        lambda: M.sharded_knn(emb(), with_value(emb(4), NAN), 1),
+        ValueError,
+        "reference_shard must be finite",
+    ),
+    Bad(
+        "shard of another width",
+        lambda: M.sharded_knn(emb(), emb(4, 5), 1),
+        ValueError,
+        "reference_shard must have size D=4",
+    ),
+]
+CASES["dml_bias.metrics.sharded:sharded_retrieval_metrics"] = [
+    Bad(
+        "ks=[]",
+        lambda: M.sharded_retrieval_metrics(emb(), LAB, emb(), LAB, ks=[]),
+        (ValueError, TypeError),
+        "ks must be a non-empty",
+    ),
+    Bad(
+        "short shard labels",
+        lambda: M.sharded_retrieval_metrics(emb(), LAB, emb(), LAB[:3]),
+        ValueError,
+        "reference_shard_labels must be",
+    ),
+    Bad(
+        "NaN query",
+        lambda: M.sharded_retrieval_metrics(with_value(emb(), NAN), LAB, emb(), LAB),
+        ValueError,
+        "query must be finite",
+    ),
+]
+CASES["dml_bias.metrics.evaluator:RetrievalEvaluator"] = [
+    Bad("ks=[]", lambda: M.RetrievalEvaluator(ks=[]), (ValueError, TypeError), "ks must be a non-empty"),
+    Bad("unknown metric", lambda: M.RetrievalEvaluator(metric="l3"), ValueError, "metric must be one of"),
+    Bad(
+        "NaN update",
+        lambda: M.RetrievalEvaluator().update(with_value(emb(), NAN), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+    Bad(
+        "short labels",
+        lambda: M.RetrievalEvaluator().update(emb(), LAB[:2]),
+        ValueError,
+        "labels must be a 1-D integer tensor of length 6",
+    ),
+    Bad(
+        "compute when empty",
+        lambda: M.RetrievalEvaluator().compute(),
+        (ValueError, RuntimeError),
+        "update|empty|no embeddings",
+    ),
+]
+CASES["dml_bias.metrics.outfits:fitb_accuracy"] = [
+    Bad(
+        "NaN scores",
+        lambda: M.fitb_accuracy(with_value(torch.rand(3, 4), NAN), torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        "scores must be finite",
+    ),
+    Bad(
+        "answer beyond candidates",
+        lambda: M.fitb_accuracy(torch.rand(3, 4), torch.tensor([0, 1, 4])),
+        ValueError,
+        "answers",
+    ),
+    Bad(
+        "1-D scores",
+        lambda: M.fitb_accuracy(torch.rand(3), torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        "scores must be",
+    ),
+]
+CASES["dml_bias.metrics.outfits:compatibility_auc"] = [
+    Bad(
+        "one class only",
+        lambda: M.compatibility_auc(torch.rand(4), torch.ones(4, dtype=torch.long)),
+        ValueError,
+        "labels",
+    ),
+    Bad("labels not 0/1", lambda: M.compatibility_auc(torch.rand(4), torch.tensor([0, 1, 2, 1])), ValueError, "labels"),
+    Bad("length mismatch", lambda: M.compatibility_auc(torch.rand(4), torch.tensor([0, 1, 1])), ValueError, "labels"),
+]
+CASES["dml_bias.metrics.revisited:revisited_map"] = [
+    Bad(
+        "unknown protocol",
+        lambda: M.revisited_map(torch.tensor([[0, 1]]), [{"easy": [0], "hard": []}], protocols=("tough",)),
+        ValueError,
+        "protocols",
+    ),
+    Bad("gnd length mismatch", lambda: M.revisited_map(torch.tensor([[0, 1]]), [], kappas=(1,)), ValueError, "gnd"),
+    Bad(
+        "kappa 0",
+        lambda: M.revisited_map(torch.tensor([[0, 1]]), [{"easy": [0], "hard": []}], kappas=(0,)),
+        ValueError,
+        "kappas",
+    ),
+]
+CASES["dml_bias.metrics.revisited:revisited_average_precision"] = [
+    Bad("negative num_positives", lambda: M.revisited_average_precision([0], -1), ValueError, "num_positives"),
+    Bad("negative rank", lambda: M.revisited_average_precision([-1], 1), ValueError, "positive_ranks"),
+]
+
+# --- transforms
+CASES["dml_bias.transforms.functional:mask_background"] = [
+    Bad(
+        "empty image",
+        lambda: TF.mask_background(torch.rand(3, 0, 0), torch.zeros(0, 0, dtype=torch.uint8)),
+        ValueError,
+        "image must have C, H and W >= 1",
+    ),
+    Bad(
+        "mask of another size",
+        lambda: TF.mask_background(image(), mask(4, 4)),
+        ValueError,
+        "mask and image must have the same height and width",
+    ),
+    Bad(
+        "complex mask",
+        lambda: TF.mask_background(image(), mask().to(torch.complex64)),
+        TypeError,
+        "mask must be a real",
+    ),
+    Bad(
+        "sigma 1",
+        lambda: TF.mask_background(image(), mask(), "soft", sigma=1.0),
+        ValueError,
+        "sigma must be a number in",
+    ),
+    Bad(
+        "sigma 0",
+        lambda: TF.mask_background(image(), mask(), "soft", sigma=0.0),
+        ValueError,
+        "sigma must be a number in",
+    ),
+    Bad("unknown mode", lambda: TF.mask_background(image(), mask(), "blur"), ValueError, "mode must be one of"),
+    Bad("float mask > 1", lambda: TF.mask_background(image(), mask().float()), ValueError, "mask must hold values in"),
+    Bad(
+        "int16 image",
+        lambda: TF.mask_background(image().to(torch.int16), mask()),
+        TypeError,
+        "image must be a tensor of dtype",
+    ),
+    Bad(
+        "2-channel mask",
+        lambda: TF.mask_background(image(), mask().expand(2, 8, 8)),
+        ValueError,
+        "mask must have a single channel",
+    ),
+    Bad("list image", lambda: TF.mask_background(image().tolist(), mask()), TypeError, "image must be a torch.Tensor"),
+]
+CASES["dml_bias.transforms.functional:foreground_mask"] = [
+    Bad("1-D mask", lambda: TF.foreground_mask(torch.zeros(4)), ValueError, "mask must have shape"),
+    Bad("threshold 2", lambda: TF.foreground_mask(mask(), threshold=2.0), ValueError, "threshold must be a number"),
+    Bad(
+        "empty background_ids",
+        lambda: TF.foreground_mask(mask(), background_ids=[]),
+        TypeError,
+        "background_ids must be a non-empty",
+    ),
+    Bad(
+        "background_ids on a float mask",
+        lambda: TF.foreground_mask(mask().float() / 255, background_ids=[0]),
+        TypeError,
+        "background_ids, mask must be an integer",
+    ),
+]
+CASES["dml_bias.transforms.functional:swap_background"] = [
+    Bad(
+        "donor of another size",
+        lambda: TF.swap_background(image(), mask(), image(3, 6, 6), mask()),
+        ValueError,
+        "donor_mask|donor_image",
+    ),
+    Bad(
+        "unknown fill",
+        lambda: TF.swap_background(image(), mask(), image(), mask(), fill="blur"),
+        ValueError,
+        "fill must be one of",
+    ),
+    Bad(
+        "negative dilation",
+        lambda: TF.swap_background(image(), mask(), image(), mask(), dilation=-1),
+        ValueError,
+        "dilation must be",
+    ),
+    Bad(
+        "empty image",
+        lambda: TF.swap_background(torch.rand(3, 0, 4), torch.zeros(1, 0, 4), image(), mask()),
+        ValueError,
+        "image must have C, H and W >= 1",
+    ),
+]
+CASES["dml_bias.transforms.functional:make_variant"] = [
+    Bad("unknown variant", lambda: TF.make_variant("only_sky", image(), mask()), ValueError, "name must be one of"),
+    Bad("mixed without donor", lambda: TF.make_variant("mixed_rand", image(), mask()), ValueError, "donor"),
+]
+CASES["dml_bias.transforms.functional:choose_donor"] = [
+    Bad("unknown rule", lambda: TF.choose_donor("nearest", [0, 1, 1], 0), ValueError, "rule must be one of"),
+    Bad("index out of range", lambda: TF.choose_donor("mixed_rand", [0, 1, 1], 5), ValueError, "index"),
+    Bad(
+        "no other class",
+        lambda: TF.choose_donor("mixed_rand", [0, 0, 0], 0),
+        ValueError,
+        "no donor satisfies rule 'mixed_rand'",
+    ),
+]
+CASES["dml_bias.transforms:BackgroundMask"] = [
+    Bad("sigma 1.5", lambda: T.BackgroundMask("soft", sigma=1.5), ValueError, "sigma must be a number in"),
+    Bad("unknown mode", lambda: T.BackgroundMask("fuzzy"), ValueError, "mode must be one of"),
+    Bad("soft_alpha not bool", lambda: T.BackgroundMask(soft_alpha=1), TypeError, "soft_alpha must be a bool"),
+    Bad("no mask in the sample", lambda: T.BackgroundMask()({"image": image()}), (ValueError, TypeError), "mask|Mask"),
+]
+CASES["dml_bias.transforms:BackgroundSwap"] = [
+    Bad("empty donors", lambda: T.BackgroundSwap([]), ValueError, "donors"),
+    Bad("p 2", lambda: T.BackgroundSwap([(image(), mask())], p=2.0), ValueError, r"\bp must be"),
+    Bad(
+        "unknown variant",
+        lambda: T.BackgroundSwap([(image(), mask())], variant="only_fg"),
+        ValueError,
+        "variant must be one of",
+    ),
+]
+CASES["dml_bias.transforms:adapt_input_conv"] = [
+    Bad("in_channels 0", lambda: T.adapt_input_conv(nn.Conv2d(3, 4, 3), 0), ValueError, "in_channels must be"),
+    Bad(
+        "unknown init",
+        lambda: T.adapt_input_conv(nn.Conv2d(3, 4, 3), 4, init="random"),
+        ValueError,
+        "init must be one of",
+    ),
+    Bad("not a conv", lambda: T.adapt_input_conv(nn.Linear(3, 4), 4), (TypeError, ValueError), "conv_or_model"),
+]
+
+# --- data sets
+CASES["dml_bias.datasets.cub:CUB200"] = [
+    Bad("missing folder", lambda: CUB200(fresh_dir()), FileNotFoundError, "missing"),
+    Bad("missing annotation file", cub_missing_file, FileNotFoundError, "image_class_labels.txt"),
+    Bad("corrupt split line", cub_corrupt_line, AnnotationError, r"train_test_split.txt, line \d+"),
+    Bad("corrupt image", cub_corrupt_image, CorruptImageError, r"\.jpg"),
+    Bad("masks without segmentations", cub_missing_segmentations, FileNotFoundError, "segmentations"),
+    Bad("unknown split", lambda: CUB200(fresh_dir(), split="val"), ValueError, "split must be one of"),
+]
+CASES["dml_bias.datasets.cars:Cars196"] = [
+    Bad("missing annotations", cars_missing, FileNotFoundError, "cars_annos.mat|missing"),
+    Bad("corrupt .mat", cars_corrupt_mat, (AnnotationError, ValueError), "cars_annos.mat"),
+    Bad("unknown protocol", lambda: Cars196(fresh_dir(), protocol="fine"), ValueError, "protocol must be one of"),
+]
+CASES["dml_bias.datasets.sop:StanfordOnlineProducts"] = [
+    Bad("wrong header", sop_corrupt_header, AnnotationError, r"Ebay_train.txt, line 1"),
+    Bad("short row", sop_short_row, AnnotationError, r"Ebay_test.txt, line \d+"),
+    Bad("unknown split", lambda: StanfordOnlineProducts(fresh_dir(), split="val"), ValueError, "split must be one of"),
+]
+CASES["dml_bias.datasets.inshop:InShop"] = [
+    Bad("missing partition file", inshop_missing, FileNotFoundError, "list_eval_partition.txt|missing"),
+    Bad("count line disagrees", inshop_bad_count, AnnotationError, "list_eval_partition.txt"),
+]
+CASES["dml_bias.datasets.polyvore:PolyvoreOutfits"] = [
+    Bad("missing folder", polyvore_missing, FileNotFoundError, "missing"),
+    Bad("corrupt JSON", polyvore_corrupt_json, AnnotationError, r"\.json"),
+    Bad("unknown variant", lambda: PolyvoreOutfits(fresh_dir(), variant="joint"), ValueError, "variant must be one of"),
+]
+CASES["dml_bias.datasets.revisited:RevisitedOxfordParis"] = [
+    Bad("missing folder", revisited_missing, FileNotFoundError, "missing"),
+    Bad("corrupt pickle", revisited_corrupt_pickle, AnnotationError, r"\.pkl"),
+    Bad("unknown name", lambda: RevisitedOxfordParis(fresh_dir(), name="rrome"), ValueError, "name must be one of"),
+]
+CASES["dml_bias.datasets.synthetic:SyntheticBackgrounds"] = [
+    Bad("unknown split", lambda: SyntheticBackgrounds("val"), ValueError, "split must be one of"),
+    Bad(
+        "correlation 1.5",
+        lambda: SyntheticBackgrounds(background_correlation=1.5),
+        ValueError,
+        "background_correlation",
+    ),
+    Bad("num_classes 0", lambda: SyntheticBackgrounds(num_classes=0), ValueError, "num_classes"),
+    Bad("unknown variant", lambda: SyntheticBackgrounds(variant="only_sky"), ValueError, "variant must be one of"),
+    Bad("image_size 2", lambda: SyntheticBackgrounds(image_size=2), ValueError, "image_size"),
+]
+CASES["dml_bias.datasets.samplers:MPerClassSampler"] = [
+    Bad("m 0", lambda: MPerClassSampler(LAB, 0, 4), ValueError, r"\bm must be"),
+    Bad("batch_size not a multiple of m", lambda: MPerClassSampler(LAB, 2, 5), ValueError, "batch_size"),
+    Bad("float labels", lambda: MPerClassSampler(LAB.float(), 2, 4), (TypeError, ValueError), "labels"),
+    Bad("more classes per batch than exist", lambda: MPerClassSampler(LAB, 2, 8), ValueError, "batch_size|classes"),
+    Bad("rank beyond num_replicas", lambda: MPerClassSampler(LAB, 2, 4, num_replicas=2, rank=2), ValueError, "rank"),
+]
+
+# --- distributed
+SINGLE = "distributed.py ignores src/group outside a distributed run (checked only by torch inside one); reported"
+CASES["dml_bias.distributed:DistributedLossWrapper"] = [
+    Bad("loss not callable", lambda: dist.DistributedLossWrapper(3), TypeError, "loss"),
+    Bad(
+        "unknown grad_reduction",
+        lambda: dist.DistributedLossWrapper(L.NTXentLoss(), grad_reduction="max"),
+        ValueError,
+        "grad_reduction must be one of",
+    ),
+    Bad(
+        "NaN embeddings",
+        lambda: dist.DistributedLossWrapper(L.NTXentLoss())(with_value(emb(), NAN), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+]
+CASES["dml_bias.distributed:gather_with_grad"] = [
+    Bad("non-tensor", lambda: dist.gather_with_grad([1.0]), TypeError, "tensor must be a torch.Tensor"),
+]
+CASES["dml_bias.distributed:gather_no_grad"] = [
+    Bad("non-tensor", lambda: dist.gather_no_grad(1.0), TypeError, "tensor must be a torch.Tensor"),
+]
+CASES["dml_bias.distributed:average_gradients"] = [
+    Bad("not parameters", lambda: dist.average_gradients(3), TypeError, "parameters"),
+]
+CASES["dml_bias.distributed:broadcast_parameters"] = [
+    Bad("not a module", lambda: dist.broadcast_parameters([torch.zeros(1)]), TypeError, "module"),
+    Bad("negative src", lambda: dist.broadcast_parameters(nn.Linear(2, 2), src=-1), ValueError, "src", known=SINGLE),
+]
+CASES["dml_bias.distributed:get_rank"] = [
+    Bad(
+        "group without a process group",
+        lambda: dist.get_rank(group="world"),
+        (TypeError, ValueError),
+        "group",
+        known=SINGLE,
+    ),
+]
+CASES["dml_bias.distributed:get_world_size"] = [
+    Bad(
+        "group without a process group",
+        lambda: dist.get_world_size(group=3),
+        (TypeError, ValueError),
+        "group",
+        known=SINGLE,
+    ),
+]
+CASES["dml_bias.distributed:is_distributed"] = [
+    Bad("an argument", lambda: dist.is_distributed(True), TypeError, "is_distributed"),  # type: ignore[call-arg]
+]
+
+# --- heads
+CASES["dml_bias.heads.pooling:gem"] = [
+    Bad("3-D x", lambda: H.gem(torch.rand(2, 3, 4)), ValueError, r"\bx must be a 4-D"),
+    Bad("p 0", lambda: H.gem(torch.rand(1, 2, 3, 3), p=0.0), ValueError, r"\bp must be"),
+    Bad("eps 0", lambda: H.gem(torch.rand(1, 2, 3, 3), eps=0.0), ValueError, "eps must be"),
+    Bad(
+        "integer x", lambda: H.gem(torch.ones(1, 2, 3, 3, dtype=torch.long)), TypeError, r"\bx must be a floating-point"
+    ),
+    Bad("empty map", lambda: H.gem(torch.rand(1, 2, 0, 3)), ValueError, r"\bx must"),
+]
+CASES["dml_bias.heads.pooling:GeM"] = [
+    Bad("p -1", lambda: H.GeM(p=-1.0), ValueError, r"\bp must be"),
+    Bad("integer dtype", lambda: H.GeM(dtype=torch.int64), TypeError, "dtype must be None or a floating-point"),
+    Bad("unknown device", lambda: H.GeM(learnable=True, device="gpu"), ValueError, "device must name a device"),
+    Bad("learnable not bool", lambda: H.GeM(learnable="yes"), TypeError, "learnable must be a bool"),
+]
+CASES["dml_bias.heads.delg:DELGGlobalHead"] = [
+    Bad("dim 0", lambda: H.DELGGlobalHead(16, 0), ValueError, "dim must be"),
+    Bad(
+        "integer dtype",
+        lambda: H.DELGGlobalHead(16, 8, dtype=torch.int32),
+        TypeError,
+        "dtype must be None or a floating-point",
+    ),
+    Bad(
+        "channels mismatch",
+        lambda: H.DELGGlobalHead(16, 8)(torch.rand(2, 12, 3, 3)),
+        ValueError,
+        "features|in_channels",
+    ),
+]
+CASES["dml_bias.heads.delg:DELGLocalHead"] = [
+    Bad("hidden_channels 0", lambda: H.DELGLocalHead(16, 4, 0), ValueError, "hidden_channels must be"),
+    Bad("unknown device", lambda: H.DELGLocalHead(16, 4, 8, device="tpu:0"), ValueError, "device must name a device"),
+    Bad("2-D input", lambda: H.DELGLocalHead(16, 4, 8)(torch.rand(2, 16)), ValueError, "features|must be a 4-D"),
+]
+CASES["dml_bias.heads.delg:DELG"] = [
+    Bad("unknown backbone", lambda: H.DELG("resnet7"), ValueError, "backbone"),
+    Bad("num_classes 0", lambda: H.DELG("resnet18", num_classes=0), ValueError, "num_classes must be"),
+    Bad(
+        "missing weights file",
+        lambda: H.DELG("resnet50", weights=str(fresh_dir() / "none.pth")),
+        FileNotFoundError,
+        "none.pth",
+    ),
+]
+CASES["dml_bias.heads.pan:ConditionalSimilarity"] = [
+    Bad("num_conditions 0", lambda: H.ConditionalSimilarity(4, 0), ValueError, "num_conditions must be"),
+    Bad("unknown joint", lambda: H.ConditionalSimilarity(4, 2, joint="sum"), ValueError, "joint must be one of"),
+    Bad("dropout 1", lambda: H.ConditionalSimilarity(4, 2, dropout=1.0), ValueError, "dropout must be"),
+    Bad(
+        "integer dtype",
+        lambda: H.ConditionalSimilarity(4, 2, dtype=torch.long),
+        TypeError,
+        "dtype must be None or a floating-point",
+    ),
+    Bad(
+        "device of the wrong type",
+        lambda: H.ConditionalSimilarity(4, 2, device=["cpu"]),
+        TypeError,
+        "device must be None",
+    ),
+    Bad("length mismatch", lambda: head()(emb(4), emb(3)), ValueError, "h2|second"),
+    Bad("NaN features", lambda: head().score_matrix(with_value(emb(3), NAN), emb(5)), ValueError, "must be finite"),
+]
+CASES["dml_bias.heads.pan:PANLoss"] = [
+    Bad("negative lam", lambda: H.PANLoss(lam=-1.0), ValueError, "lam must be"),
+    Bad("unknown gate", lambda: H.PANLoss(gate="implies"), ValueError, "gate must be one of"),
+    Bad("unknown reduction", lambda: H.PANLoss(reduction="max"), ValueError, "reduction must be one of"),
+]
+CASES["dml_bias.heads.pan:pan_loss"] = [
+    Bad("target of another length", lambda: H.pan_loss(pan_output(), torch.tensor([1, 0])), ValueError, "target"),
+    Bad("target not 0/1", lambda: H.pan_loss(pan_output(), torch.tensor([0, 1, 2, 1])), ValueError, "target"),
+    Bad(
+        "a1 without a2",
+        lambda: H.pan_loss(pan_output(), torch.tensor([1, 0, 1, 0]), torch.ones(4, 5)),
+        ValueError,
+        "a2",
+    ),
+    Bad(
+        "more attributes than conditions",
+        lambda: H.pan_loss(pan_output(), torch.tensor([1, 0, 1, 0]), torch.ones(4, 7), torch.ones(4, 7)),
+        ValueError,
+        "a1",
+    ),
+]
+CASES["dml_bias.heads.pan:attribute_gate"] = [
+    Bad(
+        "unknown gate",
+        lambda: H.attribute_gate(torch.ones(1, 2), torch.ones(1, 2), "implies"),
+        ValueError,
+        "gate must be one of",
+    ),
+    Bad("shape mismatch", lambda: H.attribute_gate(torch.ones(1, 2), torch.ones(1, 3), "or"), ValueError, "a2"),
+    Bad(
+        "values not 0/1",
+        lambda: H.attribute_gate(torch.full((1, 2), 2), torch.ones(1, 2, dtype=torch.long), "or"),
+        ValueError,
+        "a1",
+    ),
+]
+CASES["dml_bias.heads.pairwise:PairwiseSimilarityModel"] = [
+    Bad("encoder not a module", lambda: H.PairwiseSimilarityModel("resnet", head()), TypeError, "encoder"),
+    Bad("head not a module", lambda: H.PairwiseSimilarityModel(nn.Identity(), None), TypeError, "head"),
+]
+CASES["dml_bias.heads.pairwise:sample_pairs"] = [
+    Bad("num_pairs 0", lambda: H.sample_pairs(LAB, 0), ValueError, "num_pairs must be"),
+    Bad(
+        "positive_fraction 2",
+        lambda: H.sample_pairs(LAB, 4, positive_fraction=2.0),
+        ValueError,
+        "positive_fraction must be",
+    ),
+    Bad("float labels", lambda: H.sample_pairs(LAB.float(), 4), TypeError, "labels must be"),
+    Bad("no positive pair", lambda: H.sample_pairs(torch.arange(6), 4), ValueError, "labels"),
+]
+CASES["dml_bias.heads.pairwise:few_shot_episodes"] = [
+    Bad(
+        "n_way beyond classes",
+        lambda: next(H.few_shot_episodes(LAB, n_way=5, k_shot=1, n_query=1)),
+        ValueError,
+        "n_way",
+    ),
+    Bad("k_shot 0", lambda: next(H.few_shot_episodes(LAB, n_way=2, k_shot=0, n_query=1)), ValueError, "k_shot must be"),
+    Bad(
+        "too few samples",
+        lambda: next(H.few_shot_episodes(LAB, n_way=2, k_shot=2, n_query=1)),
+        ValueError,
+        "k_shot|n_query|samples",
+    ),
+]
+CASES["dml_bias.heads.pairwise:few_shot_accuracy"] = [
+    Bad(
+        "features of another length",
+        lambda: H.few_shot_accuracy(head(), emb(5), LAB, n_way=2, k_shot=1, n_query=1),
+        ValueError,
+        "labels|features",
+    ),
+    Bad(
+        "ddof negative",
+        lambda: H.few_shot_accuracy(head(), emb(), LAB, n_way=2, k_shot=1, n_query=1, ddof=-1),
+        ValueError,
+        "ddof",
+    ),
+]
+CASES["dml_bias.heads.pairwise:fitb_scores"] = [
+    Bad("item beyond features", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [2, 99])]), ValueError, "questions"),
+    Bad(
+        "chunk_size 0",
+        lambda: H.fitb_scores(head(), emb(8), [([0, 1], [2, 3])], chunk_size=0),
+        ValueError,
+        "chunk_size must be",
+    ),
+    Bad("no candidates", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [])]), ValueError, "questions"),
+]
+CASES["dml_bias.heads.pairwise:compatibility_scores"] = [
+    Bad("item beyond features", lambda: H.compatibility_scores(head(), emb(6), [[0, 9]]), ValueError, "outfits"),
+    Bad("one-item outfit", lambda: H.compatibility_scores(head(), emb(6), [[0]]), ValueError, "outfits"),
+    Bad("1-D features", lambda: H.compatibility_scores(head(), torch.rand(6), [[0, 1]]), ValueError, "features"),
+]
+CASES["dml_bias.heads.verification:spatial_verification"] = [
+    Bad(
+        "locations of another length",
+        lambda: H.spatial_verification(
+            local_features()[0][:5], local_features()[1], [local_features()[0]], [local_features()[1]]
+        ),
+        ValueError,
+        "query_locations|query_descriptors",
+    ),
+    Bad(
+        "3 coordinates",
+        lambda: H.spatial_verification(
+            torch.rand(12, 3), local_features()[1], [local_features()[0]], [local_features()[1]]
+        ),
+        ValueError,
+        "query_locations",
+    ),
+    Bad(
+        "max_trials 0",
+        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], max_trials=0),
+        ValueError,
+        "max_trials must be",
+    ),
+    Bad(
+        "NaN descriptors",
+        lambda: H.spatial_verification(
+            local_features()[0], with_value(local_features()[1], NAN), [local_features()[0]], [local_features()[1]]
+        ),
+        ValueError,
+        "query_descriptors must be finite",
+    ),
+    Bad(
+        "inf index location",
+        lambda: H.spatial_verification(
+            *local_features(), [with_value(local_features()[0], INF)], [local_features()[1]]
+        ),
+        ValueError,
+        "index_locations must be finite",
+    ),
+    Bad(
+        "NaN in a padded index",
+        lambda: H.spatial_verification(
+            *local_features(), with_value(local_features()[0], NAN)[None], local_features()[1][None]
+        ),
+        ValueError,
+        "index_locations must be finite",
+    ),
+    Bad(
+        "ratio_test 1.5",
+        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], ratio_test=1.5),
+        ValueError,
+        "ratio_test must be",
+    ),
+]
+CASES["dml_bias.heads.verification:rerank"] = [
+    Bad(
+        "scores of another shape",
+        lambda: H.rerank(
+            torch.tensor([[0, 1]]),
+            torch.tensor([[0.9]]),
+            [local_features()[0]],
+            [local_features()[1]],
+            [local_features()[0]] * 2,
+            [local_features()[1]] * 2,
+        ),
+        ValueError,
+        "scores",
+    ),
+    Bad(
+        "rank beyond the index",
+        lambda: H.rerank(
+            torch.tensor([[0, 5]]),
+            torch.tensor([[0.9, 0.8]]),
+            [local_features()[0]],
+            [local_features()[1]],
+            [local_features()[0]] * 2,
+            [local_features()[1]] * 2,
+        ),
+        ValueError,
+        "ranks",
+    ),
+    Bad(
+        "num_to_rerank 0",
+        lambda: H.rerank(
+            torch.tensor([[0, 1]]),
+            torch.tensor([[0.9, 0.8]]),
+            [local_features()[0]],
+            [local_features()[1]],
+            [local_features()[0]] * 2,
+            [local_features()[1]] * 2,
+            num_to_rerank=0,
+        ),
+        ValueError,
+        "num_to_rerank must be",
+    ),
+]
+
+# --- the bias study (resolved at call time: the package grows while this file is written)
+B = "dml_bias.bias"
+CASES[f"{B}.config:StudyConfig"] = [
+    Bad("sigma 2", lambda: api(f"{B}:StudyConfig")(soft_sigmas=(2.0,)).validate(), ValueError, "soft_sigmas"),
+    Bad("unknown loss", lambda: api(f"{B}:StudyConfig")(losses=("focal",)).validate(), ValueError, "losses"),
+    Bad("unknown mode", lambda: api(f"{B}:StudyConfig")(modes=("blur",)).validate(), ValueError, "modes"),
+    Bad("epochs 0", lambda: api(f"{B}:StudyConfig")(epochs=0).validate(), ValueError, "epochs"),
+]
+CASES[f"{B}.study:run_study"] = [
+    Bad("config of the wrong type", lambda: api(f"{B}:run_study")({"epochs": 1}), TypeError, "config"),
+    Bad(
+        "cub without root",
+        lambda: api(f"{B}:run_study")(api(f"{B}:StudyConfig")(dataset="cub")),
+        (ValueError, Exception),
+        "root",
+    ),
+]
+CASES[f"{B}.models:SmallCNN"] = [
+    Bad("in_channels 0", lambda: api(f"{B}:SmallCNN")(in_channels=0), ValueError, "in_channels"),
+    Bad(
+        "wrong input channels",
+        lambda: api(f"{B}:SmallCNN")(embedding_size=8, width=4)(torch.rand(2, 4, 16, 16)),
+        (ValueError, RuntimeError),
+        "channels|images|x",
+    ),
+]
+CASES[f"{B}.models:EmbeddingHead"] = [
+    Bad("embedding_size 0", lambda: api(f"{B}:EmbeddingHead")(8, 0), ValueError, "embedding_size"),
+]
+CASES[f"{B}.models:build_resnet50"] = [
+    Bad(
+        "missing weights",
+        lambda: api(f"{B}:build_resnet50")(8, weights=str(fresh_dir() / "r50.pth"), warn=False),
+        FileNotFoundError,
+        "r50.pth",
+    ),
+    Bad("embedding_size 0", lambda: api(f"{B}:build_resnet50")(0, warn=False), ValueError, "embedding_size"),
+]
+CASES[f"{B}.attribution:similarity_attribution"] = [
+    Bad(
+        "unknown method",
+        lambda: api(f"{B}:similarity_attribution")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            layer="features",
+            method="lime",
+        ),
+        ValueError,
+        "method must be one of",
+    ),
+    Bad(
+        "unknown layer",
+        lambda: api(f"{B}:similarity_attribution")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            layer="nope",
+        ),
+        ValueError,
+        "layer",
+    ),
+    Bad(
+        "batch mismatch",
+        lambda: api(f"{B}:similarity_attribution")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(3, 3, 16, 16),
+            layer="features",
+        ),
+        ValueError,
+        "reference",
+    ),
+]
+CASES[f"{B}.attribution:foreground_energy"] = [
+    Bad(
+        "mask of another size",
+        lambda: api(f"{B}:foreground_energy")(torch.rand(1, 4, 4), torch.ones(1, 5, 5, dtype=torch.bool)),
+        ValueError,
+        "masks",
+    ),
+    Bad(
+        "mask not binary",
+        lambda: api(f"{B}:foreground_energy")(torch.rand(1, 4, 4), torch.full((1, 4, 4), 7, dtype=torch.uint8)),
+        ValueError,
+        "masks",
+    ),
+    Bad(
+        "NaN maps",
+        lambda: api(f"{B}:foreground_energy")(
+            with_value(torch.rand(1, 4, 4), NAN), torch.ones(1, 4, 4, dtype=torch.bool)
+        ),
+        ValueError,
+        "maps",
+    ),
+]
+CASES[f"{B}.attribution:background_sensitivity"] = [
+    Bad(
+        "donors of another length",
+        lambda: api(f"{B}:background_sensitivity")(
+            nn.Flatten(),
+            torch.rand(2, 3, 8, 8),
+            mask().expand(2, 1, 8, 8),
+            donors=(torch.rand(1, 3, 8, 8), mask()[None]),
+        ),
+        ValueError,
+        "donors",
+    ),
+    Bad(
+        "batch_size 0",
+        lambda: api(f"{B}:background_sensitivity")(
+            nn.Flatten(),
+            torch.rand(2, 3, 8, 8),
+            mask().expand(2, 1, 8, 8),
+            donors=(torch.rand(2, 3, 8, 8), mask().expand(2, 1, 8, 8)),
+            batch_size=0,
+        ),
+        ValueError,
+        "batch_size",
+    ),
+    Bad(
+        "unknown fill",
+        lambda: api(f"{B}:background_sensitivity")(
+            nn.Flatten(),
+            torch.rand(2, 3, 8, 8),
+            mask().expand(2, 1, 8, 8),
+            donors=(torch.rand(2, 3, 8, 8), mask().expand(2, 1, 8, 8)),
+            fill="blur",
+        ),
+        ValueError,
+        "fill",
+    ),
+]
+CASES["cli:dml-bias study"] = [
+    Bad("--sigmas 2", lambda: cli("study", "--sigmas", "2"), CliExit, r"(?s)exit 2: .*--sigmas"),
+    Bad("--epochs 0", lambda: cli("study", "--epochs", "0"), CliExit, r"(?s)exit 2: .*--epochs"),
+    Bad("--modes blur", lambda: cli("study", "--modes", "blur"), CliExit, r"(?s)exit 2: .*--modes"),
+    Bad("--dataset imagenet", lambda: cli("study", "--dataset", "imagenet"), CliExit, r"(?s)exit 2: .*--dataset"),
+    Bad("--seed -1", lambda: cli("study", "--seed", "-1"), CliExit, r"(?s)exit 2: .*--seed"),
+    Bad("unknown flag", lambda: cli("study", "--fast"), CliExit, r"(?s)exit 2: .*--fast"),
+    Bad("unknown command", lambda: cli("train"), CliExit, r"(?s)exit 2: .*train"),
+]
+
+#: Public names that take no input, with the reason they need no bad-input case.
+EXEMPT: dict[str, str] = {
+    **{
+        name: "constant (a tuple, dict or int of names or limits)"
+        for name in (
+            "ATTRIBUTION_METHODS",
+            "DATASETS",
+            "LOSSES",
+            "METRIC_KEYS",
+            "MODES",
+            "VARIANTS",
+            "ATTRIBUTE_NAMES",
+            "BACKGROUND_FAMILIES",
+            "OBJECT_ATTRIBUTES",
+            "GATES",
+            "JOINTS",
+            "REVISITED_PROTOCOLS",
+            "FAISS_GPU_MAX_K",
+            "METRICS",
+            "DONOR_RULES",
+            "FILLS",
+        )
+    },
+    "Metric": "a typing.Literal alias, not a callable",
+    **{
+        name: "result type (a NamedTuple or dataclass the library builds, never user input)"
+        for name in (
+            "StudyResult",
+            "DELGOutput",
+            "LocalFeatures",
+            "LocalHeadLosses",
+            "LocalHeadOutput",
+            "ReceptiveField",
+            "FewShotResult",
+            "PairIndices",
+            "ConditionalSimilarityOutput",
+            "BackgroundSensitivity",
+            "ForegroundEnergy",
+        )
+    },
+    **{
+        name: "exception type (raised by the library; its arguments are the library's)"
+        for name in ("StudyError", "AnnotationError", "CorruptImageError")
+    },
+}
+
+
+def all_cases() -> list[Any]:
+    return [
+        pytest.param(
+            case,
+            id=f"{key.split(':')[1]}-{case.what}",
+            marks=[pytest.mark.xfail(strict=True, reason=case.known)] if case.known else [],
+        )
+        for key, cases in CASES.items()
+        for case in cases
+    ]
+
+
+@pytest.mark.parametrize("case", all_cases())
+def test_bad_input_raises_a_clear_error(case: Bad) -> None:
+    with pytest.raises(case.error, match=case.match):
+        case.call()
+
+
+def test_the_sweep_is_large() -> None:
+    whats = [(key, case.what) for key, cases in CASES.items() for case in cases]
+    assert len(set(whats)) == len(whats), "duplicate case names"
+    assert len(whats) >= 120
+
+
+def inventory() -> list[str]:
+    lines = INVENTORY.read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def resolve(entry: str) -> Any:
+    module, name = entry.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_every_public_name_has_bad_input_cases() -> None:
+    covered = []
+    for key in CASES:
+        if key.startswith("cli:"):
+            continue
+        try:
+            covered.append(resolve(key))
+        except (ImportError, AttributeError):
+            continue  # a name another branch removed: the inventory test reports it
+    missing, wrongly_exempt = [], []
+    for entry in inventory():
+        obj, name = resolve(entry), entry.split(":")[1]
+        if any(obj is c for c in covered):
+            continue
+        if name in EXEMPT:
+            if inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+                wrongly_exempt.append(entry)
+            continue
+        missing.append(entry)
+    assert not missing, f"public names without a bad-input case in tests/test_bad_input.py: {missing}"
+    assert not wrongly_exempt, f"functions and modules cannot be exempt: {wrongly_exempt}"
+
+
+# ---------------------------------------------------------------------------------------------- no mutation
+
+
+def tensors_of(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor a user passed in: inside tuples, lists and dicts, and the parameters of modules."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, nn.Module):
+        yield from obj.parameters()
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from tensors_of(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_of(item)
+
+
+def half_emb(n: int = 6, d: int = 4) -> torch.Tensor:
+    return emb(n, d).half()
+
+
+def mutation_calls() -> dict[str, Callable[[], tuple[list[Any], Callable[[], Any]]]]:
+    """name -> a builder of (the inputs, the call on them)."""
+    feats = local_features()
+    calls: dict[str, Callable[[], tuple[list[Any], Callable[[], Any]]]] = {}
+    for name, cls in PAIR_LOSS_CLASSES.items():
+        calls[name] = lambda c=cls: (
+            lambda x, y, r, ry, idx: ([x, y, r, ry, idx], lambda: c()(x, y, idx, r, ry).backward())
+        )(half_emb().requires_grad_(True), LAB.clone(), emb(5), LAB[:5].clone(), MultiSimilarityMiner(0.3)(emb(), LAB))
+    calls["proxy_anchor"] = lambda: (lambda m, x: ([m, x], lambda: m(x, LAB).backward()))(
+        L.ProxyAnchorLoss(3, 4, dtype=torch.float64), half_emb()
+    )
+    calls["arcface"] = lambda: (lambda m, x: ([m, x], lambda: m(x, LAB).backward()))(L.ArcFaceLoss(3, 4), half_emb())
+    calls["proxy_anchor_loss"] = lambda: (lambda x, p: ([x, p], lambda: LF.proxy_anchor_loss(x, LAB, p).backward()))(
+        half_emb().requires_grad_(True), emb(3, 4).half().requires_grad_(True)
+    )
+    calls["miners"] = lambda: (lambda x: ([x], lambda: (BatchHardMiner()(x, LAB), MultiSimilarityMiner()(x, LAB))))(
+        half_emb()
+    )
+    calls["retrieval"] = lambda: (lambda x, y: ([x, y], lambda: (M.retrieval_metrics(x, y, ks=(1,)), M.knn(x, k=2))))(
+        emb(8).half(), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    )
+    calls["sharded"] = lambda: (lambda x: ([x], lambda: M.sharded_knn(x, x, 2, shard_offset=0)))(emb())
+    calls["outfits"] = lambda: (
+        lambda s, a: ([s, a], lambda: (M.fitb_accuracy(s, a), M.compatibility_auc(s[:, 0], torch.tensor([0, 1, 1]))))
+    )(torch.rand(3, 4), torch.tensor([0, 1, 3]))
+    calls["mask_background"] = lambda: (
+        lambda i, m: ([i, m], lambda: [TF.mask_background(i, m, mode) for mode in TF.MODES])
+    )(image(), mask())
+    calls["swap_background"] = lambda: (
+        lambda i, m, di, dm: ([i, m, di, dm], lambda: TF.swap_background(i, m, di, dm))
+    )(image(), mask(), image(3, 8, 8).flip(-1), mask().flip(-1))
+    calls["BackgroundMask"] = lambda: (lambda sample: ([sample], lambda: T.BackgroundMask("soft")(sample)))(
+        {"image": tv_tensors.Image(image()), "mask": tv_tensors.Mask(mask()), "label": torch.tensor(3)}
+    )
+    calls["gem"] = lambda: (lambda x, pool: ([x, pool], lambda: pool(x).sum().backward()))(
+        torch.rand(2, 3, 4, 4, dtype=torch.float64), H.GeM(learnable=True)
+    )
+    calls["conditional_similarity"] = lambda: (
+        lambda hd, a, b: ([hd, a, b], lambda: H.pan_loss(hd(a, b), torch.tensor([1, 0, 1, 0]), lam=0.0).backward())
+    )(H.ConditionalSimilarity(4, 2), emb(4).requires_grad_(True), emb(4, 4) * 2)
+    calls["spatial_verification"] = lambda: (
+        lambda q, d: ([q, d], lambda: H.spatial_verification(q, d, [q + 1.0], [d], max_trials=20))
+    )(*feats)
+    calls["pairwise"] = lambda: (lambda x, y: ([x, y], lambda: (S.pairwise(x, y), S.normalize(x))))(emb(), emb(3))
+    calls["foreground_energy"] = lambda: (
+        lambda maps, m: ([maps, m], lambda: api("dml_bias.bias:foreground_energy")(maps, m))
+    )(torch.rand(2, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(mutation_calls()))
+def test_nothing_a_user_passes_in_is_changed(name: str) -> None:
+    inputs, call = mutation_calls()[name]()
+    before = [(t.detach().clone(), t.dtype, t.device) for t in tensors_of(inputs)]
+    call()
+    after = list(tensors_of(inputs))
+    assert len(after) == len(before)
+    for (saved, dtype, device), now in zip(before, after, strict=True):
+        assert now.dtype == dtype
+        assert now.device == device
+        assert torch.equal(saved, now.detach())
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit extremes
+
+ALL_LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "multi_similarity": L.MultiSimilarityLoss,
+    "contrastive": L.ContrastiveLoss,
+    "triplet": L.TripletMarginLoss,
+    "ntxent": L.NTXentLoss,
+    "supcon": L.SupConLoss,
+    "proxy_anchor": lambda: L.ProxyAnchorLoss(3, 8),
+    "arcface": lambda: L.ArcFaceLoss(3, 8),
+}
+
+
+def extreme_rows(case: str, dtype: torch.dtype) -> torch.Tensor:
+    base = emb(6, 8)
+    unit = base / base.norm(dim=1, keepdim=True)
+    finfo = torch.finfo(dtype)
+    if case == "largest":  # every entry at the dtype's largest value (whose float32 norm fits: see below)
+        big = finfo.max if dtype == torch.float16 else 1e18
+        return (unit.sign() * big).to(dtype)
+    if case == "subnormal rows":
+        return (unit * finfo.smallest_normal / 4).to(dtype)
+    if case == "one subnormal row":
+        out = unit.clone()
+        out[0] *= finfo.smallest_normal / 4
+        return out.to(dtype)
+    if case == "tiny rows (1e-4)":
+        return (unit * 1e-4).to(dtype)
+    if case == "identical rows":
+        return unit[:1].expand(6, 8).to(dtype)
+    if case == "mixed magnitudes":
+        scale = torch.tensor([min(finfo.max / 16, 1e18), 1.0, 1e-3, max(finfo.smallest_normal * 8, 1e-20), 3.0, 1e2])
+        return (unit * scale[:, None]).to(dtype)
+    raise KeyError(case)
+
+
+EXTREMES = ["largest", "subnormal rows", "one subnormal row", "tiny rows (1e-4)", "identical rows", "mixed magnitudes"]
+
+
+#: bfloat16 has float32's range: its subnormal rows (~1e-39) have a float32 norm of 0, a documented ValueError.
+UNDERFLOW = {("subnormal rows", torch.bfloat16), ("one subnormal row", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", EXTREMES)
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_16_bit_extremes_give_a_finite_value_and_gradient(name: str, case: str, dtype: torch.dtype) -> None:
+    module = ALL_LOSSES[name]()
+    x = extreme_rows(case, dtype).requires_grad_(True)
+    if (case, dtype) in UNDERFLOW:
+        with pytest.raises(ValueError, match=r"embeddings must have no row of zero norm .* underflow to 0"):
+            module(x, LAB)
+        return
+    loss = module(x, LAB)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert x.grad is not None
+    assert x.grad.dtype == dtype
+    assert torch.isfinite(x.grad).all()
+    for param in module.parameters():
+        assert torch.isfinite(param.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_zero_rows_and_overflowing_norms_are_documented_errors(name: str, dtype: torch.dtype) -> None:
+    zero = extreme_rows("identical rows", dtype).clone()
+    zero[2] = 0
+    with pytest.raises(ValueError, match="embeddings must have no row of zero norm"):
+        ALL_LOSSES[name]()(zero, LAB)
+    if dtype != torch.float16:  # float16 rows always fit a float32 norm
+        huge = torch.full((6, 8), torch.finfo(dtype).max, dtype=dtype)
+        with pytest.raises(ValueError, match=r"embeddings must have row norms that fit torch\.float32"):
+            ALL_LOSSES[name]()(huge, LAB)
+
+
+def test_padding_past_index_lengths_may_hold_anything() -> None:
+    # The finiteness check of spatial_verification must not reject the padding of a padded index tensor.
+    loc, desc = local_features()
+    padded_loc = torch.cat([loc, torch.full((3, 2), NAN)])[None]
+    padded_desc = torch.cat([desc, torch.full((3, desc.shape[1]), INF)])[None]
+    lengths = torch.tensor([loc.shape[0]])
+    got = H.spatial_verification(loc, desc, padded_loc, padded_desc, index_lengths=lengths, max_trials=50)
+    assert torch.equal(got, H.spatial_verification(loc, desc, [loc], [desc], max_trials=50))
