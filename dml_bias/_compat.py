@@ -1,9 +1,13 @@
-"""Shims for torch APIs that differ between the supported releases, chosen by feature detection.
+"""Shims for torch and torchvision APIs that differ between the supported releases.
 
-torch 2.9 replaced the global float32 matmul switches (``torch.set_float32_matmul_precision``, ``allow_tf32``)
-by per-backend ``fp32_precision`` settings, and newer releases refuse to read the legacy switches once the new
-ones were set. Everything here asks whether an attribute exists, never which version is installed, so a
-backport or a removal is handled the same way.
+* torch 2.9 replaced the global float32 matmul switches (``torch.set_float32_matmul_precision``, ``allow_tf32``)
+  by per-backend ``fp32_precision`` settings, and newer releases refuse to read the legacy switches once the
+  new ones were set: :func:`ieee_fp32_matmul` and :func:`reduced_precision_fp32_matmul` use whichever exists.
+* torchvision 0.21 renamed the hooks of ``v2.Transform`` (``_get_params`` / ``_transform`` became the public
+  ``make_params`` / ``transform``): :class:`V2TransformHooks` answers to both names.
+
+Everything here asks whether an attribute exists (or answers to every name), never which version is installed,
+so a backport or a removal is handled the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ieee_fp32_matmul", "reduced_precision_fp32_matmul"]
+__all__ = ["V2TransformHooks", "ieee_fp32_matmul", "reduced_precision_fp32_matmul"]
 
 #: cuBLAS switches that let float16/bf16 GEMMs reduce in lower precision (both are switched off for a search).
 _REDUCED_PRECISION_REDUCTIONS = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
@@ -74,3 +78,19 @@ def reduced_precision_fp32_matmul(device: torch.device) -> bool:
     # Legacy releases: one global switch for every backend ("high": TF32, "medium": bf16), read as the
     # per-backend settings read it on newer releases (where "high" also shows as "tf32" on the CPU).
     return torch.get_float32_matmul_precision() != "highest"
+
+
+class V2TransformHooks:
+    """Mixin for ``torchvision.transforms.v2.Transform`` subclasses that override the public hooks.
+
+    torchvision 0.21 and later call ``make_params(flat_inputs)`` and ``transform(inpt, params)``; earlier
+    releases call the same hooks as ``_get_params`` and ``_transform``. Listed before ``v2.Transform`` among the
+    bases, this mixin forwards the old names to the public ones (subclass overrides included), so one class works
+    with both; newer releases never call the old names.
+    """
+
+    def _get_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return self.make_params(flat_inputs)  # type: ignore[attr-defined]
+
+    def _transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self.transform(inpt, params)  # type: ignore[attr-defined]

@@ -1,11 +1,13 @@
-"""The torch-version shims of ``dml_bias._compat``, on this torch and with the newer switches taken away."""
+"""The version shims of ``dml_bias._compat``, on this torch and with the newer switches taken away."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torchvision import tv_tensors
 
 from dml_bias._compat import ieee_fp32_matmul, reduced_precision_fp32_matmul
+from dml_bias.transforms import BackgroundMask, BackgroundSwap
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -67,3 +69,26 @@ def test_ieee_fp32_matmul_pins_and_restores(
         assert reduced_precision_fp32_matmul(CPU)  # restored on the way out of an error too
     finally:
         cublas.allow_fp16_reduced_precision_reduction = False
+
+
+def test_v2_transform_hooks_answer_to_the_names_before_torchvision_0_21() -> None:
+    # torchvision < 0.21 drives a transform through _get_params / _transform: they must reach our public hooks.
+    image = tv_tensors.Image(torch.full((3, 4, 4), 200, dtype=torch.uint8))
+    mask = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    mask[..., 1:3, 1:3] = 255
+    sample = {"image": image, "mask": tv_tensors.Mask(mask), "label": 3}
+    transform = BackgroundMask()
+    params = transform._get_params([image, sample["mask"]])
+    assert params["mask"] is sample["mask"]
+    old_style = transform._transform(image, params)
+    assert torch.equal(old_style, transform(sample)["image"])
+    assert int(old_style[0, 0, 0]) == 0
+    assert int(old_style[0, 1, 1]) == 200
+
+    class Inverted(BackgroundMask):
+        def transform(self, inpt: object, params: dict[str, object]) -> object:
+            return 255 - super().transform(inpt, params)
+
+    assert torch.equal(Inverted()._transform(image, params), 255 - old_style)  # overrides are honoured
+    for cls in (BackgroundMask, BackgroundSwap):
+        assert "_get_params" in vars(cls.__mro__[1])  # the hooks come from the mixin, ahead of v2.Transform

@@ -12,13 +12,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dml_bias._checks import describe
+from dml_bias._compat import V2TransformHooks
 from dml_bias.transforms._masking import check_mask_options, mask_background_checked
 from dml_bias.transforms._sample import find_mask, is_image_leaf
 
 __all__ = ["BackgroundMask"]
 
 
-class BackgroundMask(v2.Transform):
+class BackgroundMask(V2TransformHooks, v2.Transform):
     r"""Hide or weaken the background of every image in a sample with the sample's segmentation mask.
 
     A :class:`torchvision.transforms.v2.Transform`: it takes any sample (a dict, tuple, list or nested mix)

@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dml_bias._checks import check_choice, check_number, describe
+from dml_bias._compat import V2TransformHooks
 from dml_bias.transforms._sample import find_mask, is_image_leaf
 from dml_bias.transforms.functional import DONOR_RULES, FILLS, choose_donor, swap_background
 
@@ -51,7 +52,7 @@ def _to_tensor(x: Any) -> torch.Tensor:
     return x.as_subclass(torch.Tensor)
 
 
-class BackgroundSwap(v2.Transform):
+class BackgroundSwap(V2TransformHooks, v2.Transform):
     """Put the sample's object on the background of a donor sample, chosen by an ImageNet-9 class rule.
 
     A :class:`torchvision.transforms.v2.Transform` for samples holding one image, its
