@@ -60,16 +60,17 @@ class _PerQuery:
     labels: torch.Tensor  # (Nq,) query labels
 
 
-def _check_ks(ks: Any, available: int) -> tuple[int, ...]:
+def _check_ks(ks: Any, available: int, name: str = "ks") -> tuple[int, ...]:
+    """``ks`` as a tuple of distinct ints in ``[1, available]``; ``name`` is the caller's argument (``k`` or ``ks``)."""
     if isinstance(ks, int) and not isinstance(ks, bool):
         ks = (ks,)
     if not isinstance(ks, Sequence) or isinstance(ks, str):
-        raise TypeError(f"ks must be a sequence of integers, got {describe(ks)}")
+        raise TypeError(f"{name} must be a sequence of integers, got {describe(ks)}")
     out: list[int] = []
     for k in ks:
-        check_number(k, "ks", low=1, high=max(available, 1), integer=True)
+        check_number(k, name, low=1, high=max(available, 1), integer=True)
         if k > available:
-            raise ValueError(f"ks must be in [1, {available}] (reference size after self exclusion), got {k}")
+            raise ValueError(f"{name} must be in [1, {available}] (reference size after self exclusion), got {k}")
         if k not in out:
             out.append(int(k))
     return tuple(out)
@@ -286,6 +287,7 @@ def _run(
     normalize_embeddings: bool | None,
     chunk_size: int | None,
     full_map: bool = True,
+    ks_name: str = "ks",
 ) -> tuple[_PerQuery, tuple[int, ...]]:
     prep, qlab, rlab = _setup(
         query, query_labels, reference, reference_labels, metric, exclude_self, normalize_embeddings, chunk_size
@@ -297,7 +299,7 @@ def _run(
             f"{name} must hold at least 2 rows with self exclusion (no other item is left to rank), got "
             f"{describe(query if reference is None else reference)}"
         )
-    ks_t = _check_ks(ks, available)
+    ks_t = _check_ks(ks, available, ks_name)
     compute = _per_query if full_map else _per_query_topk
     res = compute(prep, qlab, rlab, ks_t, chunk_size)
     if not bool(res.evaluated.any()):
@@ -321,6 +323,7 @@ def _single_metric(
     chunk_size: int | None,
     ks: tuple[int, ...] = (),
     full_map: bool = False,
+    ks_name: str = "ks",
 ) -> float:
     """The body of the single-metric functions: one pass, the mean of the ``pick``-ed per-query values.
 
@@ -338,6 +341,7 @@ def _single_metric(
         normalize_embeddings,
         chunk_size,
         full_map=full_map,
+        ks_name=ks_name,
     )
     return _mean(pick(res), res.evaluated)
 
@@ -499,6 +503,7 @@ def recall_at_k(
         reference,
         reference_labels,
         ks=(k,),
+        ks_name="k",
         exclude_self=exclude_self,
         metric=metric,
         normalize_embeddings=normalize_embeddings,
