@@ -808,10 +808,9 @@ class DELG(nn.Module):
         global_descriptor = self.global_head(self.backbone.layer4(local_map))
         local = self.local_head(local_map)
         locations = self.feature_locations(local_map.shape[2], local_map.shape[3], device=images.device)
-        if labels is None:
+        if labels is None or arcface is None:
             return DELGOutput(global_descriptor, local.descriptors, local.attention, locations)
-        assert self.arcface is not None
-        global_loss = self.arcface(global_descriptor, labels)
+        global_loss = arcface(global_descriptor, labels)
         local_losses = self.local_head.losses(local_map, labels, local)
         loss = (
             global_loss
