@@ -43,7 +43,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from dml_bias._checks import check_choice, check_dtype, check_embeddings, check_labels, check_tensor, describe
+from dml_bias._checks import (
+    check_choice,
+    check_dtype,
+    check_embeddings,
+    check_labels,
+    check_number,
+    check_tensor,
+    describe,
+)
 
 __all__ = [
     "DistributedLossWrapper",
@@ -99,10 +107,14 @@ def get_world_size(group: Any = None) -> int:
     Args:
         group: A ``torch.distributed`` process group, or ``None`` for the default group.
 
+    Raises:
+        TypeError: ``group`` is neither ``None`` nor a process group (checked also outside a distributed run).
+
     Example:
         >>> get_world_size()
         1
     """
+    _check_group(group)
     return int(dist.get_world_size(group)) if is_distributed() else 1
 
 
@@ -112,11 +124,22 @@ def get_rank(group: Any = None) -> int:
     Args:
         group: A ``torch.distributed`` process group, or ``None`` for the default group.
 
+    Raises:
+        TypeError: ``group`` is neither ``None`` nor a process group (checked also outside a distributed run).
+
     Example:
         >>> get_rank()
         0
     """
+    _check_group(group)
     return int(dist.get_rank(group)) if is_distributed() else 0
+
+
+def _check_group(group: Any) -> None:
+    """Raise ``TypeError`` unless ``group`` is ``None`` or a process group (also outside a distributed run)."""
+    process_group = getattr(dist, "ProcessGroup", None)
+    if group is not None and (process_group is None or not isinstance(group, process_group)):
+        raise TypeError(f"group must be None or a torch.distributed.ProcessGroup, got {describe(group)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -469,7 +492,8 @@ def broadcast_parameters(module: nn.Module, *, src: int = 0, group: Any = None) 
         group: The process group (``None``: the default group).
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        TypeError: ``module`` is not an ``nn.Module``, or ``group`` is not a process group.
+        ValueError: ``src`` is not a non-negative integer.
 
     Example:
         >>> import torch
@@ -481,6 +505,7 @@ def broadcast_parameters(module: nn.Module, *, src: int = 0, group: Any = None) 
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    check_number(src, "src", low=0, integer=True)
     if get_world_size(group) == 1:
         return
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dml_bias._checks import check_choice, check_query_reference
+from dml_bias._checks import check_choice, check_dtype, check_query_reference, check_tensor
 
 __all__ = ["METRICS", "Metric", "is_similarity", "normalize", "pairwise"]
 
@@ -49,6 +49,8 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         >>> normalize(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])
     """
+    check_tensor(x, "x")
+    check_dtype(x, "x", "floating")
     return F.normalize(x, p=2.0, dim=-1, eps=eps)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import check_number
+from dml_bias._checks import check_dtype, check_number, check_shape, check_tensor
 
 __all__ = ["EmbeddingHead", "SmallCNN", "build_resnet50"]
 
@@ -82,6 +82,7 @@ class SmallCNN(nn.Module):
         check_number(in_channels, "in_channels", low=1, integer=True)
         check_number(embedding_size, "embedding_size", low=1, integer=True)
         check_number(width, "width", low=1, integer=True)
+        self.in_channels = int(in_channels)
 
         def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -96,6 +97,9 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed ``images`` ``(N, C, H, W)`` into ``(N, D)`` unit vectors."""
+        check_tensor(images, "images")
+        check_dtype(images, "images", "floating")
+        check_shape(images, "images", ("N", "C", "H", "W"), {"C": self.in_channels}, sources={"C": "in_channels"})
         return self.head(self.features(images))
 
 
