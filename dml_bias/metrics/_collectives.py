@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "all_gather_rows", "comm_device", "rank", "world_size"]
+__all__ = ["all_gather_objects", "all_gather_rows", "all_reduce_sum", "comm_device", "rank", "world_size"]
 
 
 def world_size(group: Any = None) -> int:
@@ -60,3 +60,16 @@ def all_gather_rows(tensor: torch.Tensor, sizes: list[int], group: Any = None) -
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return [part[:size].to(tensor.device) for part, size in zip(parts, sizes, strict=True)]
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over the ranks (same shape and dtype on every rank).
+
+    Without torch.distributed (or with one rank) this is ``tensor`` itself; otherwise a new tensor on ``tensor``'s
+    device.
+    """
+    if world_size(group) == 1:
+        return tensor
+    out = tensor.to(comm_device(group), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.to(tensor.device)

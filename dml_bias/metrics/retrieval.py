@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from dml_bias._checks import check_labels, check_number, check_same_device, describe
+from dml_bias._compat import ieee_fp32_matmul
 from dml_bias.metrics._exact import (
     MEMORY_BUDGET,
     Prepared,
     block_product,
     block_rows,
     exact_keys,
-    gamma,
+    grouped_inputs,
     prepare,
     rows_of,
     scratch,
@@ -109,6 +110,184 @@ def _row_sum(x: torch.Tensor) -> torch.Tensor:
     return x.cumsum(1)[:, -1] if x.shape[1] > 0 else x.sum(1)
 
 
+#: Test hook: the bulk pass that counts the items above each relevant item for the full mAP. ``None``
+#: (default): the 16-bit pass (bf16 on CPUs with native bf16, float16 on CUDA) when a sample of query rows shows
+#: it leaves few items to re-score, else float32; ``"float32"`` / ``"half"`` force one (``"half"`` falls back to
+#: float32 where the device has no 16-bit pass, and for the Euclidean metrics).
+COUNT_BULK: str | None = None
+
+#: The 16-bit counting pass is taken when at most this fraction of a sample's scores falls in an error band.
+_HALF_BAND_FRACTION = 0.004
+
+#: Query rows of the sample that decides between the 16-bit and the float32 counting pass.
+_SAMPLE_ROWS = 64
+
+
+@dataclass
+class _Bulk:
+    """The bulk scores of the counting pass: inputs, the per-query bound, the output rounding."""
+
+    query: torch.Tensor  # (Nq, D) bulk-dtype rows
+    reference: torch.Tensor  # (M, D)
+    eps: torch.Tensor  # (Nq,) float64 bound on |bulk key before output rounding - exact key|
+    unit: float  # u / (1 - u) of the stored output (0: float32 output, no extra rounding)
+    tiny: float  # absolute error of an underflowing output
+
+
+def _bulk_inputs(prep: Prepared, half: bool) -> _Bulk:
+    """The inputs of the counting pass: 16-bit (``half``; cosine/dot only) or float32."""
+    grouped = grouped_inputs(prep) if half else None
+    if grouped is not None and grouped.unit > 0:
+        u = grouped.unit
+        return _Bulk(grouped.query, grouped.reference, grouped.eps, u / (1 - u), 2 * grouped.tiny)
+    return _Bulk(prep.query32, prep.reference32, prep.eps, 0.0, 0.0)
+
+
+def _block_scores(
+    prep: Prepared, bulk: _Bulk, start: int, stop: int, masked: torch.Tensor, name: str = "count"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bulk keys of queries ``start:stop`` (float64, larger is closer) and their per-item error bound.
+
+    ``masked`` (``(R, M)`` bool) marks the items that are not counted (relevant items, the query itself): their
+    key is ``-inf``. The bound (``(R, 1)`` or ``(R, M)`` float64) holds for every other item: the exact key
+    lies within it of the bulk key.
+    """
+    a = block_product(prep, bulk.query[start:stop], bulk.reference)
+    keys = scratch(prep, name, a.shape, torch.float64)
+    keys.copy_(a)
+    if prep.distance:  # 2 q.r - |r|^2 - |q|^2 = -|q - r|^2, with float32 squared norms of the reference
+        keys.mul_(2.0).sub_(prep.reference_sqnorm32.to(torch.float64)).sub_(prep.query_sqnorm[start:stop, None])
+    keys.masked_fill_(masked, -torch.inf)
+    e = bulk.eps[start:stop, None].to(torch.float64)
+    scale = prep.query_norm[start:stop, None] * float(prep.reference.norm(dim=1).max())
+    if prep.distance:
+        scale = (prep.query_norm[start:stop, None] + float(prep.reference.norm(dim=1).max())) ** 2
+    # A relative 2^-40 on the bound and 2^-50 of the largest key cover the float64 rounding of key -+ bound.
+    e = e * (1 + 2.0**-40) + scale * 2.0**-50
+    if bulk.unit == 0.0:
+        return keys, e
+    width = scratch(prep, name + "_width", a.shape, torch.float64)
+    torch.abs(keys, out=width).mul_(bulk.unit * (1 + 2.0**-40)).add_(e + bulk.tiny)
+    return keys, width
+
+
+def _count_above(
+    prep: Prepared,
+    bulk: _Bulk,
+    start: int,
+    stop: int,
+    rel_keys: torch.Tensor,
+    rel_cols: torch.Tensor,
+    masked: torch.Tensor,
+    col_offset: int,
+    budget: int,
+) -> torch.Tensor:
+    r"""How many irrelevant items rank above exactly ``t`` relevant items, per query: ``(R, T + 1)`` int64.
+
+    ``rel_keys`` (``(R, T)`` float64) are the exact keys of each query's relevant items sorted so that an item
+    ranks above a prefix of them: ascending key, and descending global index among equal keys (``+inf``
+    padding last); ``rel_cols`` their global reference indices. ``masked`` (``(R, M)`` bool) marks the local
+    reference items that are not counted. Local column ``c`` is global index ``col_offset + c``.
+
+    An item whose bulk key :math:`v` has bound :math:`w` (exact key in :math:`[v - w, v + w]`) is certainly
+    above every relevant key below :math:`v - w` and certainly below every key above :math:`v + w`; when a
+    relevant key lies in :math:`[v - w, v + w]` the item is re-scored exactly (float64 element-wise, the same
+    arithmetic as the relevant keys) and placed by the tie rule (equal keys: the lower global index ranks first).
+    """
+    nb = stop - start
+    device = rel_keys.device
+    width = int(rel_keys.shape[1])
+    rows_b = torch.arange(nb, device=device)
+    keys, w = _block_scores(prep, bulk, start, stop, masked)
+    cnt = scratch(prep, "count_cnt", keys.shape, torch.long)
+    low = scratch(prep, "count_low", keys.shape, torch.float64)
+    torch.searchsorted(rel_keys, torch.sub(keys, w, out=low), out=cnt)  # relevant keys certainly below
+    ext = torch.cat([rel_keys, torch.full((nb, 1), torch.inf, dtype=torch.float64, device=device)], 1)
+    nearest = torch.gather(ext, 1, cnt, out=low)  # the next relevant key (or +inf)
+    band = scratch(prep, "count_band", keys.shape, torch.bool)
+    torch.le(nearest, keys.add_(w), out=band)
+    band &= ~masked
+    br, bc = band.nonzero(as_tuple=True)
+    del band, nearest, low, keys, w
+    if br.numel() > 0:
+        exact = exact_keys(prep, br + start, bc, budget)
+        gcol = bc + col_offset
+        step = max(1, budget // (24 * max(width, 1)))
+        for s in range(0, br.numel(), step):
+            r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
+            rk, rc = rel_keys[r_], rel_cols[r_]
+            below = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
+            cnt[r_, bc[s : s + step]] = below.sum(1)
+    hist = torch.bincount(cnt.add_(rows_b[:, None] * (width + 1)).view(-1), minlength=nb * (width + 1))
+    return hist.view(nb, width + 1)
+
+
+def _sort_relevant(keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevant keys per row in the order of :func:`_count_above` (ascending key, then descending index)."""
+    keys = keys.masked_fill(~valid, torch.inf)
+    cols = cols.masked_fill(~valid, -1)
+    by_col = torch.argsort(cols, dim=1, descending=True, stable=True)
+    keys, cols = keys.gather(1, by_col), cols.gather(1, by_col)
+    by_key = torch.argsort(keys, dim=1, stable=True)
+    return keys.gather(1, by_key), cols.gather(1, by_key)
+
+
+def _ranks_to_metrics(
+    hist: torch.Tensor, num_rel: torch.Tensor, ks: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recall@k ``(len(ks), R)``, MAP@R, R-precision and AP ``(R,)`` from :func:`_count_above`'s histograms.
+
+    The relevant item at position ``d`` (0-based) of the best-first relevant list has ``d`` relevant items above
+    it, and an irrelevant item ranks above it iff it is above at least ``num_rel - d`` relevant items.
+    """
+    device = hist.device
+    nb, width = hist.shape[0], hist.shape[1] - 1
+    above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
+    d = torch.arange(width, device=device)[None, :].expand(nb, width)
+    t = (num_rel[:, None] - d).clamp(0, width)
+    irrelevant_above = torch.gather(above_from, 1, t)
+    ranks = (1 + d + irrelevant_above).to(torch.float64)
+    live = d < num_rel[:, None]
+    r_f = num_rel.to(torch.float64).clamp_min(1.0)
+    prec = (d + 1).to(torch.float64) / ranks
+    in_r = live & (ranks <= num_rel[:, None])
+    best = torch.where(live[:, 0], ranks[:, 0], torch.inf) if width > 0 else torch.full((nb,), torch.inf)
+    kt = torch.tensor(ks, dtype=torch.float64, device=device)
+    recall = (best[None, :].to(device) <= kt[:, None]).to(torch.float64)
+    rprec = in_r.sum(1) / r_f
+    map_r = _row_sum(torch.where(in_r, prec, 0.0)) / r_f
+    ap = _row_sum(torch.where(live, prec, 0.0)) / r_f
+    return recall, map_r, rprec, ap
+
+
+def _choose_half(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> bool:
+    """Whether the 16-bit counting pass pays on these inputs, decided on a sample of query rows.
+
+    It pays when few items need re-scoring: the sample's fraction of items whose 16-bit error band reaches the
+    range of the row's relevant scores (an upper bound on the band) must be at most ``_HALF_BAND_FRACTION``.
+    """
+    if COUNT_BULK is not None:
+        return COUNT_BULK == "half"
+    grouped = grouped_inputs(prep)
+    if grouped is None or grouped.unit == 0.0 or prep.num_query == 0:
+        return False
+    nq = prep.num_query
+    rows = torch.linspace(0, nq - 1, min(nq, _SAMPLE_ROWS), device=qlab.device).long().unique()
+    masked = rlab[None, :] == qlab[rows, None]
+    with ieee_fp32_matmul():
+        s32 = torch.mm(prep.query32[rows], prep.reference32.T).to(torch.float64)
+        s16 = torch.mm(grouped.query[rows], grouped.reference.T).to(torch.float64)
+    if prep.exclude_self:
+        masked[torch.arange(rows.numel(), device=rows.device), rows] = False
+        s32[torch.arange(rows.numel(), device=rows.device), rows] = torch.nan
+    lo = torch.where(masked, s32, torch.inf).amin(1, keepdim=True)
+    hi = torch.where(masked, s32, -torch.inf).amax(1, keepdim=True)
+    u = grouped.unit / (1 - grouped.unit)
+    w = grouped.eps[rows, None] + prep.eps[rows, None] + u * s16.abs() + 2 * grouped.tiny
+    inside = (s16 + w >= lo) & (s16 - w <= hi) & ~masked
+    return float(inside.sum()) <= _HALF_BAND_FRACTION * inside.numel()
+
+
 def _per_query(
     prep: Prepared,
     qlab: torch.Tensor,
@@ -117,10 +296,14 @@ def _per_query(
     chunk_size: int | None,
     budget: int = MEMORY_BUDGET,
 ) -> _PerQuery:
-    """Exact per-query metrics from the ranks of the relevant items, one block of queries at a time."""
+    """Exact per-query metrics, full AP included, from the ranks of the relevant items, a block of queries at a time.
+
+    Per block: exact float64 keys of every query's relevant items (element-wise, ``sum(R_q) * D`` work), then one
+    bulk GEMM (float32, or the 16-bit pass where it pays: see :func:`_choose_half`) whose scores only *count*,
+    per query, the irrelevant items above each relevant item (:func:`_count_above`).
+    """
     device = prep.query.device
     nq, m = prep.num_query, prep.num_reference
-    dim = int(prep.query.shape[1])
     # Class layout of the reference: items sorted by label (stable, so indices ascend within a class).
     order = torch.argsort(rlab, stable=True)
     classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
@@ -132,21 +315,17 @@ def _per_query(
     if prep.exclude_self:
         self_rel = rlab[:nq] == qlab
     num_rel = n_class - self_rel.long()
-    # Float64 GEMM error bound plus the exact-key error (see the module notes of knn.py).
-    qn = prep.query_norm
-    rmax = float(prep.reference.norm(dim=1).max())
-    g = gamma(dim + 2, _U64)
-    eps = 8 * g * (qn + rmax) ** 2 if prep.distance else 4 * g * qn * rmax
-    ref_sq = (prep.reference**2).sum(1) if prep.distance else None
+    half = _choose_half(prep, qlab, rlab)
+    bulk = _bulk_inputs(prep, half)
 
     recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     ap = torch.zeros(nq, dtype=torch.float64, device=device)
-    kt = torch.tensor(ks, dtype=torch.float64, device=device)
 
     max_rel = int(n_class.max()) if nq > 0 else 0
-    step = block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
+    per_row = (12 if bulk.unit == 0.0 else 20) * m + 25 * m + 64 * max_rel
+    step = block_rows(nq, per_row, chunk_size, budget, width=m)
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         nb = stop - start
@@ -154,73 +333,23 @@ def _per_query(
         rm = int(n_class[start:stop].max())
         if rm == 0:
             continue
-        # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
-        a = block_product(prep, prep.query[start:stop], prep.reference)
-        if ref_sq is not None:
-            a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
-        if prep.exclude_self:
-            a[rows_b, rows_b + start] = -torch.inf
         ar = torch.arange(rm, device=device)
-        nc = n_class[start:stop]
-        in_class = ar[None, :] < nc[:, None]
         idx = (starts[pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
-        relcols = order[idx]  # (nb, rm)
-        valid = in_class
+        relcols = order[idx]  # (nb, rm): the reference items of the query's label
+        valid = ar[None, :] < n_class[start:stop, None]
         if prep.exclude_self:
-            valid = valid & (relcols != (rows_b + start)[:, None])
-        # Relevant keys from the same GEMM (each within eps of its exact value), then masked out of `a`.
-        relkeys = torch.gather(a, 1, relcols).masked_fill_(~valid, torch.inf)
+            valid &= relcols != (rows_b + start)[:, None]
         vr, vc = valid.nonzero(as_tuple=True)
-        a[vr, relcols[vr, vc]] = -torch.inf
-        # Place every other item among the sorted relevant keys: both sides carry an error <= eps, so an
-        # item more than 2 eps away from a relevant key is on the right side of it for sure.
-        b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
-        e = 2 * eps[start:stop][:, None]
-        # Block-sized temporaries go to buffers reused across blocks (fresh ones are page-faulted in each time).
-        shifted = scratch(prep, "shifted", a.shape, a.dtype)
-        cnt = scratch(prep, "count", a.shape, torch.long)
-        torch.searchsorted(b, torch.sub(a, e, out=shifted), out=cnt)  # relevant keys certainly below the item
-        b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
-        nearest = torch.gather(b_ext, 1, cnt, out=shifted)  # the next relevant key above (or +inf)
-        band = scratch(prep, "band", a.shape, torch.bool)
-        torch.le(nearest, a.add_(e), out=band)
-        band &= a > -torch.inf
-        br, bc = band.nonzero(as_tuple=True)
-        del band, a, nearest, shifted
-        if br.numel() > 0:
-            # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
-            bkeys = exact_keys(prep, br + start, bc, budget)
-            band_rows = torch.unique(br)
-            vr, vc = valid[band_rows].nonzero(as_tuple=True)
-            exact_rel = torch.full((band_rows.numel(), rm), torch.inf, dtype=torch.float64, device=device)
-            exact_rel[vr, vc] = exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
-            slot = torch.searchsorted(band_rows, br)
-            bstep = max(1, budget // (16 * rm))
-            for s in range(0, br.numel(), bstep):
-                r_, c_, k_, t_ = br[s : s + bstep], bc[s : s + bstep], bkeys[s : s + bstep], slot[s : s + bstep]
-                rk, rc = exact_rel[t_], relcols[r_]
-                above = (rk < k_[:, None]) | ((rk == k_[:, None]) & (c_[:, None] < rc))
-                cnt[r_, c_] = (above & valid[r_]).sum(1)
-        hist = torch.bincount(cnt.add_(rows_b[:, None] * (rm + 1)).view(-1), minlength=nb * (rm + 1))
-        del cnt
-        hist = hist.view(nb, rm + 1)
-        above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
-        # The relevant item at position d (0-based) of the best-first relevant list has d relevant items
-        # above it and num_rel - 1 - d below it, so an item is above it iff it is above >= num_rel - d.
-        nr = num_rel[start:stop]
-        d = ar[None, :].expand(nb, rm)
-        t = (nr[:, None] - d).clamp_min(0)
-        irrelevant_above = torch.gather(above_from, 1, t)
-        ranks = (1 + d + irrelevant_above).to(torch.float64)
-        live = d < nr[:, None]
-        r_f = nr.to(torch.float64).clamp_min(1.0)
-        prec = (d + 1).to(torch.float64) / ranks
-        in_r = live & (ranks <= nr[:, None])
-        best = torch.where(live[:, 0], ranks[:, 0], torch.inf)
-        recall[:, start:stop] = (best[None, :] <= kt[:, None]).to(torch.float64)
-        rprec[start:stop] = in_r.sum(1) / r_f
-        map_r[start:stop] = _row_sum(torch.where(in_r, prec, 0.0)) / r_f
-        ap[start:stop] = _row_sum(torch.where(live, prec, 0.0)) / r_f
+        rel_keys = torch.zeros(nb, rm, dtype=torch.float64, device=device)
+        rel_keys[vr, vc] = exact_keys(prep, vr + start, relcols[vr, vc], budget)
+        rel_keys, rel_cols = _sort_relevant(rel_keys, relcols, valid)
+        masked = scratch(prep, "masked", (nb, m), torch.bool)
+        torch.eq(rlab[None, :], qlab[start:stop, None], out=masked)
+        if prep.exclude_self:
+            masked[rows_b, rows_b + start] = True
+        hist = _count_above(prep, bulk, start, stop, rel_keys, rel_cols, masked, 0, budget)
+        vals = _ranks_to_metrics(hist, num_rel[start:stop], ks)
+        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
     return _PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
 
 

@@ -37,8 +37,17 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
-from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, rank, world_size
-from dml_bias.metrics._exact import MEMORY_BUDGET, exact_keys, knn_prepared, prepare
+from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
+from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare
+from dml_bias.metrics.retrieval import (
+    _bulk_inputs,
+    _choose_half,
+    _count_above,
+    _per_class,
+    _PerQuery,
+    _ranks_to_metrics,
+    _sort_relevant,
+)
 from dml_bias.similarity import METRICS
 
 __all__ = ["sharded_knn", "sharded_retrieval_metrics"]
@@ -242,27 +251,38 @@ def sharded_retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     shard_offset: int | None = None,
     query_indices: torch.Tensor | None = None,
+    per_class: bool = False,
     metric: str = "cosine",
     chunk_size: int | None = None,
     group: Any = None,
-) -> dict[str, float]:
-    r"""Recall@k, R-precision and MAP@R of a retrieval whose reference set is sharded across ranks, exactly.
+) -> dict[str, Any]:
+    r"""Recall@k, R-precision, MAP@R and full mAP of a retrieval whose reference set is sharded across ranks, exactly.
 
     The values equal those of :func:`~dml_bias.metrics.retrieval_metrics` on the whole reference set (keys
-    ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``, ``"num_queries"``, ``"num_lone_queries"``; the full
-    ``"map"`` and ``per_class`` are not computed here, since they need every rank of every relevant item).
-    Every rank passes the same queries and its own shard; :func:`sharded_knn` finds the
-    :math:`k = \max(\max_i k_i, \max_q R_q)` nearest neighbours with their labels (:math:`R_q`: the number of
-    items of the query's label in the whole reference set, the query itself left out), from which
+    ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``, ``"map"``, ``"num_queries"``, ``"num_lone_queries"`` and,
+    with ``per_class=True``, ``"per_class"``). Every rank passes the same queries and its own shard. All of them
+    follow from the ranks of the relevant items (see :mod:`dml_bias.metrics.retrieval`), found without moving
+    any embedding between ranks: per block of queries,
+
+    1. each rank computes the exact float64 keys of the relevant items in its shard (same label, the query's own
+       item left out), and all ranks gather them: :math:`\sum_q R_q` keys with their global indices;
+    2. each rank counts, per query, how many items of its shard rank above each relevant item — the exact
+       counting pass of the single-process metrics (a bulk GEMM whose error band around each relevant key is
+       re-scored exactly, ties by the lower global index);
+    3. the counts are summed over the ranks (``all_reduce``), which gives every relevant item its global rank
+       :math:`r_i` and so
 
     .. math::
 
-        \text{Recall@}k(q) = [\exists\, i \le k : y_{n_i} = y_q], \qquad
-        \text{R-precision}(q) = \frac{1}{R_q}\sum_{i \le R_q} [y_{n_i} = y_q], \qquad
-        \text{MAP@R}(q) = \frac{1}{R_q}\sum_{i \le R_q} [y_{n_i} = y_q]\,\frac{\#\{j \le i : y_{n_j} = y_q\}}{i},
+        \text{Recall@}k(q) = [r_1 \le k], \qquad
+        \text{R-precision}(q) = \frac{\#\{i : r_i \le R_q\}}{R_q}, \qquad
+        \text{MAP@R}(q) = \frac{1}{R_q}\sum_{i : r_i \le R_q} \frac{i}{r_i}, \qquad
+        \text{AP}(q) = \frac{1}{R_q}\sum_{i=1}^{R_q} \frac{i}{r_i},
 
     averaged over the queries with :math:`R_q \ge 1` (the others are counted in ``"num_lone_queries"``).
-    Queries are processed in blocks so that each rank holds at most about :math:`2^{22}` gathered candidates.
+    :math:`R_q` is the number of items of the query's label in the whole reference set, the query itself left
+    out. Communication per block: the relevant keys (``O(sum R_q)``) and one ``(Q_block, max R_q + 1)`` count
+    matrix; memory per rank as for :func:`~dml_bias.metrics.retrieval_metrics` on the shard.
 
     Args:
         query: ``(Q, D)`` floating-point queries, the same on every rank.
@@ -273,12 +293,14 @@ def sharded_retrieval_metrics(
         shard_offset: Global index of the shard's first row (``None``: consecutive shards in rank order).
         query_indices: Optional ``(Q,)`` global reference index of each query (``-1``: not in the reference):
             that item is left out of the query's neighbours and relevant items (leave-one-out evaluation).
+        per_class: Also return the metrics averaged per query label, as
+            :func:`~dml_bias.metrics.retrieval_metrics` does.
         metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
-        chunk_size: Passed to the local :func:`~dml_bias.metrics.knn`.
+        chunk_size: Query rows per block (the same on every rank); ``None`` picks it from a 2 GiB budget.
         group: The process group; ``None`` is the default group.
 
     Returns:
-        A dict of floats (and the two integer counts), the same on every rank.
+        A dict of floats (and the two integer counts, and ``"per_class"`` if asked), the same on every rank.
 
     Example:
         >>> import torch
@@ -289,6 +311,10 @@ def sharded_retrieval_metrics(
         (0.8, 0.9, 5)
     """
     check_choice(metric, "metric", METRICS)
+    if not isinstance(per_class, bool):
+        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
+    if not isinstance(per_class, bool):
+        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
     check_embeddings(query, "query")
     check_embeddings(reference_shard, "reference_shard", dim=query.shape[1], allow_empty=True)
     num_queries = int(query.shape[0])
@@ -349,37 +375,104 @@ def sharded_retrieval_metrics(
         num_rel = num_rel - torch.stack(all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
     evaluated = num_rel > 0
 
-    recall = torch.zeros(len(ks), num_queries, dtype=torch.float64, device=device)
-    r_prec = torch.zeros(num_queries, dtype=torch.float64, device=device)
-    map_r = torch.zeros(num_queries, dtype=torch.float64, device=device)
     if bool(evaluated.any()):
-        k_search = min(layout.total - int(excluding), max(max(ks), int(num_rel[evaluated].max())))
-        block = max(1, (1 << 22) // (k_search * len(layout.sizes)))
-        positions = torch.arange(1, k_search + 1, dtype=torch.float64, device=device)
-        for start in range(0, num_queries, block):
-            stop = min(num_queries, start + block)
-            exclude = None if query_indices is None else query_indices[start:stop]
-            _, _, neighbour_labels = _search_and_merge(
-                query[start:stop], reference_shard, k_search, layout, metric, exclude, chunk_size, group, payload=rlab
-            )
-            if neighbour_labels is None:  # _search_and_merge returns the payload's rows whenever one is passed
-                raise RuntimeError("internal error: the sharded search returned no labels for its neighbours")
-            relevant = neighbour_labels == qlab[start:stop, None]
-            for i, k in enumerate(ks):
-                recall[i, start:stop] = relevant[:, :k].any(dim=1).to(torch.float64)
-            big_r = num_rel[start:stop].to(torch.float64).clamp_min(1.0)
-            in_r = relevant & (positions[None, :] <= big_r[:, None])
-            precision = torch.cumsum(relevant, dim=1).to(torch.float64) / positions
-            r_prec[start:stop] = in_r.sum(dim=1).to(torch.float64) / big_r
-            map_r[start:stop] = (precision * in_r).sum(dim=1) / big_r
+        res = _count_sharded(
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, chunk_size, group
+        )
+    else:
+        zeros = torch.zeros(num_queries, dtype=torch.float64, device=device)
+        res = _PerQuery(zeros[None].expand(len(ks), -1), zeros, zeros, zeros, evaluated, qlab)
+    recall, map_r, r_prec, ap = res.recall, res.map_at_r, res.r_precision, res.average_precision
 
     count = int(evaluated.sum())
     denominator = max(count, 1)
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     for i, k in enumerate(ks):
         result[f"recall@{k}"] = float(recall[i][evaluated].sum()) / denominator
     result["map@r"] = float(map_r[evaluated].sum()) / denominator
     result["r_precision"] = float(r_prec[evaluated].sum()) / denominator
+    result["map"] = float(ap[evaluated].sum()) / denominator
     result["num_queries"] = count
     result["num_lone_queries"] = num_queries - count
+    if per_class:
+        result["per_class"] = _per_class(res, ks) if count > 0 else {}
     return result
+
+
+def _count_sharded(
+    query: torch.Tensor,
+    qlab: torch.Tensor,
+    reference_shard: torch.Tensor,
+    rlab: torch.Tensor,
+    layout: _Layout,
+    metric: str,
+    query_indices: torch.Tensor | None,
+    num_rel: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int | None,
+    group: Any,
+) -> _PerQuery:
+    """Per-query metrics (full AP included) from the ranks of the relevant items of every shard.
+
+    Per block of queries: each rank computes the exact float64 keys of its own relevant items, all ranks gather
+    them (``sum(R_q)`` keys), each counts the items of its shard above each relevant item (the single-process
+    counting pass, exact), and the counts are summed over the ranks. The block size depends only on values
+    that every rank shares, so the collectives line up.
+    """
+    device = query.device
+    nq = int(query.shape[0])
+    m = int(reference_shard.shape[0])
+    nranks = len(layout.sizes)
+    prep = prepare(query, reference_shard, metric, False, None) if m > 0 else None
+    half = _choose_half(prep, qlab, rlab) if prep is not None else False
+    bulk = _bulk_inputs(prep, half) if prep is not None else None
+    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
+    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
+    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
+    ap = torch.zeros(nq, dtype=torch.float64, device=device)
+    widest = max(layout.sizes)
+    max_rel = int(num_rel.max())
+    step = block_rows(nq, 45 * widest + 64 * max_rel * nranks, chunk_size, MEMORY_BUDGET, width=widest)
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        nb = stop - start
+        rows_b = torch.arange(nb, device=device)
+        masked = torch.zeros(nb, m, dtype=torch.bool, device=device)
+        if m > 0:
+            torch.eq(rlab[None, :], qlab[start:stop, None], out=masked)
+        if query_indices is not None:
+            local = query_indices[start:stop].to(torch.long) - layout.offset
+            inside = (local >= 0) & (local < m)
+            masked[rows_b[inside], local[inside]] = True
+            rel = masked.clone()
+            rel[rows_b[inside], local[inside]] = False
+        else:
+            rel = masked
+        vr, vc = rel.nonzero(as_tuple=True)
+        keys = exact_keys(prep, vr + start, vc, MEMORY_BUDGET) if prep is not None else vr.to(torch.float64)
+        ids = torch.stack([vr, vc + layout.offset], 1)
+        if world_size(group) > 1:
+            sizes = [int(n) for n in all_gather_objects(int(vr.numel()), group)]
+            keys = torch.cat(all_gather_rows(keys, sizes, group))
+            ids = torch.cat(all_gather_rows(ids, sizes, group))
+        # Lay the relevant keys out per query (rank order, so the tie order is reproducible), then sort them.
+        by_row = torch.argsort(ids[:, 0], stable=True)
+        keys, ids = keys[by_row], ids[by_row]
+        per_row = torch.bincount(ids[:, 0], minlength=nb)
+        width = int(per_row.max()) if nb > 0 else 0
+        slot = torch.arange(ids.shape[0], device=device) - (torch.cumsum(per_row, 0) - per_row)[ids[:, 0]]
+        key_mat = torch.zeros(nb, width, dtype=torch.float64, device=device)
+        col_mat = torch.zeros(nb, width, dtype=torch.long, device=device)
+        valid = torch.zeros(nb, width, dtype=torch.bool, device=device)
+        key_mat[ids[:, 0], slot] = keys
+        col_mat[ids[:, 0], slot] = ids[:, 1]
+        valid[ids[:, 0], slot] = True
+        key_mat, col_mat = _sort_relevant(key_mat, col_mat, valid)
+        if prep is not None and bulk is not None:
+            hist = _count_above(prep, bulk, start, stop, key_mat, col_mat, masked, layout.offset, MEMORY_BUDGET)
+        else:
+            hist = torch.zeros(nb, width + 1, dtype=torch.long, device=device)
+        hist = all_reduce_sum(hist, group)
+        vals = _ranks_to_metrics(hist, num_rel[start:stop], ks)
+        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
+    return _PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)

@@ -71,6 +71,32 @@ def run(rank, port, out_dir):
         dataset, labels, dataset[mine], labels[mine], ks=(1, 2, 8), query_indices=rows, metric="euclidean"
     )
     out["separate"] = sharded_retrieval_metrics(dataset[:6] + 0.1, labels[:6], dataset[mine], labels[mine], ks=(1, 3))
+    # Full mAP and per-class values through both counting passes, an empty shard, and a clustered set whose
+    # relevant items rank deep (so the error bands are re-scored), split unevenly with explicit offsets.
+    retrieval_module = sys.modules["dml_bias.metrics.retrieval"]
+    engine = sys.modules["dml_bias.metrics._exact"]
+    for mode in ("float32", "half"):
+        retrieval_module.COUNT_BULK = mode
+        engine.FORCE_HALF = torch.bfloat16 if mode == "half" else None  # bf16 even on CPUs without native bf16
+        out[f"per_class/{mode}"] = sharded_retrieval_metrics(
+            dataset, labels, dataset[mine], labels[mine], ks=(1, 4), query_indices=rows, per_class=True
+        )
+        empty = dataset if rank == 0 else dataset[:0]
+        empty_labels = labels if rank == 0 else labels[:0]
+        out[f"empty_shard/{mode}"] = sharded_retrieval_metrics(
+            dataset, labels, empty, empty_labels, ks=(2,), query_indices=rows, per_class=True
+        )
+        g = torch.Generator().manual_seed(11)
+        big_labels = torch.arange(240) % 24
+        big = torch.randn(24, 16, generator=g)[big_labels] + 2.0 * torch.randn(240, 16, generator=g)
+        big[7] = big[100]
+        part = slice(150, 240) if rank == 0 else slice(0, 150)
+        out[f"clustered/{mode}"] = sharded_retrieval_metrics(
+            big, big_labels, big[part], big_labels[part], ks=(1, 8), shard_offset=part.start,
+            query_indices=torch.arange(240), per_class=True, chunk_size=50,
+        )
+    retrieval_module.COUNT_BULK = None
+    engine.FORCE_HALF = None
 
     # Evaluator: a shuffled DistributedSampler pads 23 samples to 24 with a repeat.
     sampler = DistributedSampler(range(23), num_replicas=2, rank=rank, shuffle=True, seed=3)
@@ -199,7 +225,27 @@ def test_sharded_retrieval_metrics_equal_retrieval_metrics(gloo_results: list[di
     for rank in range(2):
         for name, expected in (("loo", loo), ("separate", separate)):
             got = gloo_results[rank][name]
-            assert got == {key: value for key, value in expected.items() if key != "map"}, (rank, name)
+            assert got == expected, (rank, name)
+
+
+def test_sharded_full_map_and_per_class_equal_single_process(gloo_results: list[dict]) -> None:
+    from dml_bias.metrics.retrieval import retrieval_metrics
+
+    _, _, dataset, labels = make_data()
+    g = torch.Generator().manual_seed(11)
+    big_labels = torch.arange(240) % 24
+    big = torch.randn(24, 16, generator=g)[big_labels] + 2.0 * torch.randn(240, 16, generator=g)
+    big[7] = big[100]
+    expected = {
+        "per_class": retrieval_metrics(dataset, labels, ks=(1, 4), per_class=True),
+        "empty_shard": retrieval_metrics(dataset, labels, ks=(2,), per_class=True),
+        "clustered": retrieval_metrics(big, big_labels, ks=(1, 8), per_class=True),
+    }
+    assert 0.0 < expected["clustered"]["map"] < 0.9  # relevant items rank deep: the bands are exercised
+    for rank in range(2):
+        for mode in ("float32", "half"):
+            for name, value in expected.items():
+                assert gloo_results[rank][f"{name}/{mode}"] == value, (rank, mode, name)
 
 
 # --- one process -----------------------------------------------------------------------------------------------
@@ -244,7 +290,10 @@ def test_retrieval_metrics_single_process_and_bad_input() -> None:
     _, _, dataset, labels = make_data()
     got = sharded_retrieval_metrics(dataset, labels, dataset, labels, ks=(1, 4), query_indices=torch.arange(23))
     expected = retrieval_metrics(dataset, labels, ks=(1, 4))
-    assert got == {key: value for key, value in expected.items() if key != "map"}
+    assert got == expected
+    assert "map" in got
+    with pytest.raises(TypeError, match="per_class must be a bool"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, per_class=1)
     with pytest.raises(ValueError, match="reference_shard_labels must be a 1-D integer tensor of length 23"):
         sharded_retrieval_metrics(dataset, labels, dataset, labels[:5])
     with pytest.raises(ValueError, match="ks must be at most N - 1 = 22"):
