@@ -132,43 +132,194 @@ class _Bulk:
     eps: torch.Tensor  # (Nq,) float64 bound on |bulk key before output rounding - exact key|
     unit: float  # u / (1 - u) of the stored output (0: float32 output, no extra rounding)
     tiny: float  # absolute error of an underflowing output
+    rmax: float  # largest reference row norm (float64 inputs)
 
 
 def _bulk_inputs(prep: Prepared, half: bool) -> _Bulk:
     """The inputs of the counting pass: 16-bit (``half``; cosine/dot only) or float32."""
     grouped = grouped_inputs(prep) if half else None
+    rmax = float(prep.reference.norm(dim=1).max()) if prep.num_reference > 0 else 0.0
     if grouped is not None and grouped.unit > 0:
         u = grouped.unit
-        return _Bulk(grouped.query, grouped.reference, grouped.eps, u / (1 - u), 2 * grouped.tiny)
-    return _Bulk(prep.query32, prep.reference32, prep.eps, 0.0, 0.0)
+        return _Bulk(grouped.query, grouped.reference, grouped.eps, u / (1 - u), 2 * grouped.tiny, rmax)
+    return _Bulk(prep.query32, prep.reference32, prep.eps, 0.0, 0.0, rmax)
 
 
-def _block_scores(
-    prep: Prepared, bulk: _Bulk, start: int, stop: int, masked: torch.Tensor, name: str = "count"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bulk keys of queries ``start:stop`` (float64, larger is closer) and their per-item error bound.
+def _row_bound(prep: Prepared, bulk: _Bulk, rows: slice | torch.Tensor) -> torch.Tensor:
+    r"""``(R, 1)`` float64 bound :math:`w` per query: every exact key lies within :math:`w` of its bulk key.
 
-    ``masked`` (``(R, M)`` bool) marks the items that are not counted (relevant items, the query itself): their
-    key is ``-inf``. The bound (``(R, 1)`` or ``(R, M)`` float64) holds for every other item: the exact key
-    lies within it of the bulk key.
+    For the float32 pass :math:`w` is ``prep.eps``; for a 16-bit output :math:`\hat s = \mathrm{fl}_{16}(z)` it
+    adds :math:`u|z| + \text{tiny}` with :math:`|z| \le |q|\,\max|r| + e` (Cauchy–Schwarz). A relative
+    :math:`2^{-40}` and :math:`2^{-50}` of the largest key cover the float64 rounding of the comparisons.
     """
-    a = block_product(prep, bulk.query[start:stop], bulk.reference)
-    keys = scratch(prep, name, a.shape, torch.float64)
-    keys.copy_(a)
-    if prep.distance:  # 2 q.r - |r|^2 - |q|^2 = -|q - r|^2, with float32 squared norms of the reference
-        keys.mul_(2.0).sub_(prep.reference_sqnorm32.to(torch.float64)).sub_(prep.query_sqnorm[start:stop, None])
-    keys.masked_fill_(masked, -torch.inf)
-    e = bulk.eps[start:stop, None].to(torch.float64)
-    scale = prep.query_norm[start:stop, None] * float(prep.reference.norm(dim=1).max())
-    if prep.distance:
-        scale = (prep.query_norm[start:stop, None] + float(prep.reference.norm(dim=1).max())) ** 2
-    # A relative 2^-40 on the bound and 2^-50 of the largest key cover the float64 rounding of key -+ bound.
-    e = e * (1 + 2.0**-40) + scale * 2.0**-50
-    if bulk.unit == 0.0:
-        return keys, e
-    width = scratch(prep, name + "_width", a.shape, torch.float64)
-    torch.abs(keys, out=width).mul_(bulk.unit * (1 + 2.0**-40)).add_(e + bulk.tiny)
-    return keys, width
+    e = bulk.eps[rows].to(torch.float64)[:, None]
+    qn = prep.query_norm[rows][:, None]
+    scale = (qn + bulk.rmax) ** 2 if prep.distance else qn * bulk.rmax
+    w = e * (1 + 2.0**-40) + scale * 2.0**-50
+    if bulk.unit > 0.0:
+        w = w + bulk.unit * (scale + e) * (1 + 2.0**-20) + bulk.tiny
+    return w
+
+
+#: Most bins per query row of the counting pass' lookup table.
+_BINS = 4096
+
+
+@dataclass
+class _Bins:
+    r"""Per-query lookup tables of the counting pass (see :func:`_count_rows`), for ``R`` query rows.
+
+    Row ``r`` splits the bulk keys into ``nbins`` equal bins :math:`[lo + kh, lo + (k + 1)h)` spanning its
+    relevant keys; ``table[r * nbins + k]`` is the number of relevant keys below every item of bin ``k`` when no
+    key's window :math:`[b_j - w, b_j + w]` reaches the bin, else ``-(1 + that number)``; ``first[r, j]`` is the
+    first bin key ``j``'s window reaches (``nbins`` for padding).
+    """
+
+    keys: torch.Tensor  # (R, T) float64 relevant keys, ascending (ties: descending global index), +inf padding
+    cols: torch.Tensor  # (R, T) int64 their global reference indices
+    w: torch.Tensor  # (R,) float64 bound of the bulk keys
+    lo: torch.Tensor  # (R,) float64
+    inv: torch.Tensor  # (R,) float64, 1 / bin width
+    first: torch.Tensor  # (R, T) int64
+    table: torch.Tensor  # (R * nbins,) int32 or int64
+    nbins: int
+
+    def rows(self, r0: int, r1: int) -> _Bins:
+        """The tables of rows ``r0:r1``."""
+        table = self.table[r0 * self.nbins : r1 * self.nbins]
+        return _Bins(
+            self.keys[r0:r1], self.cols[r0:r1], self.w[r0:r1], self.lo[r0:r1], self.inv[r0:r1],
+            self.first[r0:r1], table, self.nbins,
+        )  # fmt: skip
+
+
+def _make_bins(rel_keys: torch.Tensor, rel_cols: torch.Tensor, w: torch.Tensor, nbins: int) -> _Bins:
+    r"""Build :class:`_Bins` for relevant keys ``(R, T)`` sorted as :func:`_sort_relevant` does, bound ``w (R, 1)``.
+
+    The windows lie in bins ``2 .. nbins - 3``: items below the lowest bin (above the highest) are below (above)
+    every window and take its count. Bin positions computed in float32 are within an eighth of a bin of
+    :math:`(v - lo)/h` for the items that are not clamped, as :math:`h \ge 2^{-17}(|b_{min}| + w)` (float32
+    rounding of :math:`v/h` and :math:`lo/h`); each window is widened by a quarter bin on both sides for that.
+    """
+    nb, width = rel_keys.shape
+    device = rel_keys.device
+    nvalid = (rel_keys < torch.inf).sum(1)
+    has = nvalid > 0
+    bmin = torch.where(has, rel_keys[:, 0], 0.0)
+    bmax = torch.where(has, rel_keys.gather(1, (nvalid - 1).clamp_min(0)[:, None])[:, 0], 0.0)
+    wr = w[:, 0]
+    h = (bmax - bmin + 2 * wr) / (nbins - 8)
+    h = torch.maximum(h, (bmin.abs() + wr) * 2.0**-17 + 2.0**-120)
+    inv = 1.0 / h
+    lo = bmin - wr - 4 * h
+    valid = rel_keys < torch.inf
+    first = ((rel_keys - w - lo[:, None]) * inv[:, None] - 0.25).floor_()
+    last = ((rel_keys + w - lo[:, None]) * inv[:, None] + 0.25).floor_()
+    first = torch.where(valid, first.clamp(0, nbins - 1), nbins).long()
+    after = torch.where(valid, (last + 1).clamp(0, nbins), nbins).long()
+    ones = torch.ones_like(first)
+    below = torch.zeros(nb, nbins + 1, dtype=torch.long, device=device).scatter_add_(1, after, ones).cumsum_(1)
+    reach = torch.zeros(nb, nbins + 1, dtype=torch.long, device=device).scatter_add_(1, first, ones).cumsum_(1)
+    below, reach = below[:, :nbins], reach[:, :nbins]  # windows ended before bin k / begun by bin k
+    index = torch.int32 if width < 2**30 else torch.long
+    table = torch.where(reach > below, -1 - below, below).to(index).reshape(-1)
+    return _Bins(rel_keys, rel_cols, wr, lo, inv, first, table, nbins)
+
+
+def _count_rows(
+    prep: Prepared,
+    bins: _Bins,
+    qstart: int,
+    src: torch.Tensor,
+    masked: torch.Tensor,
+    cstart: int,
+    col_offset: int,
+    budget: int,
+) -> torch.Tensor:
+    r"""How many irrelevant items rank above exactly ``t`` relevant items, per query: ``(R, T + 1)`` int64.
+
+    ``src`` (``(R, C)`` float32, or float64 for the Euclidean metrics) holds the bulk keys of queries
+    ``qstart .. qstart + R`` against the local reference items ``cstart .. cstart + C`` (global index
+    ``col_offset +`` local index); ``masked`` (``(R, C)`` bool) marks the items that are not counted (relevant
+    items, the query itself). ``bins`` are the rows' tables (:func:`_make_bins`).
+
+    An item with bulk key :math:`v` has its exact key in :math:`[v - w, v + w]` (:func:`_row_bound`): it is
+    certainly above every relevant key below :math:`v - w` and below every key above :math:`v + w`. Its bin gives
+    that count directly unless a key's window reaches the bin; the item is then compared with those few keys,
+    and if one lies in :math:`[v - w, v + w]` it is re-scored exactly (float64 element-wise, the same arithmetic
+    as the relevant keys) and placed by the tie rule (equal keys: the lower global index ranks first).
+    """
+    nb = int(src.shape[0])
+    device = src.device
+    width = int(bins.keys.shape[1])
+    nbins = bins.nbins
+    index = bins.table.dtype if nb * max(nbins, width + 1) < 2**31 else torch.long
+    rows_b = torch.arange(nb, device=device)
+    pos = scratch(prep, "count_pos", src.shape, src.dtype)
+    scale = bins.inv.to(src.dtype)[:, None]
+    torch.addcmul((-bins.lo * bins.inv).to(src.dtype)[:, None], src, scale, out=pos).clamp_(0, nbins - 1)
+    code = scratch(prep, "count_code", src.shape, index)
+    code.copy_(pos)
+    code.add_((rows_b * nbins).to(index)[:, None])
+    cnt = scratch(prep, "count_cnt", src.shape, index)
+    torch.index_select(bins.table, 0, code.view(-1), out=cnt.view(-1))
+    cnt.masked_fill_(masked, 0)
+    er, ec = (cnt < 0).nonzero(as_tuple=True)
+    if er.numel() > 0:
+        v = src[er, ec].to(torch.float64)
+        k = code[er, ec].long() - er * nbins  # the item's bin
+        j0 = -1 - cnt[er, ec].long()  # keys whose window ended before the bin: certainly below the item
+        count = j0.clone()
+        near = torch.zeros_like(er, dtype=torch.bool)
+        w = bins.w[er]
+        lo_v, hi_v = v - w, v + w
+        active = torch.ones_like(near)
+        t = 0
+        while bool(active.any()):  # the next keys, as long as their window reaches the item's bin
+            j = (j0 + t).clamp_max(width - 1)
+            active &= (j0 + t < width) & (bins.first[er, j] <= k)
+            bj = bins.keys[er, j]
+            count += active & (bj < lo_v)
+            near |= active & (bj >= lo_v) & (bj <= hi_v)
+            t += 1
+        cnt[er, ec] = count.to(index)
+        br, bc = er[near], ec[near]
+        if br.numel() > 0:
+            # Near-ties: the exact key of the item against the exact relevant keys, with the tie rule.
+            exact = exact_keys(prep, br + qstart, bc + cstart, budget)
+            gcol = bc + cstart + col_offset
+            step = max(1, budget // (24 * max(width, 1)))
+            for s in range(0, br.numel(), step):
+                r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
+                rk, rc = bins.keys[r_], bins.cols[r_]
+                ahead = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
+                cnt[r_, bc[s : s + step]] = ahead.sum(1).to(index)
+    cnt.add_((rows_b * (width + 1)).to(index)[:, None])
+    hist = torch.bincount(cnt.view(-1), minlength=nb * (width + 1))
+    return hist.view(nb, width + 1)
+
+
+def _bulk_block(prep: Prepared, bulk: _Bulk, start: int, stop: int, cols: slice | None = None) -> torch.Tensor:
+    """Bulk keys of queries ``start:stop`` against reference items ``cols`` (all by default) for :func:`_count_rows`.
+
+    Float32 for cosine/dot (16-bit products are widened), float64 ``-|q - r|^2`` for the Euclidean metrics (from
+    the float32 product and float32 squared norms of the reference, as the bound assumes).
+    """
+    cols = slice(None) if cols is None else cols
+    product = block_product(prep, bulk.query[start:stop], bulk.reference[cols])
+    if prep.distance:  # 2 q.r - |r|^2 - |q|^2 = -|q - r|^2
+        src = scratch(prep, "count_keys", product.shape, torch.float64)
+        src.copy_(product).mul_(2.0).sub_(prep.reference_sqnorm32[cols].to(torch.float64))
+        return src.sub_(prep.query_sqnorm[start:stop, None])
+    if product.dtype != torch.float32:
+        src = scratch(prep, "count_keys", product.shape, torch.float32)
+        return src.copy_(product)
+    return product
+
+
+def _nbins(num_rows: int, num_cols: int, budget: int) -> int:
+    """Bins per row: up to ``_BINS``, at most a quarter of the row's items, tables within an eighth of the budget."""
+    return int(max(64, min(_BINS, num_cols // 4, budget // (8 * 4 * max(num_rows, 1)))))
 
 
 def _count_above(
@@ -182,44 +333,11 @@ def _count_above(
     col_offset: int,
     budget: int,
 ) -> torch.Tensor:
-    r"""How many irrelevant items rank above exactly ``t`` relevant items, per query: ``(R, T + 1)`` int64.
-
-    ``rel_keys`` (``(R, T)`` float64) are the exact keys of each query's relevant items sorted so that an item
-    ranks above a prefix of them: ascending key, and descending global index among equal keys (``+inf``
-    padding last); ``rel_cols`` their global reference indices. ``masked`` (``(R, M)`` bool) marks the local
-    reference items that are not counted. Local column ``c`` is global index ``col_offset + c``.
-
-    An item whose bulk key :math:`v` has bound :math:`w` (exact key in :math:`[v - w, v + w]`) is certainly
-    above every relevant key below :math:`v - w` and certainly below every key above :math:`v + w`; when a
-    relevant key lies in :math:`[v - w, v + w]` the item is re-scored exactly (float64 element-wise, the same
-    arithmetic as the relevant keys) and placed by the tie rule (equal keys: the lower global index ranks first).
-    """
-    nb = stop - start
-    device = rel_keys.device
-    width = int(rel_keys.shape[1])
-    rows_b = torch.arange(nb, device=device)
-    keys, w = _block_scores(prep, bulk, start, stop, masked)
-    cnt = scratch(prep, "count_cnt", keys.shape, torch.long)
-    low = scratch(prep, "count_low", keys.shape, torch.float64)
-    torch.searchsorted(rel_keys, torch.sub(keys, w, out=low), out=cnt)  # relevant keys certainly below
-    ext = torch.cat([rel_keys, torch.full((nb, 1), torch.inf, dtype=torch.float64, device=device)], 1)
-    nearest = torch.gather(ext, 1, cnt, out=low)  # the next relevant key (or +inf)
-    band = scratch(prep, "count_band", keys.shape, torch.bool)
-    torch.le(nearest, keys.add_(w), out=band)
-    band &= ~masked
-    br, bc = band.nonzero(as_tuple=True)
-    del band, nearest, low, keys, w
-    if br.numel() > 0:
-        exact = exact_keys(prep, br + start, bc, budget)
-        gcol = bc + col_offset
-        step = max(1, budget // (24 * max(width, 1)))
-        for s in range(0, br.numel(), step):
-            r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
-            rk, rc = rel_keys[r_], rel_cols[r_]
-            below = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
-            cnt[r_, bc[s : s + step]] = below.sum(1)
-    hist = torch.bincount(cnt.add_(rows_b[:, None] * (width + 1)).view(-1), minlength=nb * (width + 1))
-    return hist.view(nb, width + 1)
+    """:func:`_count_rows` for queries ``start:stop`` against every local reference item (one bulk GEMM)."""
+    w = _row_bound(prep, bulk, slice(start, stop))
+    bins = _make_bins(rel_keys, rel_cols, w, _nbins(stop - start, prep.num_reference, budget))
+    src = _bulk_block(prep, bulk, start, stop)
+    return _count_rows(prep, bins, start, src, masked, 0, col_offset, budget)
 
 
 def _sort_relevant(keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +381,10 @@ def _ranks_to_metrics(
 def _choose_half(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> bool:
     """Whether the 16-bit counting pass pays on these inputs, decided on a sample of query rows.
 
-    It pays when few items need re-scoring: the sample's fraction of items whose 16-bit error band reaches the
-    range of the row's relevant scores (an upper bound on the band) must be at most ``_HALF_BAND_FRACTION``.
+    It pays when few items need re-scoring: at most ``_HALF_BAND_FRACTION`` of the sample's items may have a
+    relevant score (float32 here) within the 16-bit bound of their 16-bit score. Where the relevant items spread
+    over the bulk of the scores (typical of real embeddings) the 16-bit bound puts most items in a band and the
+    float32 pass wins.
     """
     if COUNT_BULK is not None:
         return COUNT_BULK == "half"
@@ -273,19 +393,18 @@ def _choose_half(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> bool
         return False
     nq = prep.num_query
     rows = torch.linspace(0, nq - 1, min(nq, _SAMPLE_ROWS), device=qlab.device).long().unique()
-    masked = rlab[None, :] == qlab[rows, None]
+    rel = rlab[None, :] == qlab[rows, None]
+    if prep.exclude_self:
+        rel[torch.arange(rows.numel(), device=rows.device), rows] = False
     with ieee_fp32_matmul():
         s32 = torch.mm(prep.query32[rows], prep.reference32.T).to(torch.float64)
         s16 = torch.mm(grouped.query[rows], grouped.reference.T).to(torch.float64)
-    if prep.exclude_self:
-        masked[torch.arange(rows.numel(), device=rows.device), rows] = False
-        s32[torch.arange(rows.numel(), device=rows.device), rows] = torch.nan
-    lo = torch.where(masked, s32, torch.inf).amin(1, keepdim=True)
-    hi = torch.where(masked, s32, -torch.inf).amax(1, keepdim=True)
-    u = grouped.unit / (1 - grouped.unit)
-    w = grouped.eps[rows, None] + prep.eps[rows, None] + u * s16.abs() + 2 * grouped.tiny
-    inside = (s16 + w >= lo) & (s16 - w <= hi) & ~masked
-    return float(inside.sum()) <= _HALF_BAND_FRACTION * inside.numel()
+    keys = torch.sort(torch.where(rel, s32, torch.inf), dim=1).values
+    w = _row_bound(prep, _bulk_inputs(prep, True), rows)
+    lo = torch.searchsorted(keys, s16 - w)
+    hi = torch.searchsorted(keys, s16 + w, right=True)
+    band = (hi > lo) & ~rel
+    return float(band.sum()) <= _HALF_BAND_FRACTION * band.numel()
 
 
 def _per_query(
