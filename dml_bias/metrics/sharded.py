@@ -38,16 +38,16 @@ from dml_bias._checks import (
     describe,
 )
 from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
-from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare
-from dml_bias.metrics.retrieval import (
-    _bulk_inputs,
-    _choose_half,
-    _count_above,
-    _per_class,
-    _PerQuery,
-    _ranks_to_metrics,
-    _sort_relevant,
+from dml_bias.metrics._counting import (
+    PerQuery,
+    bulk_inputs,
+    choose_half,
+    count_above,
+    per_class_means,
+    ranks_to_metrics,
+    sort_relevant,
 )
+from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare
 from dml_bias.similarity import METRICS
 
 __all__ = ["sharded_knn", "sharded_retrieval_metrics"]
@@ -381,7 +381,7 @@ def sharded_retrieval_metrics(
         )
     else:
         zeros = torch.zeros(num_queries, dtype=torch.float64, device=device)
-        res = _PerQuery(zeros[None].expand(len(ks), -1), zeros, zeros, zeros, evaluated, qlab)
+        res = PerQuery(zeros[None].expand(len(ks), -1), zeros, zeros, zeros, evaluated, qlab)
     recall, map_r, r_prec, ap = res.recall, res.map_at_r, res.r_precision, res.average_precision
 
     count = int(evaluated.sum())
@@ -395,7 +395,7 @@ def sharded_retrieval_metrics(
     result["num_queries"] = count
     result["num_lone_queries"] = num_queries - count
     if per_class:
-        result["per_class"] = _per_class(res, ks) if count > 0 else {}
+        result["per_class"] = per_class_means(res, ks) if count > 0 else {}
     return result
 
 
@@ -411,7 +411,7 @@ def _count_sharded(
     ks: tuple[int, ...],
     chunk_size: int | None,
     group: Any,
-) -> _PerQuery:
+) -> PerQuery:
     """Per-query metrics (full AP included) from the ranks of the relevant items of every shard.
 
     Per block of queries: each rank computes the exact float64 keys of its own relevant items, all ranks gather
@@ -424,8 +424,8 @@ def _count_sharded(
     m = int(reference_shard.shape[0])
     nranks = len(layout.sizes)
     prep = prepare(query, reference_shard, metric, False, None) if m > 0 else None
-    half = _choose_half(prep, qlab, rlab) if prep is not None else False
-    bulk = _bulk_inputs(prep, half) if prep is not None else None
+    half = choose_half(prep, qlab, rlab) if prep is not None else False
+    bulk = bulk_inputs(prep, half) if prep is not None else None
     recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
@@ -467,12 +467,12 @@ def _count_sharded(
         key_mat[ids[:, 0], slot] = keys
         col_mat[ids[:, 0], slot] = ids[:, 1]
         valid[ids[:, 0], slot] = True
-        key_mat, col_mat = _sort_relevant(key_mat, col_mat, valid)
+        key_mat, col_mat = sort_relevant(key_mat, col_mat, valid)
         if prep is not None and bulk is not None:
-            hist = _count_above(prep, bulk, start, stop, key_mat, col_mat, masked, layout.offset, MEMORY_BUDGET)
+            hist = count_above(prep, bulk, start, stop, key_mat, col_mat, masked, layout.offset, MEMORY_BUDGET)
         else:
             hist = torch.zeros(nb, width + 1, dtype=torch.long, device=device)
         hist = all_reduce_sum(hist, group)
-        vals = _ranks_to_metrics(hist, num_rel[start:stop], ks)
+        vals = ranks_to_metrics(hist, num_rel[start:stop], ks)
         recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
-    return _PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
+    return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)

@@ -1,7 +1,7 @@
 """Property tests of the full mAP (and of every other key computed with it) against a slow float64 reference.
 
 The full mAP counts, per relevant item, the irrelevant items ranked above it: a bulk pass (float32, or a 16-bit
-pass forced through ``retrieval.COUNT_BULK = "half"``) decides the clear cases and the items within its error
+pass forced through ``_counting.COUNT_BULK = "half"``) decides the clear cases and the items within its error
 bound of a relevant key are re-scored exactly and ordered by the tie rule (equal score: lower reference index
 first). The data here are built to make that band crowded: small-integer embeddings, duplicated rows across
 labels, scalar multiples (cosine ties), constant and zero rows, lone labels. Every float64 score of these data
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from dml_bias.metrics import mean_average_precision, retrieval_metrics, sharded_retrieval_metrics
 
-retrieval_module = importlib.import_module("dml_bias.metrics.retrieval")
+retrieval_module = importlib.import_module("dml_bias.metrics._counting")  # the COUNT_BULK test hook
 
 TOL = 1e-12
 #: Metric and ``normalize_embeddings`` per kind of data, so that every float64 score of the data is exact
@@ -338,7 +338,7 @@ def _run_case(case: dict[str, Any], kind: str, chunk_size: int | None) -> None:
 
 def test_count_bulk_hook_defaults_to_automatic() -> None:
     """The test hook exists and is ``None`` (automatic choice of the counting pass) unless a test sets it."""
-    assert hasattr(retrieval_module, "COUNT_BULK"), "dml_bias.metrics.retrieval.COUNT_BULK is missing"
+    assert hasattr(retrieval_module, "COUNT_BULK"), "dml_bias.metrics._counting.COUNT_BULK is missing"
     assert retrieval_module.COUNT_BULK is None
 
 

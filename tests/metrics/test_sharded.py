@@ -73,7 +73,7 @@ def run(rank, port, out_dir):
     out["separate"] = sharded_retrieval_metrics(dataset[:6] + 0.1, labels[:6], dataset[mine], labels[mine], ks=(1, 3))
     # Full mAP and per-class values through both counting passes, an empty shard, and a clustered set whose
     # relevant items rank deep (so the error bands are re-scored), split unevenly with explicit offsets.
-    retrieval_module = sys.modules["dml_bias.metrics.retrieval"]
+    retrieval_module = sys.modules["dml_bias.metrics._counting"]
     engine = sys.modules["dml_bias.metrics._exact"]
     for mode in ("float32", "half"):
         retrieval_module.COUNT_BULK = mode
