@@ -6,14 +6,18 @@ unit-normalised), on the CPU and on CUDA when available:
 * PML ``AccuracyCalculator(k="max_bin_count")`` (MAP@R, R-precision, precision@1; faiss fp32 search inside),
 * faiss ``IndexFlatIP`` search with k = max class size, and the metrics computed from its neighbours,
 * a naive chunked torch top-k (float32 matmul + ``torch.topk``), metrics from its neighbours,
-* ours: ``retrieval_metrics(full_map=False)`` (the same metrics as PML; the 16-bit candidate pass where the
-  device has one), the same with the float32 bulk pass forced (``ours_metrics_fp32``), ``retrieval_metrics()``
-  (adds the full mAP), and ``knn(k=max class size)``,
+* PML with the full mAP (``mean_average_precision`` with ``k=None``: every reference item ranked; O(N^2)
+  memory, so only at small N, e.g. ``--n 8000 --cases pml_full_map ours_default``),
+* ours: ``retrieval_metrics()`` with its defaults (``ours_default``: Recall@{1,2,4,8}, MAP@R, R-precision and
+  the full mAP, exact, one counting pass), ``retrieval_metrics(full_map=False)`` (``ours_metrics``: the same
+  metrics as PML, no full mAP; the 16-bit candidate pass where the device has one), the same with the float32
+  bulk pass forced (``ours_metrics_fp32``), and ``knn(k=max class size)``,
 * the floor: one N x N GEMM in float32 and bfloat16 (in blocks of 4096 rows).
 
 Each case runs in a fresh process, ``--repeat`` times (default 3); the minimum time is reported.
 
-Prints times, ratios to PML, the peak memory (CPU: peak RSS growth of a fresh subprocess; CUDA: peak
+Prints times, ratios to PML (and of the default call to the PML full-mAP run and to our no-mAP run), the peak
+memory (CPU: peak RSS growth of a fresh subprocess; CUDA: peak
 allocated) and whether the values agree with PML. Run: ``python benchmarks/metrics.py [--n 20000 100000]
 [--device cpu cuda] [--skip-full-map]``.
 """
@@ -99,6 +103,22 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
             "r_precision": res["r_precision"],
             "recall@1": res["precision_at_1"],
         }
+    elif name == "pml_full_map":
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(
+            include=("mean_average_precision", "mean_average_precision_at_r", "r_precision", "precision_at_1"),
+            k=None,
+            device=torch.device(device),
+        )
+        res = {}
+        seconds = timed(lambda: res.update(calc.get_accuracy(x, y, x, y, ref_includes_query=True)))
+        values = {
+            "map@r": res["mean_average_precision_at_r"],
+            "r_precision": res["r_precision"],
+            "recall@1": res["precision_at_1"],
+            "map": res["mean_average_precision"],
+        }
     elif name == "faiss":
         import faiss
 
@@ -145,9 +165,9 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
         res = {}
         seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
-    elif name == "ours_full_map":
+    elif name == "ours_default":
         res = {}
-        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1, 2, 4, 8))))
+        seconds = timed(lambda: res.update(retrieval_metrics(x, y)))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1", "map")}
     elif name == "ours_knn":
         seconds = timed(lambda: knn(x, k=kmax))
@@ -183,11 +203,12 @@ CASES = [
     "gemm_fp32",
     "gemm_bf16",
     "pml",
+    "pml_full_map",
     "faiss",
     "naive_topk",
     "ours_metrics",
     "ours_metrics_fp32",
-    "ours_full_map",
+    "ours_default",
     "ours_knn",
 ]
 
@@ -196,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[20_000])
     parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--skip-full-map", action="store_true", help="skip the (slow on CPU) full-mAP case")
+    parser.add_argument("--skip-full-map", action="store_true", help="skip the full-mAP cases (ours_default, PML's)")
     parser.add_argument("--cases", nargs="+", default=CASES)
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the minimum time is reported")
     args = parser.parse_args()
@@ -205,7 +226,7 @@ def main() -> None:
         for n in args.n:
             rows = {}
             for name in args.cases:
-                if name == "ours_full_map" and args.skip_full_map:
+                if name in ("ours_default", "pml_full_map") and args.skip_full_map:
                     continue
                 if name == "faiss" and device == "cuda":
                     continue
@@ -217,7 +238,18 @@ def main() -> None:
                 ratio = f"{pml / r['seconds']:7.2f}" if pml else "      -"
                 vals = json.dumps({k: round(v, 8) for k, v in r["values"].items()})
                 print(f"{name:15s} {r['seconds']:9.3f} {ratio} {r['peak_mib']:9.1f}  {vals}")
-            for other in ("pml", "faiss", "naive_topk", "ours_full_map"):
+            default = rows.get("ours_default", {}).get("seconds")
+            if default:
+                for other, label in (("pml", "PML three metrics"), ("pml_full_map", "PML full mAP"),
+                                     ("ours_metrics", "ours without map")):  # fmt: skip
+                    if other in rows:
+                        ratio = rows[other]["seconds"] / default
+                        other_s = rows[other]["seconds"]
+                        print(f"default call vs {label}: {ratio:.2f}x ({other_s:.3f} s / {default:.3f} s)")
+            if "pml_full_map" in rows and "ours_default" in rows:
+                diff = abs(rows["pml_full_map"]["values"]["map"] - rows["ours_default"]["values"]["map"])
+                print(f"|ours map - PML map|: {diff:.2e}")
+            for other in ("pml", "faiss", "naive_topk", "ours_default"):
                 if other in rows and "ours_metrics" in rows:
                     diff = max(
                         abs(rows[other]["values"][k] - rows["ours_metrics"]["values"][k])

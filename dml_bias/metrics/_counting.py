@@ -186,25 +186,30 @@ def count_rows(
     bins: Bins,
     qstart: int,
     src: torch.Tensor,
-    masked: torch.Tensor,
+    query_labels: torch.Tensor,
+    column_labels: torch.Tensor,
+    skip: torch.Tensor | None,
     cstart: int,
     col_offset: int,
     budget: int,
 ) -> torch.Tensor:
     r"""How many irrelevant items rank above exactly ``t`` relevant items, per query: ``(R, T + 1)`` int64.
 
-    ``src`` (``(R, C)`` float32, or float64 for the Euclidean metrics) holds the bulk keys of queries
-    ``qstart .. qstart + R`` against the local reference items ``cstart .. cstart + C`` (global index
-    ``col_offset +`` local index); ``masked`` (``(R, C)`` bool) marks the items that are not counted (relevant
-    items, the query itself). ``bins`` are the rows' tables (:func:`make_bins`).
+    ``src`` (``(R, C)`` float32, or float64 for the Euclidean metrics; a transposed view is fine) holds the bulk
+    keys of queries ``qstart .. qstart + R`` (labels ``query_labels``) against the local reference items
+    ``cstart .. cstart + C`` (labels ``column_labels``; global index ``col_offset +`` local index). ``skip``
+    (``(R,)``, or ``None``) is a column of ``src`` per query that is not counted (the query itself, or the item
+    left out in a sharded evaluation; ``-1``: none). ``bins`` are the rows' tables (:func:`make_bins`).
 
     An item with bulk key :math:`v` has its exact key in :math:`[v - w, v + w]` (:func:`row_bound`): it is
     certainly above every relevant key below :math:`v - w` and below every key above :math:`v + w`. Its bin gives
     that count directly unless a key's window reaches the bin; the item is then compared with those few keys,
     and if one lies in :math:`[v - w, v + w]` it is re-scored exactly (float64 element-wise, the same arithmetic
-    as the relevant keys) and placed by the tie rule (equal keys: the lower global index ranks first).
+    as the relevant keys) and placed by the tie rule (equal keys: the lower global index ranks first). A relevant
+    item lies in its own key's window, so it always takes the second route, where it is recognised by its label
+    and left out: no mask of the block is needed.
     """
-    nb = int(src.shape[0])
+    nb, nc = int(src.shape[0]), int(src.shape[1])
     device = src.device
     width = int(bins.keys.shape[1])
     nbins = bins.nbins
@@ -217,13 +222,20 @@ def count_rows(
     code.copy_(pos)
     code.add_((rows_b * nbins).to(index)[:, None])
     cnt = scratch(prep, "count_cnt", src.shape, index)
-    torch.index_select(bins.table, 0, code.view(-1), out=cnt.view(-1))
-    cnt.masked_fill_(masked, 0)
-    er, ec = (cnt < 0).nonzero(as_tuple=True)
-    if er.numel() > 0:
+    flat_cnt = cnt.view(-1)
+    torch.index_select(bins.table, 0, code.view(-1), out=flat_cnt)
+    if skip is not None:
+        has = skip >= 0
+        cnt[rows_b[has], skip[has]] = 0
+    flat = (flat_cnt < 0).nonzero().squeeze(1)
+    er, ec = flat // nc, flat % nc
+    relevant = query_labels[er] == column_labels[ec]
+    flat_cnt[flat[relevant]] = 0
+    flat, er, ec = flat[~relevant], er[~relevant], ec[~relevant]
+    if flat.numel() > 0:
         v = src[er, ec].to(torch.float64)
-        k = code[er, ec].long() - er * nbins  # the item's bin
-        j0 = -1 - cnt[er, ec].long()  # keys whose window ended before the bin: certainly below the item
+        k = code.view(-1)[flat].long() - er * nbins  # the item's bin
+        j0 = -1 - flat_cnt[flat].long()  # keys whose window ended before the bin: certainly below the item
         count = j0.clone()
         near = torch.zeros_like(er, dtype=torch.bool)
         w = bins.w[er]
@@ -237,8 +249,8 @@ def count_rows(
             count += active & (bj < lo_v)
             near |= active & (bj >= lo_v) & (bj <= hi_v)
             t += 1
-        cnt[er, ec] = count.to(index)
-        br, bc = er[near], ec[near]
+        flat_cnt[flat] = count.to(index)
+        br, bc, bflat = er[near], ec[near], flat[near]
         if br.numel() > 0:
             # Near-ties: the exact key of the item against the exact relevant keys, with the tie rule.
             exact = exact_keys(prep, br + qstart, bc + cstart, budget)
@@ -248,9 +260,9 @@ def count_rows(
                 r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
                 rk, rc = bins.keys[r_], bins.cols[r_]
                 ahead = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
-                cnt[r_, bc[s : s + step]] = ahead.sum(1).to(index)
+                flat_cnt[bflat[s : s + step]] = ahead.sum(1).to(index)
     cnt.add_((rows_b * (width + 1)).to(index)[:, None])
-    hist = torch.bincount(cnt.view(-1), minlength=nb * (width + 1))
+    hist = torch.bincount(flat_cnt, minlength=nb * (width + 1))
     return hist.view(nb, width + 1)
 
 
@@ -284,7 +296,9 @@ def count_above(
     stop: int,
     rel_keys: torch.Tensor,
     rel_cols: torch.Tensor,
-    masked: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference_labels: torch.Tensor,
+    skip: torch.Tensor | None,
     col_offset: int,
     budget: int,
 ) -> torch.Tensor:
@@ -292,7 +306,7 @@ def count_above(
     w = row_bound(prep, bulk, slice(start, stop))
     bins = make_bins(rel_keys, rel_cols, w, _nbins(stop - start, prep.num_reference, budget))
     src = bulk_block(prep, bulk, start, stop)
-    return count_rows(prep, bins, start, src, masked, 0, col_offset, budget)
+    return count_rows(prep, bins, start, src, query_labels, reference_labels, skip, 0, col_offset, budget)
 
 
 def sort_relevant(keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,13 +449,11 @@ def per_query_self(
     for i, (a0, a1) in enumerate(panels):
         for b0, b1 in panels[i:]:
             src = bulk_block(prep, bulk, a0, a1, slice(b0, b1))
-            masked = scratch(prep, "masked", (a1 - a0, b1 - b0), torch.bool)
-            torch.eq(labels[None, b0:b1], labels[a0:a1, None], out=masked)
-            if a0 == b0:
-                masked.diagonal().fill_(True)
-            hist[a0:a1] += count_rows(prep, bins.rows(a0, a1), a0, src, masked, b0, 0, budget)
+            la, lb = labels[a0:a1], labels[b0:b1]
+            skip = torch.arange(a1 - a0, device=device) if a0 == b0 else None  # the query itself
+            hist[a0:a1] += count_rows(prep, bins.rows(a0, a1), a0, src, la, lb, skip, b0, 0, budget)
             if a0 != b0:  # the same tile, transposed (a strided view: one pass reads it)
-                hist[b0:b1] += count_rows(prep, bins.rows(b0, b1), b0, src.T, masked.T, a0, 0, budget)
+                hist[b0:b1] += count_rows(prep, bins.rows(b0, b1), b0, src.T, lb, la, None, a0, 0, budget)
     del bins
     recall, map_r, rprec, ap = ranks_to_metrics(hist, layout.num_rel, ks)
     return PerQuery(recall, map_r, rprec, ap, layout.num_rel > 0, labels)

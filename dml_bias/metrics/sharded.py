@@ -437,17 +437,15 @@ def _count_sharded(
         stop = min(nq, start + step)
         nb = stop - start
         rows_b = torch.arange(nb, device=device)
-        masked = torch.zeros(nb, m, dtype=torch.bool, device=device)
+        rel = torch.zeros(nb, m, dtype=torch.bool, device=device)
+        skip = None
         if m > 0:
-            torch.eq(rlab[None, :], qlab[start:stop, None], out=masked)
+            torch.eq(rlab[None, :], qlab[start:stop, None], out=rel)
         if query_indices is not None:
             local = query_indices[start:stop].to(torch.long) - layout.offset
             inside = (local >= 0) & (local < m)
-            masked[rows_b[inside], local[inside]] = True
-            rel = masked.clone()
+            skip = torch.where(inside, local, -1)  # the query's own item: neither relevant nor counted
             rel[rows_b[inside], local[inside]] = False
-        else:
-            rel = masked
         vr, vc = rel.nonzero(as_tuple=True)
         keys = exact_keys(prep, vr + start, vc, MEMORY_BUDGET) if prep is not None else vr.to(torch.float64)
         ids = torch.stack([vr, vc + layout.offset], 1)
@@ -469,7 +467,9 @@ def _count_sharded(
         valid[ids[:, 0], slot] = True
         key_mat, col_mat = sort_relevant(key_mat, col_mat, valid)
         if prep is not None and bulk is not None:
-            hist = count_above(prep, bulk, start, stop, key_mat, col_mat, masked, layout.offset, MEMORY_BUDGET)
+            hist = count_above(
+                prep, bulk, start, stop, key_mat, col_mat, qlab[start:stop], rlab, skip, layout.offset, MEMORY_BUDGET
+            )
         else:
             hist = torch.zeros(nb, width + 1, dtype=torch.long, device=device)
         hist = all_reduce_sum(hist, group)
