@@ -284,6 +284,11 @@ def bulk_block(prep: Prepared, bulk: Bulk, start: int, stop: int, cols: slice | 
     return product
 
 
+def _slices(n: int, step: int) -> list[tuple[int, int]]:
+    """``[(0, step), (step, 2 step), ...]`` covering ``range(n)``."""
+    return [(s0, min(n, s0 + step)) for s0 in range(0, n, step)]
+
+
 def _nbins(num_rows: int, num_cols: int, budget: int) -> int:
     """Bins per row: up to ``_BINS``, at most a quarter of the row's items, tables within a quarter of the budget."""
     return int(max(64, min(_BINS, num_cols // 4, budget // (4 * 4 * max(num_rows, 1)))))
@@ -423,7 +428,7 @@ def per_query_self(
 
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed; each tile is
     counted for its rows and, transposed, for its columns' rows. This needs every query's relevant keys and
-    lookup tables at once, so it runs only when they fit a quarter of the budget (``None`` otherwise) and for
+    lookup tables at once, so it runs only when they fit half the budget (``None`` otherwise) and for
     cosine/dot.
     """
     n = prep.num_query
@@ -432,17 +437,26 @@ def per_query_self(
     if bulk.query is not bulk.reference:
         return None
     rm = int(layout.n_class.max()) if n > 0 else 0
-    nbins = _nbins(n, n, budget)
-    if rm == 0 or n * (rm * 48 + nbins * 4) > budget // 4:
+    # Every query's relevant keys (about 48 bytes each with the index work) and table (4 bytes a bin) at once,
+    # within half the budget; the tiles of the pass take little.
+    per_row = budget // 2 // max(n, 1) - rm * 48
+    nbins = min(_nbins(n, n, budget * 2), per_row // 4)
+    if rm == 0 or nbins < 256:
         return None
     device = prep.query.device
     keys = torch.empty(n, rm, dtype=torch.float64, device=device)
     cols = torch.empty(n, rm, dtype=torch.long, device=device)
-    step = max(1, budget // (8 * 64 * rm))
-    for s0 in range(0, n, step):
-        s1 = min(n, s0 + step)
+    step = max(1, min(budget // (8 * 64 * rm), budget // (16 * 4 * (nbins + 1))))
+    for s0, s1 in _slices(n, step):
         keys[s0:s1], cols[s0:s1] = layout.relevant(prep, s0, s1, rm, budget)
-    bins = make_bins(keys, cols, row_bound(prep, bulk, slice(0, n)), nbins)
+    # The tables, built a slice of rows at a time (their temporaries are several times the table).
+    w = row_bound(prep, bulk, slice(0, n))
+    parts = [make_bins(keys[s0:s1], cols[s0:s1], w[s0:s1], nbins) for s0, s1 in _slices(n, step)]
+    bins = Bins(
+        keys, cols, w[:, 0], torch.cat([p.lo for p in parts]), torch.cat([p.inv for p in parts]),
+        torch.cat([p.first for p in parts]), torch.cat([p.table for p in parts]), nbins,
+    )  # fmt: skip
+    del parts
     hist = torch.zeros(n, rm + 1, dtype=torch.long, device=device)
     bounds = [*range(0, n, TILE), n]
     panels = list(itertools.pairwise(bounds))
