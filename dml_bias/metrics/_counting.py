@@ -428,7 +428,7 @@ def per_query_self(
 
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed; each tile is
     counted for its rows and, transposed, for its columns' rows. This needs every query's relevant keys and
-    lookup tables at once, so it runs only when they fit a quarter of the budget (``None`` otherwise) and for
+    lookup tables at once, so it runs only when they fit a third of the budget (``None`` otherwise) and for
     cosine/dot.
     """
     n = prep.num_query
@@ -438,8 +438,8 @@ def per_query_self(
         return None
     rm = int(layout.n_class.max()) if n > 0 else 0
     # Every query's relevant keys (about 48 bytes each with the index work) and table (4 bytes a bin) at once,
-    # within a quarter of the budget; the tiles of the pass take little.
-    per_row = budget // 4 // max(n, 1) - rm * 48
+    # within a third of the budget; the tiles of the pass take little.
+    per_row = budget // 3 // max(n, 1) - rm * 48
     nbins = min(_nbins(n, n, budget * 2), per_row // 4)
     if rm == 0 or nbins < 256:
         return None
