@@ -261,7 +261,7 @@ def sharded_retrieval_metrics(
     The values equal those of :func:`~dml_bias.metrics.retrieval_metrics` on the whole reference set (keys
     ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``, ``"map"``, ``"num_queries"``, ``"num_lone_queries"`` and,
     with ``per_class=True``, ``"per_class"``). Every rank passes the same queries and its own shard. All of them
-    follow from the ranks of the relevant items (see :mod:`dml_bias.metrics.retrieval`), found without moving
+    follow from the ranks of the relevant items (see :func:`~dml_bias.metrics.retrieval_metrics`), found without moving
     any embedding between ranks: per block of queries,
 
     1. each rank computes the exact float64 keys of the relevant items in its shard (same label, the query's own
