@@ -515,3 +515,19 @@ def test_sharded_retrieval_metrics_per_class(count_bulk: str) -> None:
     plain = sharded_retrieval_metrics(x[:10], y[:10], reference, rlab, ks=(1, 3))
     assert "per_class" not in plain
     assert_same(plain, want, keys=set(want) - {"per_class"})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["float32", "half"])
+def test_cuda_counting_pass_matches_reference(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU: the float32 pass (IEEE, no TF32) and the float16 pass (tensor cores, float16 output), the
+    # symmetric tiles (self-retrieval) and the row blocks (chunk_size, separate reference), all exact.
+    monkeypatch.setattr(retrieval_module, "COUNT_BULK", mode)
+    x, y = clustered(31, 600, 32)
+    want = reference_metrics(x, y)
+    xc, yc = x.cuda(), y.cuda()
+    assert_same(retrieval_metrics(xc, yc, per_class=True), want)
+    assert_same(retrieval_metrics(xc, yc, per_class=True, chunk_size=100), want)
+    want_sep = reference_metrics(x[:200], y[:200], x, y, exclude_self=True)
+    got_sep = retrieval_metrics(xc[:200], yc[:200], xc, yc, exclude_self=True, per_class=True)
+    assert_same(got_sep, want_sep)
