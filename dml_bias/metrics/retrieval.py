@@ -46,7 +46,7 @@ from dml_bias.metrics._counting import (
     ClassLayout,
     PerQuery,
     bulk_inputs,
-    choose_half,
+    choose_bulk,
     count_above,
     per_class_means,
     per_query_self,
@@ -56,9 +56,13 @@ from dml_bias.metrics._counting import (
 from dml_bias.metrics._exact import (
     MEMORY_BUDGET,
     Prepared,
+    block_product,
     block_rows,
+    exact_keys,
+    gamma,
     prepare,
     rows_of,
+    scratch,
     self_candidates_grouped,
     target_block,
     topk_block,
@@ -125,14 +129,17 @@ def _per_query(
     """Exact per-query metrics, full AP included, from the ranks of the relevant items, a block of queries at a time.
 
     Per block: exact float64 keys of every query's relevant items (element-wise, ``sum(R_q) * D`` work), then one
-    bulk GEMM (float32, or the 16-bit pass where it pays: see :func:`choose_half`) whose scores only *count*,
+    bulk GEMM (float32, the 16-bit pass or float64, as :func:`choose_bulk` decides) whose scores only *count*,
     per query, the irrelevant items above each relevant item (:func:`count_above`).
     """
     device = prep.query.device
     nq, m = prep.num_query, prep.num_reference
     layout = ClassLayout.of(prep, qlab, rlab)
     n_class, num_rel = layout.n_class, layout.num_rel
-    bulk = bulk_inputs(prep, choose_half(prep, qlab, rlab))
+    mode = choose_bulk(prep, qlab, rlab)
+    if mode == "float64":
+        return _per_query_float64(prep, qlab, rlab, ks, chunk_size, budget)
+    bulk = bulk_inputs(prep, mode)
     if chunk_size is None:
         res = per_query_self(prep, bulk, layout, qlab, ks, budget)
         if res is not None:
@@ -157,6 +164,127 @@ def _per_query(
         hist = count_above(prep, bulk, start, stop, rel_keys, rel_cols, qlab[start:stop], rlab, skip, 0, budget)
         vals = ranks_to_metrics(hist, num_rel[start:stop], ks)
         recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
+    return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
+
+
+def _per_query_float64(
+    prep: Prepared,
+    qlab: torch.Tensor,
+    rlab: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk_size: int | None,
+    budget: int = MEMORY_BUDGET,
+) -> PerQuery:
+    """The counting pass on a float64 GEMM with a sorted search of every score (bound about 1e-13 per score).
+
+    Taken when a sample shows that too many items would fall in the float32 bound of a relevant score (many
+    relevant items per query over a narrow range of scores), where re-scoring them one by one would cost more
+    than a float64 GEMM: per block, every item is placed among the sorted relevant scores with a sorted search
+    and items within the float64 bound of one are re-scored exactly and compared with the tie rule.
+    """
+    device = prep.query.device
+    nq, m = prep.num_query, prep.num_reference
+    dim = int(prep.query.shape[1])
+    # Class layout of the reference: items sorted by label (stable, so indices ascend within a class).
+    order = torch.argsort(rlab, stable=True)
+    classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
+    found = classes[pos] == qlab
+    n_class = torch.where(found, counts[pos], torch.zeros_like(pos))
+    self_rel = torch.zeros(nq, dtype=torch.bool, device=device)
+    if prep.exclude_self:
+        self_rel = rlab[:nq] == qlab
+    num_rel = n_class - self_rel.long()
+    # Float64 GEMM error bound plus the exact-key error (see the module notes of knn.py).
+    qn = prep.query_norm
+    rmax = float(prep.reference.norm(dim=1).max())
+    g = gamma(dim + 2, _U64)
+    eps = 8 * g * (qn + rmax) ** 2 if prep.distance else 4 * g * qn * rmax
+    ref_sq = (prep.reference**2).sum(1) if prep.distance else None
+
+    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
+    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
+    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
+    ap = torch.zeros(nq, dtype=torch.float64, device=device)
+    kt = torch.tensor(ks, dtype=torch.float64, device=device)
+
+    max_rel = int(n_class.max()) if nq > 0 else 0
+    step = block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        nb = stop - start
+        rows_b = torch.arange(nb, device=device)
+        rm = int(n_class[start:stop].max())
+        if rm == 0:
+            continue
+        # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
+        a = block_product(prep, prep.query[start:stop], prep.reference)
+        if ref_sq is not None:
+            a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
+        if prep.exclude_self:
+            a[rows_b, rows_b + start] = -torch.inf
+        ar = torch.arange(rm, device=device)
+        nc = n_class[start:stop]
+        in_class = ar[None, :] < nc[:, None]
+        idx = (starts[pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
+        relcols = order[idx]  # (nb, rm)
+        valid = in_class
+        if prep.exclude_self:
+            valid = valid & (relcols != (rows_b + start)[:, None])
+        # Relevant keys from the same GEMM (each within eps of its exact value), then masked out of `a`.
+        relkeys = torch.gather(a, 1, relcols).masked_fill_(~valid, torch.inf)
+        vr, vc = valid.nonzero(as_tuple=True)
+        a[vr, relcols[vr, vc]] = -torch.inf
+        # Place every other item among the sorted relevant keys: both sides carry an error <= eps, so an
+        # item more than 2 eps away from a relevant key is on the right side of it for sure.
+        b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
+        e = 2 * eps[start:stop][:, None]
+        # Block-sized temporaries go to buffers reused across blocks (fresh ones are page-faulted in each time).
+        shifted = scratch(prep, "shifted", a.shape, a.dtype)
+        cnt = scratch(prep, "count", a.shape, torch.long)
+        torch.searchsorted(b, torch.sub(a, e, out=shifted), out=cnt)  # relevant keys certainly below the item
+        b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
+        nearest = torch.gather(b_ext, 1, cnt, out=shifted)  # the next relevant key above (or +inf)
+        band = scratch(prep, "band", a.shape, torch.bool)
+        torch.le(nearest, a.add_(e), out=band)
+        band &= a > -torch.inf
+        br, bc = band.nonzero(as_tuple=True)
+        del band, a, nearest, shifted
+        if br.numel() > 0:
+            # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
+            bkeys = exact_keys(prep, br + start, bc, budget)
+            band_rows = torch.unique(br)
+            vr, vc = valid[band_rows].nonzero(as_tuple=True)
+            exact_rel = torch.full((band_rows.numel(), rm), torch.inf, dtype=torch.float64, device=device)
+            exact_rel[vr, vc] = exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
+            slot = torch.searchsorted(band_rows, br)
+            bstep = max(1, budget // (16 * rm))
+            for s in range(0, br.numel(), bstep):
+                r_, c_, k_, t_ = br[s : s + bstep], bc[s : s + bstep], bkeys[s : s + bstep], slot[s : s + bstep]
+                rk, rc = exact_rel[t_], relcols[r_]
+                above = (rk < k_[:, None]) | ((rk == k_[:, None]) & (c_[:, None] < rc))
+                cnt[r_, c_] = (above & valid[r_]).sum(1)
+        hist = torch.bincount(cnt.add_(rows_b[:, None] * (rm + 1)).view(-1), minlength=nb * (rm + 1))
+        del cnt
+        hist = hist.view(nb, rm + 1)
+        above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
+        # The relevant item at position d (0-based) of the best-first relevant list has d relevant items
+        # above it and num_rel - 1 - d below it, so an item is above it iff it is above >= num_rel - d.
+        nr = num_rel[start:stop]
+        d = ar[None, :].expand(nb, rm)
+        t = (nr[:, None] - d).clamp_min(0)
+        irrelevant_above = torch.gather(above_from, 1, t)
+        ranks = (1 + d + irrelevant_above).to(torch.float64)
+        live = d < nr[:, None]
+        r_f = nr.to(torch.float64).clamp_min(1.0)
+        prec = (d + 1).to(torch.float64) / ranks
+        in_r = live & (ranks <= nr[:, None])
+        best = torch.where(live[:, 0], ranks[:, 0], torch.inf)
+        recall[:, start:stop] = (best[None, :] <= kt[:, None]).to(torch.float64)
+        rprec[start:stop] = in_r.sum(1) / r_f
+        map_r[start:stop] = row_sum(torch.where(in_r, prec, 0.0)) / r_f
+        ap[start:stop] = row_sum(torch.where(live, prec, 0.0)) / r_f
     return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
 
 

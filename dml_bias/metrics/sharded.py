@@ -41,7 +41,7 @@ from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, a
 from dml_bias.metrics._counting import (
     PerQuery,
     bulk_inputs,
-    choose_half,
+    choose_bulk,
     count_above,
     per_class_means,
     ranks_to_metrics,
@@ -424,8 +424,7 @@ def _count_sharded(
     m = int(reference_shard.shape[0])
     nranks = len(layout.sizes)
     prep = prepare(query, reference_shard, metric, False, None) if m > 0 else None
-    half = choose_half(prep, qlab, rlab) if prep is not None else False
-    bulk = bulk_inputs(prep, half) if prep is not None else None
+    bulk = bulk_inputs(prep, choose_bulk(prep, qlab, rlab)) if prep is not None else None
     recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)

@@ -234,7 +234,7 @@ def clustered(
 # -------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["float32", "half"])
+@pytest.fixture(params=["float32", "half", "float64"])
 def count_bulk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Force the counting pass of the full mAP to float32 or to the 16-bit pass (bf16 on the CPU)."""
     monkeypatch.setattr(retrieval_module, "COUNT_BULK", request.param, raising=False)
@@ -531,3 +531,20 @@ def test_cuda_counting_pass_matches_reference(mode: str, monkeypatch: pytest.Mon
     want_sep = reference_metrics(x[:200], y[:200], x, y, exclude_self=True)
     got_sep = retrieval_metrics(xc[:200], yc[:200], xc, yc, exclude_self=True, per_class=True)
     assert_same(got_sep, want_sep)
+
+
+def test_choose_bulk_takes_float64_when_relevant_scores_are_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two classes of 400 with weak centres: every item has hundreds of relevant scores within the float32 bound
+    # of its own, so the sample picks the float64 pass; clustered data with classes of ~10 keeps float32; both
+    # stay exact.
+    counting = importlib.import_module("dml_bias.metrics._counting")
+    engine = importlib.import_module("dml_bias.metrics._exact")
+    monkeypatch.setattr(engine, "BF16_CPU", False)  # no 16-bit pass: the choice is float32 or float64
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(800) % 2
+    dense = torch.randn(2, 64, generator=g)[labels] * 0.3 + torch.randn(800, 64, generator=g)
+    prep = engine.prepare(dense, None, "cosine", None, None)
+    assert counting.choose_bulk(prep, labels, labels) == "float64"
+    assert_same(retrieval_metrics(dense, labels, per_class=True), reference_metrics(dense, labels))
+    x, y = clustered(3, 600, 32)
+    assert counting.choose_bulk(engine.prepare(x, None, "cosine", None, None), y, y) == "float32"

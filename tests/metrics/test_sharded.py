@@ -75,7 +75,7 @@ def run(rank, port, out_dir):
     # relevant items rank deep (so the error bands are re-scored), split unevenly with explicit offsets.
     retrieval_module = sys.modules["dml_bias.metrics._counting"]
     engine = sys.modules["dml_bias.metrics._exact"]
-    for mode in ("float32", "half"):
+    for mode in ("float32", "half", "float64"):
         retrieval_module.COUNT_BULK = mode
         engine.FORCE_HALF = torch.bfloat16 if mode == "half" else None  # bf16 even on CPUs without native bf16
         out[f"per_class/{mode}"] = sharded_retrieval_metrics(
@@ -243,7 +243,7 @@ def test_sharded_full_map_and_per_class_equal_single_process(gloo_results: list[
     }
     assert 0.0 < expected["clustered"]["map"] < 0.9  # relevant items rank deep: the bands are exercised
     for rank in range(2):
-        for mode in ("float32", "half"):
+        for mode in ("float32", "half", "float64"):
             for name, value in expected.items():
                 assert gloo_results[rank][f"{name}/{mode}"] == value, (rank, mode, name)
 
