@@ -207,7 +207,6 @@ def _per_query_float64(
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
     rprec = torch.zeros(nq, dtype=torch.float64, device=device)
     ap = torch.zeros(nq, dtype=torch.float64, device=device)
-    kt = torch.tensor(ks, dtype=torch.float64, device=device)
 
     max_rel = int(n_class.max()) if nq > 0 else 0
     step = block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
@@ -267,24 +266,8 @@ def _per_query_float64(
                 cnt[r_, c_] = (above & valid[r_]).sum(1)
         hist = torch.bincount(cnt.add_(rows_b[:, None] * (rm + 1)).view(-1), minlength=nb * (rm + 1))
         del cnt
-        hist = hist.view(nb, rm + 1)
-        above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
-        # The relevant item at position d (0-based) of the best-first relevant list has d relevant items
-        # above it and num_rel - 1 - d below it, so an item is above it iff it is above >= num_rel - d.
-        nr = num_rel[start:stop]
-        d = ar[None, :].expand(nb, rm)
-        t = (nr[:, None] - d).clamp_min(0)
-        irrelevant_above = torch.gather(above_from, 1, t)
-        ranks = (1 + d + irrelevant_above).to(torch.float64)
-        live = d < nr[:, None]
-        r_f = nr.to(torch.float64).clamp_min(1.0)
-        prec = (d + 1).to(torch.float64) / ranks
-        in_r = live & (ranks <= nr[:, None])
-        best = torch.where(live[:, 0], ranks[:, 0], torch.inf)
-        recall[:, start:stop] = (best[None, :] <= kt[:, None]).to(torch.float64)
-        rprec[start:stop] = in_r.sum(1) / r_f
-        map_r[start:stop] = row_sum(torch.where(in_r, prec, 0.0)) / r_f
-        ap[start:stop] = row_sum(torch.where(live, prec, 0.0)) / r_f
+        vals = ranks_to_metrics(hist.view(nb, rm + 1), num_rel[start:stop], ks)
+        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
     return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
 
 
