@@ -24,7 +24,9 @@ by lower reference index.
    :math:`v + w`. A per-query lookup table over equal bins of bulk keys gives that count for every item whose
    bin no window :math:`[b_j - w, b_j + w]` reaches; the other items are compared with the few keys whose
    window reaches their bin, and an item with a key inside :math:`[v - w, v + w]` is re-scored exactly and
-   placed by the tie rule. No float64 GEMM, no sort of any row, extra memory within the budget;
+   placed by the tie rule. No sort of any row, extra memory within the budget. When the sample shows that the
+   tables would be crowded (hundreds of relevant items per query over the bulk of the scores), the pass is a
+   float64 GEMM instead, each score placed among the relevant ones by a sorted search;
 3. the rank of the :math:`i`-th best relevant item is :math:`i` plus the number of items above it, which gives
    Recall@k, R-precision, MAP@R and AP at once.
 
@@ -134,11 +136,11 @@ def _per_query(
     """
     device = prep.query.device
     nq, m = prep.num_query, prep.num_reference
-    layout = ClassLayout.of(prep, qlab, rlab)
-    n_class, num_rel = layout.n_class, layout.num_rel
     mode = choose_bulk(prep, qlab, rlab)
     if mode == "float64":
         return _per_query_float64(prep, qlab, rlab, ks, chunk_size, budget)
+    layout = ClassLayout.of(prep, qlab, rlab)
+    n_class, num_rel = layout.n_class, layout.num_rel
     bulk = bulk_inputs(prep, mode)
     if chunk_size is None:
         res = per_query_self(prep, bulk, layout, qlab, ks, budget)
