@@ -443,17 +443,23 @@ class ClassLayout:
             self_rel = rlab[:nq] == qlab
         return ClassLayout(order, starts, pos, n_class, n_class - self_rel.long())
 
-    def relevant(self, prep: Prepared, start: int, stop: int, width: int, budget: int) -> tuple[torch.Tensor, ...]:
-        """Exact keys of the relevant items of queries ``start:stop``, sorted as :func:`count_rows` needs them."""
+    def columns(self, prep: Prepared, start: int, stop: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, width)`` reference items of the label of queries ``start:stop`` and which of them are relevant."""
         device = self.order.device
         m = int(self.order.shape[0])
         rows_b = torch.arange(stop - start, device=device)
         ar = torch.arange(width, device=device)
         idx = (self.starts[self.pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
-        relcols = self.order[idx]  # (R, width): the reference items of the query's label
+        relcols = self.order[idx]
         valid = ar[None, :] < self.n_class[start:stop, None]
         if prep.exclude_self:
             valid &= relcols != (rows_b + start)[:, None]
+        return relcols, valid
+
+    def relevant(self, prep: Prepared, start: int, stop: int, width: int, budget: int) -> tuple[torch.Tensor, ...]:
+        """Exact keys of the relevant items of queries ``start:stop``, sorted as :func:`count_rows` needs them."""
+        device = self.order.device
+        relcols, valid = self.columns(prep, start, stop, width)
         vr, vc = valid.nonzero(as_tuple=True)
         keys = torch.zeros(stop - start, width, dtype=torch.float64, device=device)
         keys[vr, vc] = exact_keys(prep, vr + start, relcols[vr, vc], budget)

@@ -61,7 +61,6 @@ from dml_bias.metrics._exact import (
     block_product,
     block_rows,
     exact_keys,
-    gamma,
     prepare,
     rows_of,
     scratch,
@@ -72,8 +71,6 @@ from dml_bias.metrics._exact import (
 )
 
 __all__ = ["map_at_r", "mean_average_precision", "r_precision", "recall_at_k", "retrieval_metrics"]
-
-_U64 = 2.0**-53
 
 
 def _check_ks(ks: Any, available: int, name: str = "ks") -> tuple[int, ...]:
@@ -186,24 +183,11 @@ def _per_query_float64(
     """
     device = prep.query.device
     nq, m = prep.num_query, prep.num_reference
-    dim = int(prep.query.shape[1])
-    # Class layout of the reference: items sorted by label (stable, so indices ascend within a class).
-    order = torch.argsort(rlab, stable=True)
-    classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
-    found = classes[pos] == qlab
-    n_class = torch.where(found, counts[pos], torch.zeros_like(pos))
-    self_rel = torch.zeros(nq, dtype=torch.bool, device=device)
-    if prep.exclude_self:
-        self_rel = rlab[:nq] == qlab
-    num_rel = n_class - self_rel.long()
-    # Float64 GEMM error bound plus the exact-key error (see the module notes of knn.py).
-    qn = prep.query_norm
-    rmax = float(prep.reference.norm(dim=1).max())
-    g = gamma(dim + 2, _U64)
-    eps = 8 * g * (qn + rmax) ** 2 if prep.distance else 4 * g * qn * rmax
-    ref_sq = (prep.reference**2).sum(1) if prep.distance else None
+    layout = ClassLayout.of(prep, qlab, rlab)
+    n_class, num_rel = layout.n_class, layout.num_rel
+    bulk = bulk_inputs(prep, "float64")  # the float64 GEMM's bound (and the exact keys') per query
+    eps = bulk.eps
+    ref_sq = bulk.ref_sqnorm if prep.distance else None
 
     recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
     map_r = torch.zeros(nq, dtype=torch.float64, device=device)
@@ -225,14 +209,7 @@ def _per_query_float64(
             a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
         if prep.exclude_self:
             a[rows_b, rows_b + start] = -torch.inf
-        ar = torch.arange(rm, device=device)
-        nc = n_class[start:stop]
-        in_class = ar[None, :] < nc[:, None]
-        idx = (starts[pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
-        relcols = order[idx]  # (nb, rm)
-        valid = in_class
-        if prep.exclude_self:
-            valid = valid & (relcols != (rows_b + start)[:, None])
+        relcols, valid = layout.columns(prep, start, stop, rm)  # (nb, rm)
         # Relevant keys from the same GEMM (each within eps of its exact value), then masked out of `a`.
         relkeys = torch.gather(a, 1, relcols).masked_fill_(~valid, torch.inf)
         vr, vc = valid.nonzero(as_tuple=True)
