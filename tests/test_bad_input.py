@@ -1271,6 +1271,77 @@ CASES[f"{B}.attribution:similarity_attribution"] = [
         "reference",
     ),
 ]
+CASES[f"{B}.attribution:similarity_decomposition"] = [
+    Bad(
+        "steps 0",
+        lambda: api(f"{B}:similarity_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            method="integrated_gradients",
+            steps=0,
+        ),
+        ValueError,
+        "steps",
+    ),
+    Bad(
+        "NaN query",
+        lambda: api(f"{B}:similarity_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            with_value(torch.rand(2, 3, 16, 16), NAN),
+            torch.rand(2, 3, 16, 16),
+        ),
+        ValueError,
+        "query",
+    ),
+    Bad(
+        "layer with a 2-D output",
+        lambda: api(f"{B}:similarity_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            layer="head.linear",
+        ),
+        ValueError,
+        "layer must output",
+    ),
+    Bad(
+        "gradcam without a layer",
+        lambda: api(f"{B}:similarity_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            method="gradcam",
+        ),
+        ValueError,
+        "needs a layer",
+    ),
+]
+CASES[f"{B}.attribution:pairwise_decomposition"] = [
+    Bad(
+        "embeddings as reference",
+        lambda: api(f"{B}:pairwise_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 8),
+            layer="features",
+        ),
+        ValueError,
+        "reference",
+    ),
+    Bad(
+        "dims_chunk 0",
+        lambda: api(f"{B}:pairwise_decomposition")(
+            api(f"{B}:SmallCNN")(embedding_size=8, width=4),
+            torch.rand(2, 3, 16, 16),
+            torch.rand(2, 3, 16, 16),
+            layer="features",
+            dims_chunk=0,
+        ),
+        ValueError,
+        "dims_chunk",
+    ),
+]
 CASES[f"{B}.attribution:foreground_energy"] = [
     Bad(
         "mask of another size",
@@ -1378,6 +1449,8 @@ EXEMPT: dict[str, str] = {
             "ConditionalSimilarityOutput",
             "BackgroundSensitivity",
             "ForegroundEnergy",
+            "SimilarityDecomposition",
+            "PairwiseDecomposition",
         )
     },
     **{

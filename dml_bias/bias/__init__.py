@@ -6,8 +6,9 @@ test images and on background-swapped variants; :class:`StudyResult` prints the 
 report and saves ``results.json``, ``per_class.csv``, ``report.md`` and figures. The command line
 ``dml-bias study`` does the same.
 
-For one trained model, without retraining: :func:`similarity_attribution` (what makes a query similar to its
-neighbour, per pixel), :func:`foreground_energy` (how much of that lies on the object) and
+For one trained model, without retraining: :func:`similarity_decomposition` and :func:`similarity_attribution`
+(what makes a query similar to its neighbour, per position or pixel), :func:`pairwise_decomposition` (which region
+matches which), :func:`foreground_energy` (how much of that lies on the object) and
 :func:`background_sensitivity` (how far the embedding moves when only the background changes).
 
 Example:
@@ -22,9 +23,13 @@ from dml_bias.bias.attribution import (
     ATTRIBUTION_METHODS,
     BackgroundSensitivity,
     ForegroundEnergy,
+    PairwiseDecomposition,
+    SimilarityDecomposition,
     background_sensitivity,
     foreground_energy,
+    pairwise_decomposition,
     similarity_attribution,
+    similarity_decomposition,
 )
 from dml_bias.bias.config import DATASETS, LOSSES, METRIC_KEYS, MODES, VARIANTS, StudyConfig, StudyError
 from dml_bias.bias.models import EmbeddingHead, SmallCNN, build_resnet50
@@ -41,6 +46,8 @@ __all__ = [
     "BackgroundSensitivity",
     "EmbeddingHead",
     "ForegroundEnergy",
+    "PairwiseDecomposition",
+    "SimilarityDecomposition",
     "SmallCNN",
     "StudyConfig",
     "StudyError",
@@ -48,6 +55,8 @@ __all__ = [
     "background_sensitivity",
     "build_resnet50",
     "foreground_energy",
+    "pairwise_decomposition",
     "run_study",
     "similarity_attribution",
+    "similarity_decomposition",
 ]

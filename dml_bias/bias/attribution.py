@@ -1,8 +1,14 @@
 r"""What an embedding model looks at, measured without retraining.
 
-* :func:`~dml_bias.bias.similarity_attribution`: per-pixel maps that explain the cosine similarity of a query
-  image to a reference (Grad-CAM :cite:`selvaraju2017gradcam` applied to the similarity score, as Stylianou et
-  al. visualise similarity networks :cite:`stylianou2019visualizing`);
+* :func:`~dml_bias.bias.similarity_decomposition`: the cosine similarity of a query to a reference decomposed
+  exactly over the positions of a layer (or the input pixels): each position's contribution is the element-wise
+  product of the layer's output and the similarity's gradient, with the embedding's norm held constant
+  (Stylianou et al. :cite:`stylianou2019visualizing`, Black et al. :cite:`black2022visualizing`); integrated
+  gradients :cite:`sundararajan2017axiomatic` and Grad-CAM :cite:`selvaraju2017gradcam` as options;
+* :func:`~dml_bias.bias.similarity_attribution`: the same maps at the image's resolution, for display and for
+  the foreground energy;
+* :func:`~dml_bias.bias.pairwise_decomposition`: which query region matches which reference region (Black et
+  al.'s position-by-position contribution matrix);
 * :func:`~dml_bias.bias.foreground_energy`: the share of a map's positive attribution that falls on the object
   (the energy-based pointing game of Score-CAM :cite:`wang2020scorecam`), with the object's area share as the
   chance level;
@@ -10,15 +16,16 @@ r"""What an embedding model looks at, measured without retraining.
   replaced, against when only the object is replaced (both with
   :func:`~dml_bias.transforms.functional.swap_background`).
 
-All three work on any :class:`torch.nn.Module` that maps a batch of images to a batch of embeddings; the study
-(:func:`~dml_bias.bias.run_study`) reports them for every trained model.
+All work on any :class:`torch.nn.Module` that maps a batch of images to a batch of embeddings; the study
+(:func:`~dml_bias.bias.run_study`) reports them for every trained model. The guide
+:doc:`/guides/attribution` checks the methods on models whose reliance is known by construction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -43,13 +50,19 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "BackgroundSensitivity",
     "ForegroundEnergy",
+    "PairwiseDecomposition",
+    "SimilarityDecomposition",
     "background_sensitivity",
     "foreground_energy",
+    "pairwise_decomposition",
     "similarity_attribution",
+    "similarity_decomposition",
 ]
 
-#: The attribution methods of :func:`similarity_attribution`.
-ATTRIBUTION_METHODS: tuple[str, ...] = ("gradcam",)
+#: The attribution methods of :func:`similarity_attribution` and :func:`similarity_decomposition`: the faithful
+#: ``"decomposition"`` (the default) and ``"integrated_gradients"``, and ``"gradcam"`` (not faithful for models that
+#: select positions after the explained layer).
+ATTRIBUTION_METHODS: tuple[str, ...] = ("decomposition", "integrated_gradients", "gradcam")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -130,30 +143,387 @@ def _check_masks(masks: Any, name: str, n: int, h: int, w: int, source: str, *, 
     return flat != 0
 
 
-def _similarity_gradient(
-    embeddings: Any, ref: torch.Tensor, captured: list[torch.Tensor], layer_name: str, n: int
-) -> torch.Tensor:
-    """The gradient of the per-row cosine similarity with respect to the captured layer output."""
-    if not captured:
-        raise ValueError(f"layer {layer_name!r} did not run in model's forward pass; choose a layer it uses")
-    if len(captured) > 1:
-        raise ValueError(
-            f"layer {layer_name!r} ran {len(captured)} times in one forward pass; choose a layer that runs once"
-        )
-    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != n:
-        raise ValueError(f"model must map query to ({n}, D) embeddings, got {describe(embeddings)}")
-    if embeddings.shape[1] != ref.shape[1]:
-        raise ValueError(
-            f"reference must have the embedding size D={embeddings.shape[1]} of model's output, got {describe(ref)}"
-        )
-    # at least float32, so half-precision models get a usable gradient; float64 stays float64
-    work = torch.promote_types(embeddings.dtype, torch.float32)
-    score = F.cosine_similarity(embeddings.to(work), ref.detach().to(work), dim=1)
-    (grads,) = torch.autograd.grad(score.sum(), captured[0])
-    return grads
+@contextmanager
+def _norm_held_constant() -> Iterator[None]:
+    """While active, :func:`torch.nn.functional.normalize` divides by a *detached* norm (same forward values).
+
+    A model that L2-normalises its own output is invariant to the scale of its features, so without this every
+    first-order decomposition of its similarity would sum to zero (Euler's identity for a function of degree 0).
+    """
+    original = F.normalize
+
+    def normalize(
+        input: torch.Tensor,
+        p: float = 2.0,
+        dim: int = 1,
+        eps: float = 1e-12,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out is not None:
+            return original(input, p, dim, eps, out)
+        denominator = input.norm(p, dim, keepdim=True).clamp_min(eps).expand_as(input)
+        return input / denominator.detach()
+
+    F.normalize = normalize  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.normalize = original  # type: ignore[assignment]
 
 
-# ------------------------------------------------------------------------------------------------ attribution
+def _channel_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over channels: ``(N, K, h, w)`` → ``(N, h, w)``, tokens ``(N, T, D)`` → ``(N, T)``."""
+    return x.sum(dim=1) if x.ndim == 4 else x.sum(dim=-1)
+
+
+class _Explained(NamedTuple):
+    """One pass of the model: the explained point's value, its gradient, the similarity and the norm used."""
+
+    value: torch.Tensor  # the layer's output (or the input) at the real image
+    grad: torch.Tensor  # ∂s̃/∂(point) at the point on the path
+    score: torch.Tensor  # (N,) s̃ on the path (= the cosine similarity at alpha = 1)
+    norm: torch.Tensor  # (N,) ‖f(q)‖ at the real image (held constant)
+    embeddings: torch.Tensor  # (N, D) f(point), work dtype, attached to the graph
+
+
+class _Point:
+    """The point that is explained: ``model``'s input (``layer=None``) or the output of one of its layers."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module | str | None, *, methods_4d: bool) -> None:
+        self.model = model
+        self.methods_4d = methods_4d
+        if layer is None:
+            self.module: nn.Module | None = None
+            self.name = "input"
+            return
+        self.module, self.name = _find_layer(model, layer)
+        if isinstance(self.module, torch.jit.ScriptModule):
+            raise ValueError(
+                f"layer {self.name!r} is part of a TorchScript model and cannot be hooked; pass layer=None to "
+                "explain the similarity at the input pixels"
+            )
+
+    def check_output(self, output: Any) -> torch.Tensor:
+        if self.methods_4d:
+            if not isinstance(output, torch.Tensor) or output.ndim != 4:
+                raise ValueError(
+                    f"layer must output an (N, K, h, w) feature map for this method, got {describe(output)} "
+                    f"from {self.name!r}"
+                )
+        elif not isinstance(output, torch.Tensor) or output.ndim not in (3, 4):
+            raise ValueError(
+                f"layer must output an (N, K, h, w) feature map or (N, T, D) tokens, got {describe(output)} "
+                f"from {self.name!r}"
+            )
+        if not output.is_floating_point():
+            raise ValueError(f"layer must output a floating-point tensor, got {describe(output)} from {self.name!r}")
+        return output
+
+    def run(
+        self,
+        query: torch.Tensor,
+        r_hat: torch.Tensor,
+        *,
+        alpha: float = 1.0,
+        baseline: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
+        hold_norm: bool = True,
+        keep_graph: bool = False,
+    ) -> _Explained:
+        """Forward ``query`` with the point moved to ``baseline + alpha (point − baseline)``; its gradient.
+
+        The score is ``⟨f, r̂⟩ / ‖f(q)‖`` with the norm detached (``hold_norm``), or the plain cosine similarity.
+        Autograd records only the graph after the point (the part before it runs without gradients).
+        """
+        values: list[torch.Tensor] = []
+        leaves: list[torch.Tensor] = []
+        n = query.shape[0]
+
+        def move(raw: torch.Tensor) -> torch.Tensor:
+            raw = raw.detach()
+            if alpha == 1.0:
+                leaf = raw.clone()
+            else:
+                base = torch.zeros_like(raw) if baseline is None else baseline.to(raw.dtype)
+                leaf = base + alpha * (raw - base)
+            values.append(raw)
+            leaves.append(leaf.requires_grad_(True))
+            return leaf
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
+            leaf = move(self.check_output(output))
+            torch.set_grad_enabled(True)
+            # A copy goes on, so in-place operations after the layer cannot touch the leaf.
+            return leaf.clone()
+
+        handle = self.module.register_forward_hook(hook) if self.module is not None else None
+        try:
+            if self.module is None:
+                torch.set_grad_enabled(True)
+                embeddings = self.model(move(query))
+            else:
+                torch.set_grad_enabled(False)
+                embeddings = self.model(query.detach().clone())
+        finally:
+            if handle is not None:
+                handle.remove()
+        torch.set_grad_enabled(True)
+        if not leaves:
+            raise ValueError(f"layer {self.name!r} did not run in model's forward pass; choose a layer it uses")
+        if len(leaves) > 1:
+            raise ValueError(
+                f"layer {self.name!r} ran {len(leaves)} times in one forward pass; choose a layer that runs once"
+            )
+        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != n:
+            raise ValueError(f"model must map query to ({n}, D) embeddings, got {describe(embeddings)}")
+        if embeddings.shape[1] != r_hat.shape[1]:
+            raise ValueError(
+                f"reference must have the embedding size D={embeddings.shape[1]} of model's output, "
+                f"got D={r_hat.shape[1]}"
+            )
+        work = embeddings.to(r_hat.dtype)
+        if norm is None:
+            norm = work.detach().norm(dim=1)
+            _check_embedding_norms(norm, "query")
+        if hold_norm:
+            score = (work * r_hat).sum(dim=1) / norm
+        else:
+            score = F.cosine_similarity(work, r_hat, dim=1)
+        if not bool(torch.isfinite(score).all()):
+            raise ValueError("model gave non-finite embeddings for query; check the images and the model")
+        (grad,) = torch.autograd.grad(score.sum(), leaves[0], retain_graph=keep_graph)
+        return _Explained(values[0], grad, score.detach(), norm, work)
+
+
+def _check_embedding_norms(norms: torch.Tensor, name: str) -> None:
+    zero = ~(norms > 0)
+    if bool(zero.any()):
+        i = int(torch.nonzero(zero)[0])
+        raise ValueError(
+            f"model maps {name}[{i}] to a zero (or non-finite) embedding, whose cosine similarity is undefined"
+        )
+
+
+def _reference_directions(model: nn.Module, reference: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Unit reference embeddings ``(N, D)`` in ``work`` dtype (images embedded without gradients)."""
+    with torch.no_grad():
+        ref = model(reference.detach().clone()) if reference.ndim == 4 else reference.detach()
+    if not isinstance(ref, torch.Tensor) or ref.ndim != 2:
+        raise ValueError(f"model must map images to (N, D) embeddings, got {describe(ref)}")
+    ref = ref.to(work)
+    norms = ref.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError("reference embeddings must be finite, got NaN or infinite values")
+    _check_embedding_norms(norms, "reference")
+    return ref / norms[:, None]
+
+
+def _check_query_reference(query: Any, reference: Any) -> dict[str, int]:
+    sizes = _check_images(query, "query")
+    check_dtype(query, "query", "floating")
+    check_finite(query, "query")
+    check_tensor(reference, "reference")
+    if reference.ndim == 4:
+        _check_images(reference, "reference", {"N": sizes["N"]})
+        check_dtype(reference, "reference", "floating")
+        check_finite(reference, "reference")
+    elif reference.ndim == 2:
+        check_embeddings(reference, "reference")
+        check_shape(reference, "reference", ("N", None), {"N": sizes["N"]}, sources={"N": "query.shape[0]"})
+    else:
+        raise ValueError(f"reference must be (N, C, H, W) images or (N, D) embeddings, got {describe(reference)}")
+    check_same_device(query=query, reference=reference)
+    return sizes
+
+
+def _check_baseline(baseline: Any, query: torch.Tensor, layer: Any) -> torch.Tensor | None:
+    if baseline is None:
+        return None
+    if layer is not None:
+        raise ValueError("baseline applies to layer=None (attribution at the input) only; at a layer it is 0")
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not math.isfinite(baseline):
+            raise ValueError(f"baseline must be a finite number or a tensor, got {baseline!r}")
+        return torch.full_like(query, float(baseline))
+    check_tensor(baseline, "baseline")
+    check_dtype(baseline, "baseline", "floating")
+    check_finite(baseline, "baseline")
+    try:
+        return torch.broadcast_to(baseline.to(query.device, query.dtype), query.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"baseline must broadcast to query's shape {tuple(query.shape)}, got {describe(baseline)}"
+        ) from None
+
+
+@contextmanager
+def _attribution_mode(model: nn.Module, *, hold_norm: bool) -> Iterator[None]:
+    """Eval mode, autograd on whatever the caller's mode, F.normalize with its norm held; all restored after."""
+    grad_mode = torch.is_grad_enabled()
+    with torch.inference_mode(False), _eval_mode(model), _norm_held_constant() if hold_norm else nullcontext():
+        try:
+            yield
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+
+def _validate(
+    model: Any, query: Any, reference: Any, layer: Any, method: Any, steps: Any, baseline: Any
+) -> tuple[nn.Module, dict[str, int], _Point, torch.Tensor | None]:
+    model = _check_model(model)
+    check_choice(method, "method", ATTRIBUTION_METHODS)
+    check_number(steps, "steps", low=1, integer=True)
+    if method == "gradcam" and layer is None:
+        raise ValueError("method='gradcam' needs a layer (Grad-CAM weighs a layer's channels); got layer=None")
+    point = _Point(model, layer, methods_4d=method == "gradcam")
+    sizes = _check_query_reference(query, reference)
+    return model, sizes, point, _check_baseline(baseline, query, layer)
+
+
+def _decompose(
+    model: nn.Module,
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    point: _Point,
+    method: str,
+    steps: int,
+    baseline: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position maps (channels summed; Grad-CAM's ReLU map) and the cosine similarity, in the work dtype."""
+    work = torch.promote_types(query.dtype, torch.float32)
+    with _attribution_mode(model, hold_norm=method != "gradcam"):
+        r_hat = _reference_directions(model, reference, work)
+        if method == "gradcam":
+            out = point.run(query, r_hat, hold_norm=False)
+            weights = out.grad.mean(dim=(2, 3), keepdim=True)
+            maps = torch.relu((weights * out.value).sum(dim=1))
+        elif method == "decomposition":
+            out = point.run(query, r_hat)
+            maps = _channel_sum(out.value.to(work) * out.grad.to(work))
+        else:  # integrated gradients along the straight path, midpoint rule
+            out = point.run(query, r_hat)
+            total = torch.zeros_like(out.value, dtype=work)
+            for j in range(steps):
+                step = point.run(query, r_hat, alpha=(j + 0.5) / steps, baseline=baseline, norm=out.norm)
+                total += step.grad.to(work)
+            start = torch.zeros_like(out.value) if (baseline is None or point.module is not None) else baseline
+            maps = _channel_sum((out.value - start).to(work) * total / steps)
+    return maps.detach(), out.score
+
+
+class SimilarityDecomposition(NamedTuple):
+    """What :func:`similarity_decomposition` returns.
+
+    Example:
+        >>> import torch
+        >>> d = SimilarityDecomposition(torch.tensor([[0.5, 0.25]]), torch.tensor([0.8]), torch.tensor([0.05]))
+        >>> float(d.maps.sum() + d.residual)
+        0.8
+    """
+
+    #: ``(N, h, w)`` (feature maps), ``(N, T)`` (tokens) or ``(N, H, W)`` (``layer=None``): each position's signed
+    #: contribution to the similarity.
+    maps: torch.Tensor
+    #: ``(N,)`` cosine similarity of each query to its reference.
+    similarity: torch.Tensor
+    #: ``(N,)`` what no position accounts for: ``similarity − maps.sum()`` (a bias term of the head, the part of a
+    #: non-linear head the first-order decomposition misses, or the path error of integrated gradients).
+    residual: torch.Tensor
+
+
+def similarity_decomposition(
+    model: nn.Module,
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    layer: nn.Module | str | None = None,
+    method: str = "decomposition",
+    steps: int = 32,
+    baseline: float | torch.Tensor | None = None,
+) -> SimilarityDecomposition:
+    r"""The cosine similarity of each query to its reference, decomposed over the positions of a layer or input.
+
+    With :math:`A \in \mathbb{R}^{K \times h \times w}` the output of ``layer`` for query :math:`q` (or the image
+    itself for ``layer=None``), :math:`f` the model, :math:`\hat r` the unit reference embedding and the query's
+    norm held constant, :math:`\tilde s(A) = \langle f(A), \hat r\rangle / \lVert f(q) \rVert` (equal to the
+    cosine similarity :math:`s` at the real image). ``method="decomposition"`` (Stylianou et al.
+    :cite:`stylianou2019visualizing`, Black et al. :cite:`black2022visualizing`) gives each position
+
+    .. math::
+
+        M_{uv} = \sum_k A_{kuv} \, \frac{\partial \tilde s}{\partial A_{kuv}},
+
+    the element-wise product of the layer's output and the gradient, summed over channels, *without* spatial
+    averaging. When everything after the layer is linear (or positively homogeneous, e.g. average plus max
+    pooling) and bias-free up to the normalisation — the usual DML head — the maps sum exactly to :math:`s`
+    (Euler's identity); a bias :math:`b` of the head contributes :math:`\langle b, \hat r\rangle / \lVert f(q)
+    \rVert`, which belongs to no position and is returned in ``residual``. At ``layer=None`` the same formula is
+    gradient × input, for models that cannot be hooked (TorchScript, ``torch.export``).
+
+    ``method="integrated_gradients"`` (Sundararajan et al. :cite:`sundararajan2017axiomatic`) averages the gradient
+    along the straight path from ``baseline`` (0 at a layer) to the point in ``steps`` midpoint steps; its maps
+    sum to :math:`\tilde s(A) - \tilde s(\text{baseline})` up to the path discretisation. ``method="gradcam"``
+    gives Grad-CAM's non-negative map (see :func:`similarity_attribution`; it has no completeness).
+
+    Calls of :func:`torch.nn.functional.normalize` inside ``model`` (an L2-normalised embedding head) run with
+    their norm detached during the call, so a model that normalises its own output is decomposed as if the
+    normalisation were applied afterwards; without that, its maps would sum to zero. A model that normalises
+    otherwise (a compiled TorchScript head, a hand-written division) gives maps of the part it does not
+    normalise: give it without its final normalisation. The model runs in eval mode; training flags, hooks,
+    parameters and their ``.grad`` are left as they were. Memory grows with ``N``: pass large sets in chunks.
+
+    Args:
+        model: A module mapping ``(N, C, H, W)`` images to ``(N, D)`` embeddings.
+        query: ``(N, C, H, W)`` finite floating-point query images, as ``model`` takes them.
+        reference: ``(N, C', H', W')`` reference images (embedded by ``model``) or ``(N, D)`` reference
+            embeddings, on ``query``'s device.
+        layer: The sub-module (or its dotted name) whose output is explained: an ``(N, K, h, w)`` feature map or
+            ``(N, T, D)`` tokens, produced once per forward pass. ``None``: the input pixels.
+        method: ``"decomposition"`` (default), ``"integrated_gradients"`` or ``"gradcam"`` (a layer with a 4-D
+            output only).
+        steps: Path steps of integrated gradients (``>= 1``).
+        baseline: Integrated gradients' starting point at the input (``layer=None``): a number or a tensor that
+            broadcasts to ``query``; ``None`` is 0 (black after the model's own normalisation is undone: pass
+            e.g. the normalised black value to start from black).
+
+    Returns:
+        A :class:`SimilarityDecomposition` of ``maps`` (``(N, h, w)``, ``(N, T)`` or, for ``layer=None``,
+        ``(N, H, W)`` channels summed), ``similarity`` and ``residual`` (``(N,)``), in ``query``'s dtype promoted
+        to at least float32, without gradient.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``layer`` is neither a module, a name nor ``None``, a tensor has the
+            wrong dtype.
+        ValueError: ``layer`` is not part of ``model``, does not run, runs more than once or outputs something
+            else than a 3-D/4-D tensor; shapes that do not match; non-finite inputs; ``steps < 1``; a zero
+            embedding.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 3, bias=False)).double()
+        >>> query, reference = torch.rand(2, 3, 5, 5).double(), torch.rand(2, 3, 5, 5).double()
+        >>> d = similarity_decomposition(model, query, reference, layer="1")
+        >>> d.maps.shape, bool(torch.allclose(d.maps.sum(dim=(1, 2)), d.similarity)), d.residual.abs().max() < 1e-12
+        (torch.Size([2, 5, 5]), True, tensor(True))
+    """
+    model, _, point, base = _validate(model, query, reference, layer, method, steps, baseline)
+    maps, similarity = _decompose(model, query, reference, point, method, int(steps), base)
+    return SimilarityDecomposition(maps, similarity, similarity - maps.flatten(1).sum(dim=1))
+
+
+def _as_grid(maps: torch.Tensor) -> torch.Tensor:
+    """Token maps ``(N, T)`` → ``(N, g, g)`` (``T = g²``, or ``g² + 1`` with a leading class token left out)."""
+    t = maps.shape[1]
+    for skip in (0, 1):
+        g = math.isqrt(t - skip)
+        if g > 0 and g * g == t - skip:
+            return maps[:, skip:].reshape(maps.shape[0], g, g)
+    raise ValueError(
+        f"layer outputs {t} tokens, which form no square grid (T = g² or g² + 1 with a class token); use "
+        "similarity_decomposition for token maps"
+    )
 
 
 def similarity_attribution(
@@ -161,51 +531,48 @@ def similarity_attribution(
     query: torch.Tensor,
     reference: torch.Tensor,
     *,
-    layer: nn.Module | str,
-    method: str = "gradcam",
+    layer: nn.Module | str | None = None,
+    method: str = "decomposition",
+    steps: int = 32,
+    baseline: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-pixel maps explaining the cosine similarity of each query image to its reference.
 
-    For each ``i`` the score is :math:`s_i = \cos(f(q_i), r_i)`, where :math:`f` is ``model`` and :math:`r_i`
-    the embedding of ``reference[i]`` (an image, embedded by ``model``, or an embedding given directly). With
-    :math:`A_i \in \mathbb{R}^{K \times h \times w}` the output of ``layer`` for :math:`q_i`, Grad-CAM
-    :cite:`selvaraju2017gradcam` applied to the similarity score (as in :cite:`stylianou2019visualizing`) is
+    The maps of :func:`similarity_decomposition` (see there for the methods), brought to the query's ``H × W``:
+    a layer's ``h × w`` map (or a square grid of tokens) is enlarged by nearest-neighbour repetition and divided
+    by the number of pixels each position covers, so the map still sums to the similarity (exactly when
+    ``H/h`` and ``W/w`` are integers) and a position's contribution stays on the pixels it covers; at
+    ``layer=None`` the maps already have the query's size. Positive values mark what makes the query *more*
+    similar to the reference, negative values what makes it less similar. :func:`foreground_energy` counts the
+    positive part.
 
-    .. math::
-
-        \alpha_{ik} = \frac{1}{hw} \sum_{u,v} \frac{\partial s_i}{\partial A_{ikuv}}, \qquad
-        M_i = \operatorname{ReLU}\Big(\sum_k \alpha_{ik} A_{ik}\Big),
-
-    bilinearly resized (``align_corners=False``) from ``h × w`` to the input's ``H × W``. Large values mark the
-    query's regions that make it *more* similar to the reference. The maps are not normalised, so maps of one
-    call can be compared; divide by each map's maximum to display them.
-
-    The model runs in eval mode (so batch statistics do not mix the queries); afterwards every sub-module's
-    training flag is as before, the temporary hook on ``layer`` is removed, and the parameters and their
-    ``.grad`` are untouched (the gradient is taken with ``torch.autograd.grad`` with respect to the layer's
-    output only, and autograd records only the part of the forward pass after ``layer``). The call works inside
-    ``torch.no_grad()`` and ``torch.inference_mode()``, on any device. Memory grows with ``N``: pass large sets in
-    chunks.
+    ``method="gradcam"`` keeps the Grad-CAM map :cite:`selvaraju2017gradcam` of the cosine similarity
+    (:math:`\alpha_k = \frac{1}{hw}\sum_{uv} \partial s/\partial A_{kuv}`, :math:`M = \operatorname{ReLU}(\sum_k
+    \alpha_k A_k)`, resized bilinearly). It is **not faithful** for models that select positions after the
+    layer (masked or attention pooling, transformers): the spatial *mean* of the gradient forgets where the
+    gradient is. On a model that pools only the object's window, Grad-CAM puts most of its map on the
+    background (see :doc:`/guides/attribution`).
 
     Args:
         model: A module mapping ``(N, C, H, W)`` images to ``(N, D)`` embeddings.
-        query: ``(N, C, H, W)`` floating-point query images, as ``model`` takes them (normalised etc.).
-        reference: ``(N, C', H', W')`` reference images (embedded by ``model`` without gradients) or ``(N, D)``
-            reference embeddings, on the device of ``query``.
-        layer: The sub-module whose output is explained, or its dotted name in ``model.named_modules()`` (for
-            example ``"features"`` of :class:`~dml_bias.bias.SmallCNN` or ``"trunk.layer4"`` of
-            :func:`~dml_bias.bias.build_resnet50`). Its output must be an ``(N, K, h, w)`` tensor and it must
-            run exactly once per forward pass.
-        method: ``"gradcam"`` (see :data:`ATTRIBUTION_METHODS`).
+        query: ``(N, C, H, W)`` finite floating-point query images, as ``model`` takes them.
+        reference: ``(N, C', H', W')`` reference images or ``(N, D)`` reference embeddings.
+        layer: The explained sub-module or its dotted name (``"features"`` of :class:`~dml_bias.bias.SmallCNN`,
+            ``"trunk.layer4"`` of :func:`~dml_bias.bias.build_resnet50`); ``None``: the input pixels (works for
+            TorchScript and exported models).
+        method: ``"decomposition"`` (default), ``"integrated_gradients"`` or ``"gradcam"``
+            (:data:`ATTRIBUTION_METHODS`).
+        steps: Path steps of integrated gradients (``>= 1``).
+        baseline: Integrated gradients' starting point at the input (see :func:`similarity_decomposition`).
 
     Returns:
-        ``(N, H, W)`` non-negative maps in ``query``'s dtype and device (no gradient attached).
+        ``(N, H, W)`` maps in ``query``'s dtype and device, without gradient: signed for ``"decomposition"`` and
+        ``"integrated_gradients"``, non-negative for ``"gradcam"``.
 
     Raises:
-        TypeError: ``model`` is not a module, ``layer`` is neither a module nor a name, or a tensor has the wrong
-            dtype.
-        ValueError: ``layer`` is not part of ``model``, does not run, runs more than once, or the shapes do not
-            match (the message names the argument).
+        TypeError: ``model`` is not a module, ``layer`` is neither a module, a name nor ``None``, or a tensor has
+            the wrong dtype.
+        ValueError: as :func:`similarity_decomposition`; token maps that form no square grid.
 
     Example:
         >>> import torch
@@ -213,78 +580,224 @@ def similarity_attribution(
         >>> model = SmallCNN(embedding_size=8, width=4)
         >>> query, reference = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
         >>> maps = similarity_attribution(model, query, reference, layer="features")
-        >>> maps.shape, bool((maps >= 0).all()), model.training
-        (torch.Size([2, 16, 16]), True, True)
+        >>> maps.shape, model.training
+        (torch.Size([2, 16, 16]), True)
+        >>> similarity_attribution(model, query, reference).shape  # at the input pixels
+        torch.Size([2, 16, 16])
     """
-    model = _check_model(model)
-    check_choice(method, "method", ATTRIBUTION_METHODS)
-    target, layer_name = _find_layer(model, layer)
-    sizes = _check_images(query, "query")
-    check_dtype(query, "query", "floating")
-    check_tensor(reference, "reference")
-    if reference.ndim == 4:
-        _check_images(reference, "reference", {"N": sizes["N"]})
-        check_dtype(reference, "reference", "floating")
-    elif reference.ndim == 2:
-        check_embeddings(reference, "reference")
-        check_shape(reference, "reference", ("N", None), {"N": sizes["N"]}, sources={"N": "query.shape[0]"})
-    else:
-        raise ValueError(f"reference must be (N, C, H, W) images or (N, D) embeddings, got {describe(reference)}")
-    check_same_device(query=query, reference=reference)
-    captured: list[torch.Tensor] = []
+    model, sizes, point, base = _validate(model, query, reference, layer, method, steps, baseline)
+    maps, _ = _decompose(model, query, reference, point, method, int(steps), base)
+    height, width = sizes["H"], sizes["W"]
+    if maps.ndim == 2:
+        maps = _as_grid(maps)
+    if method == "gradcam":
+        maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        maps = maps.clamp_min(0)
+    elif tuple(maps.shape[1:]) != (height, width):
+        cells = maps.shape[1] * maps.shape[2]
+        maps = F.interpolate(maps[:, None], size=(height, width), mode="nearest")[:, 0] * (cells / (height * width))
+    return maps.to(query.dtype)
 
-    def keep_output(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            raise ValueError(f"layer must output an (N, K, h, w) tensor, got {describe(output)} from {layer_name!r}")
-        # A fresh leaf, so the gradient stops here; the clone keeps it safe from in-place ops further on.
-        leaf = output.detach().requires_grad_(True)
-        captured.append(leaf)
-        # The forward pass runs without autograd up to this layer and with it from here on: only the part that
-        # the gradient needs is recorded (a fraction of the memory of a full training graph).
+
+class PairwiseDecomposition(NamedTuple):
+    """What :func:`pairwise_decomposition` returns.
+
+    Example:
+        >>> import torch
+        >>> p = PairwiseDecomposition(torch.ones(1, 2, 3) / 6, torch.full((1, 2), 0.5), torch.full((1, 3), 1 / 3),
+        ...                           torch.tensor([1.0]), torch.tensor([0.0]))
+        >>> p.matrix.shape
+        torch.Size([1, 2, 3])
+    """
+
+    #: ``(N, P, P')`` contribution of query position ``u`` matched with reference position ``v``.
+    matrix: torch.Tensor
+    #: ``(N, P)`` the query's map: row sums of ``matrix``.
+    query_maps: torch.Tensor
+    #: ``(N, P')`` the reference's map: column sums of ``matrix``.
+    reference_maps: torch.Tensor
+    #: ``(N,)`` cosine similarity of each pair.
+    similarity: torch.Tensor
+    #: ``(N,)`` ``similarity − matrix.sum()``: what no pair of positions accounts for (bias terms of the head).
+    residual: torch.Tensor
+
+
+def _position_embeddings(point: _Point, images: torch.Tensor, dims_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's share of the embedding, ``φ_u = Σ_k A_ku ∂f/∂A_ku`` ``(N, P, D)``, and ``f`` ``(N, D)``.
+
+    Taken ``dims_chunk`` embedding dimensions per batched backward pass over one recorded graph (memory
+    ``dims_chunk · N · K · P``).
+    """
+    module = point.module
+    if module is None:  # pairwise_decomposition always names a layer
+        raise ValueError("layer must name the layer whose positions are matched; got None")
+    work = torch.promote_types(images.dtype, torch.float32)
+    values: list[torch.Tensor] = []
+    leaves: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
+        raw = point.check_output(output).detach()
+        leaf = raw.clone().requires_grad_(True)
+        values.append(raw)
+        leaves.append(leaf)
         torch.set_grad_enabled(True)
         return leaf.clone()
 
-    grad_mode = torch.is_grad_enabled()
-    with torch.inference_mode(False), _eval_mode(model):
-        try:
-            torch.set_grad_enabled(False)
-            ref = model(reference.clone()) if reference.ndim == 4 else reference.clone()
-            if not isinstance(ref, torch.Tensor) or ref.ndim != 2:
-                raise ValueError(f"model must map images to (N, D) embeddings, got {describe(ref)}")
-            handle = target.register_forward_hook(keep_output)
-            try:
-                embeddings = model(query.detach().clone())
-            finally:
-                handle.remove()
-            torch.set_grad_enabled(True)
-            grads = _similarity_gradient(embeddings, ref, captured, layer_name, sizes["N"])
-        finally:
-            torch.set_grad_enabled(grad_mode)
-    activations = captured[0]
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * activations.detach()).sum(dim=1, keepdim=True))
-    maps = F.interpolate(
-        cam.to(torch.promote_types(cam.dtype, torch.float32)),
-        size=(sizes["H"], sizes["W"]),
-        mode="bilinear",
-        align_corners=False,
-    )
-    return maps[:, 0].clamp_min(0).to(query.dtype)
+    handle = module.register_forward_hook(hook)
+    try:
+        torch.set_grad_enabled(False)
+        out = point.model(images.detach().clone())
+    finally:
+        handle.remove()
+    torch.set_grad_enabled(True)
+    if len(leaves) != 1:
+        raise ValueError(
+            f"layer {point.name!r} ran {len(leaves)} times in one forward pass; choose a layer that runs once"
+        )
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
+        raise ValueError(f"model must map images to ({images.shape[0]}, D) embeddings, got {describe(out)}")
+    out = out.to(work)
+    n, dims = out.shape
+    value = values[0].to(work)
+    parts: list[torch.Tensor] = []
+    for start in range(0, dims, dims_chunk):
+        stop = min(start + dims_chunk, dims)
+        eye = torch.eye(dims, dtype=work, device=out.device)[start:stop]
+        (grads,) = torch.autograd.grad(
+            out,
+            leaves[0],
+            grad_outputs=eye[:, None, :].expand(stop - start, n, dims),
+            is_grads_batched=True,
+            retain_graph=stop < dims,
+        )
+        share = value[None] * grads.to(work)  # (c, N, K, h, w) or (c, N, T, D)
+        share = share.sum(dim=2) if value.ndim == 4 else share.sum(dim=-1)
+        parts.append(share.flatten(2).permute(1, 2, 0))  # (N, P, c)
+    return torch.cat(parts, dim=2), out.detach()
+
+
+def pairwise_decomposition(
+    model: nn.Module,
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    layer: nn.Module | str,
+    dims_chunk: int = 64,
+) -> PairwiseDecomposition:
+    r"""The similarity of each query/reference pair decomposed over pairs of positions (Black et al.).
+
+    Each position :math:`u` of the query's layer output :math:`A` gets its share of the embedding,
+    :math:`\varphi_u = \sum_k A_{ku}\, \partial f / \partial A_{ku} \in \mathbb{R}^D` (the normalisation held
+    constant, as in :func:`similarity_decomposition`); for average pooling followed by a bias-free linear head
+    this is :math:`W A_u / P`, and :math:`\sum_u \varphi_u = f(q)`. The same for the reference. Then
+
+    .. math::
+
+        P_{uv} = \frac{\langle \varphi^q_u, \varphi^r_v \rangle}{\lVert f(q) \rVert \, \lVert f(r) \rVert},
+        \qquad \sum_{u,v} P_{uv} = \cos(f(q), f(r)),
+
+    which shows which region of the query matches which region of the reference :cite:`black2022visualizing`.
+    Its row sums are the query's map of :func:`similarity_decomposition` and its column sums the reference's.
+    The sum is exact for bias-free heads that are linear (or positively homogeneous) after the layer; otherwise
+    ``residual`` holds the rest. Memory: ``dims_chunk · N · K · P`` for the Jacobian blocks plus ``N · P · P'`` for
+    the matrices; pass large sets in chunks.
+
+    Args:
+        model: A module mapping ``(N, C, H, W)`` images to ``(N, D)`` embeddings.
+        query: ``(N, C, H, W)`` finite floating-point query images.
+        reference: ``(N, C', H', W')`` finite floating-point reference images.
+        layer: The explained sub-module or its dotted name (output ``(N, K, h, w)`` or ``(N, T, D)``).
+        dims_chunk: Embedding dimensions differentiated per backward pass (``>= 1``).
+
+    Returns:
+        A :class:`PairwiseDecomposition` (``P = h·w`` or ``T`` positions, row-major), in ``query``'s dtype
+        promoted to at least float32.
+
+    Raises:
+        TypeError: as :func:`similarity_decomposition`.
+        ValueError: as :func:`similarity_decomposition`; ``reference`` is not a batch of images.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 3, bias=False)).double()
+        >>> q, r = torch.rand(1, 3, 2, 2, dtype=torch.float64), torch.rand(1, 3, 3, 3, dtype=torch.float64)
+        >>> p = pairwise_decomposition(model, q, r, layer="1")
+        >>> p.matrix.shape, bool(torch.isclose(p.matrix.sum(), p.similarity[0]))
+        (torch.Size([1, 4, 9]), True)
+    """
+    model = _check_model(model)
+    if layer is None:
+        raise ValueError("layer must name the layer whose positions are matched; got None")
+    point = _Point(model, layer, methods_4d=False)
+    sizes = _check_images(query, "query")
+    check_dtype(query, "query", "floating")
+    check_finite(query, "query")
+    check_tensor(reference, "reference")
+    if reference.ndim != 4:
+        raise ValueError(f"reference must be (N, C, H, W) images, got {describe(reference)}")
+    _check_images(reference, "reference", {"N": sizes["N"]})
+    check_dtype(reference, "reference", "floating")
+    check_finite(reference, "reference")
+    check_same_device(query=query, reference=reference)
+    check_number(dims_chunk, "dims_chunk", low=1, integer=True)
+    with _attribution_mode(model, hold_norm=True):
+        phi_q, e_q = _position_embeddings(point, query, int(dims_chunk))
+        phi_r, e_r = _position_embeddings(point, reference.to(query.dtype), int(dims_chunk))
+    if e_q.shape[1] != e_r.shape[1]:
+        raise ValueError("model must give query and reference embeddings of one size")
+    n_q, n_r = e_q.norm(dim=1), e_r.norm(dim=1)
+    _check_embedding_norms(n_q, "query")
+    _check_embedding_norms(n_r, "reference")
+    matrix = torch.bmm(phi_q, phi_r.transpose(1, 2)) / (n_q * n_r)[:, None, None]
+    similarity = (e_q * e_r).sum(dim=1) / (n_q * n_r)
+    residual = similarity - matrix.flatten(1).sum(dim=1)
+    return PairwiseDecomposition(matrix, matrix.sum(dim=2), matrix.sum(dim=1), similarity, residual)
 
 
 class ForegroundEnergy(NamedTuple):
     """What :func:`foreground_energy` returns: per image, the energy on the object and its chance level.
 
+    A map without positive attribution (all zero, or all negative) has no energy to share: its ``energy`` is NaN
+    and :attr:`valid` is ``False``. :meth:`summary` gives the mean over the valid maps and counts the others,
+    so summaries never turn NaN.
+
     Example:
         >>> import torch
-        >>> ForegroundEnergy(torch.tensor([0.8]), torch.tensor([0.25])).energy
-        tensor([0.8000])
+        >>> fe = ForegroundEnergy(torch.tensor([0.8, float("nan")]), torch.tensor([0.25, 0.25]))
+        >>> fe.valid
+        tensor([ True, False])
+        >>> fe.summary()
+        {'mean': 0.8, 'chance': 0.25, 'count': 1, 'empty': 1}
     """
 
-    #: ``(N,)`` share of the map's positive attribution inside the object mask (NaN for an all-zero map).
+    #: ``(N,)`` share of the map's positive attribution inside the object mask; NaN for a map with none.
     energy: torch.Tensor
     #: ``(N,)`` share of the image's pixels inside the object mask: the energy of a uniform map.
     chance: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(N,)`` bool: the maps that have positive attribution (whose ``energy`` is a number)."""
+        return ~torch.isnan(self.energy)
+
+    def summary(self) -> dict[str, float | int]:
+        """Mean energy over the valid maps, mean chance over the same maps, and the counts.
+
+        Returns:
+            ``{"mean", "chance", "count", "empty"}``: ``mean`` and ``chance`` are NaN-free floats (0.0 and the
+            chance of all maps when no map is valid), ``count`` the valid maps, ``empty`` the others.
+        """
+        valid = self.valid
+        count = int(valid.sum())
+        chance = self.chance[valid] if count else self.chance
+        return {
+            "mean": round(float(self.energy[valid].double().mean()), 12) if count else 0.0,
+            "chance": round(float(chance.double().mean()), 12) if chance.numel() else 0.0,
+            "count": count,
+            "empty": int(valid.numel()) - count,
+        }
 
 
 def foreground_energy(maps: torch.Tensor, masks: torch.Tensor) -> ForegroundEnergy:
@@ -299,8 +812,14 @@ def foreground_energy(maps: torch.Tensor, masks: torch.Tensor) -> ForegroundEner
         \text{chance} = \frac{1}{HW} \sum_{u,v} B_{uv},
 
     the chance level being the energy of a uniform map. A model that looks at the object scores well above
-    chance; one that looks at the background, below it. An all-zero map has no energy to share: its ``energy`` is
-    NaN.
+    chance; one that looks at the background, below it.
+
+    **Signed maps** (:func:`similarity_attribution`'s default): only the positive part counts — the regions that
+    make the query *more* similar to its reference. Negative contributions (regions that make it less similar)
+    are left out of both sums, so a map that is negative on the object and positive on the background scores
+    low. A map with no positive value has no energy: its ``energy`` is NaN, :attr:`ForegroundEnergy.valid` is
+    ``False`` and :meth:`ForegroundEnergy.summary` counts it apart. The sums are taken in float64 after scaling
+    each map by its largest value, so neither huge nor subnormal maps lose their share.
 
     Args:
         maps: ``(N, H, W)`` floating-point attribution maps (e.g. from :func:`similarity_attribution`), finite.
@@ -308,7 +827,7 @@ def foreground_energy(maps: torch.Tensor, masks: torch.Tensor) -> ForegroundEner
             0/255 (255 = object).
 
     Returns:
-        A :class:`ForegroundEnergy` ``(energy, chance)`` of two ``(N,)`` float tensors on ``maps``' device.
+        A :class:`ForegroundEnergy` ``(energy, chance)`` of two ``(N,)`` float32 tensors on ``maps``' device.
 
     Raises:
         TypeError: ``maps`` is not a floating-point tensor.
@@ -331,12 +850,14 @@ def foreground_energy(maps: torch.Tensor, masks: torch.Tensor) -> ForegroundEner
     n, h, w = maps.shape
     objects = _check_masks(masks, "masks", n, h, w, f"maps of shape {tuple(maps.shape)}", binary=True)
     check_same_device(maps=maps, masks=masks)
-    positive = maps.float().clamp_min(0)
-    total = positive.sum(dim=(1, 2))
-    inside = (positive * objects).sum(dim=(1, 2))
-    energy = torch.where(total > 0, inside / total.clamp_min(torch.finfo(torch.float32).tiny), float("nan"))
-    chance = objects.float().mean(dim=(1, 2))
-    return ForegroundEnergy(energy, chance)
+    positive = maps.double().clamp_min(0)
+    peak = positive.amax(dim=(1, 2), keepdim=True)
+    scaled = positive / torch.where(peak > 0, peak, torch.ones_like(peak))
+    total = scaled.sum(dim=(1, 2))
+    inside = (scaled * objects).sum(dim=(1, 2))
+    energy = torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), math.nan)
+    chance = objects.double().mean(dim=(1, 2))
+    return ForegroundEnergy(energy.float(), chance.float())
 
 
 # ------------------------------------------------------------------------------------------ background swaps

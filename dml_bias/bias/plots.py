@@ -174,8 +174,9 @@ def attribution_pairs(result: StudyResult, count: int = 3) -> list[int]:
 
 def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor) -> None:
     ax.imshow(_to_hwc(image))
-    top = float(heat.max())
-    ax.imshow((heat / top if top > 0 else heat).numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    # Signed maps: red adds to the similarity, blue takes from it, on a scale symmetric around 0.
+    top = float(heat.abs().max())
+    ax.imshow((heat / top if top > 0 else heat).numpy(), cmap="RdBu_r", alpha=0.5, vmin=-1.0, vmax=1.0)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -183,7 +184,8 @@ def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor) -> None:
 def plot_attribution(result: StudyResult, path: Path, count: int = 3) -> Path:
     """Rows: the models of the first loss; columns: query/neighbour pairs with their similarity attribution maps.
 
-    Each map (:func:`~dml_bias.bias.similarity_attribution`, normalised to its maximum) explains the similarity of
+    Each map (:func:`~dml_bias.bias.similarity_attribution`, the decomposition, divided by its largest absolute value;
+    red adds to the similarity, blue takes from it) explains the similarity of
     the image to the other one of its pair: the query to its nearest neighbour among the original test images, and
     the neighbour to the query. The images are shown unmasked; the models saw them in their own mask mode. The
     query's title gives its foreground energy (the share of the map on the object).

@@ -89,7 +89,7 @@ def test_gradcam_equals_the_hand_computation(device: torch.device) -> None:
     model = TinyNet().double().to(device)
     query = torch.randn(5, 2, 8, 8, dtype=torch.float64, device=device)
     reference = torch.randn(5, 2, 8, 8, dtype=torch.float64, device=device)
-    maps = similarity_attribution(model, query, reference, layer="relu")
+    maps = similarity_attribution(model, query, reference, layer="relu", method="gradcam")
     expected = _gradcam_by_hand(model, query, reference)
     assert maps.shape == (5, 8, 8)
     assert maps.dtype == torch.float64
@@ -99,7 +99,9 @@ def test_gradcam_equals_the_hand_computation(device: torch.device) -> None:
     # the same maps with the reference given as embeddings, and with the layer given as a module
     with torch.no_grad():
         ref_emb = model(reference)
-    torch.testing.assert_close(similarity_attribution(model, query, ref_emb, layer=model.relu), expected)
+    torch.testing.assert_close(
+        similarity_attribution(model, query, ref_emb, layer=model.relu, method="gradcam"), expected
+    )
 
 
 def test_model_is_left_as_it_was() -> None:
@@ -149,13 +151,13 @@ def test_attribution_bad_input() -> None:
         similarity_attribution(model, query, reference, layer=nn.Conv2d(2, 3, 1))
     with pytest.raises(ValueError, match="layer 'unused' did not run"):
         similarity_attribution(model, query, reference, layer="unused")
-    with pytest.raises(ValueError, match=r"layer must output an \(N, K, h, w\) tensor"):
+    with pytest.raises(ValueError, match=r"layer must output an \(N, K, h, w\) feature map or \(N, T, D\) tokens"):
         similarity_attribution(model, query, reference, layer="linear")
     with pytest.raises(TypeError, match="layer must be a sub-module of model or its dotted name"):
         similarity_attribution(model, query, reference, layer=3)
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         similarity_attribution(lambda x: x, query, reference, layer="relu")
-    with pytest.raises(ValueError, match="method must be one of 'gradcam'"):
+    with pytest.raises(ValueError, match="method must be one of 'decomposition', 'integrated_gradients', 'gradcam'"):
         similarity_attribution(model, query, reference, layer="relu", method="lrp")
     with pytest.raises(ValueError, match=r"query must be a 4-D tensor"):
         similarity_attribution(model, query[0], reference, layer="relu")
