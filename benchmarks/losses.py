@@ -21,7 +21,6 @@ its all-triplets TripletMarginLoss a B^3 mask; they are skipped above --pml-ntxe
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 
@@ -30,7 +29,21 @@ import torch
 import dml_bias.losses as ours
 from dml_bias.miners import MultiSimilarityMiner
 
-LOSSES = ("ms", "ms+miner", "proxy_anchor", "contrastive", "triplet", "ntxent", "supcon", "arcface")
+LOSSES = (
+    "ms",
+    "ms+miner",
+    "proxy_anchor",
+    "contrastive",
+    "triplet",
+    "ntxent",
+    "supcon",
+    "arcface",
+    # PML drop-in rows: reducer objects, the semihard TripletMarginMiner (PML's MNIST recipe), CrossBatchMemory
+    "contrastive+sum",
+    "triplet+mean",
+    "semihard",
+    "xbm",
+)
 
 
 def build(name: str, dim: int, classes: int, device: torch.device) -> tuple[Callable, Callable]:
@@ -50,11 +63,51 @@ def build(name: str, dim: int, classes: int, device: torch.device) -> tuple[Call
         with torch.no_grad():
             b.proxies.copy_(a.proxies)
         return a, b
+    if name in ("contrastive+sum", "triplet+mean"):
+        from pytorch_metric_learning import reducers as pr
+
+        from dml_bias import reducers as our_reducers
+
+        if name == "contrastive+sum":
+            return ours.ContrastiveLoss(reducer=our_reducers.SumReducer()), pl.ContrastiveLoss(reducer=pr.SumReducer())
+        return ours.TripletMarginLoss(reducer=our_reducers.MeanReducer()), pl.TripletMarginLoss(
+            reducer=pr.MeanReducer()
+        )
+    if name == "semihard":
+        from pytorch_metric_learning import distances as pd
+        from pytorch_metric_learning import reducers as pr
+
+        from dml_bias import distances as our_distances
+        from dml_bias import reducers as our_reducers
+        from dml_bias.miners import TripletMarginMiner
+
+        d_o, d_p = our_distances.CosineSimilarity(), pd.CosineSimilarity()
+        lo = ours.TripletMarginLoss(0.2, distance=d_o, reducer=our_reducers.ThresholdReducer(low=0))
+        mo = TripletMarginMiner(0.2, "semihard", distance=d_o)
+        lp = pl.TripletMarginLoss(0.2, distance=d_p, reducer=pr.ThresholdReducer(low=0))
+        mp = pm.TripletMarginMiner(0.2, "semihard", distance=d_p)
+        return (lambda e, y: lo(e, y, mo(e, y))), (lambda e, y: lp(e, y, mp(e, y)))
+    if name == "xbm":
+        # Each call gets the embeddings plus the call's own small noise (seeded by the call count), so the queue holds
+        # distinct rows, as in training; both libraries are called equally often, so their queues hold the same rows.
+        def feed(loss: Callable) -> Callable:
+            calls = [0]
+
+            def call(e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                calls[0] += 1
+                noise = torch.randn(e.shape, generator=torch.Generator().manual_seed(calls[0])).to(e.device)
+                return loss(e + 0.1 * noise, y)
+
+            return call
+
+        a = ours.CrossBatchMemory(ours.ContrastiveLoss(), dim, memory_size=1024).to(device)
+        b = pl.CrossBatchMemory(pl.ContrastiveLoss(), dim, memory_size=1024).to(device)
+        return feed(a), feed(b)
     if name == "arcface":
-        a = ours.ArcFaceLoss(classes, dim, margin=math.radians(28.6)).to(device)
+        a = ours.ArcFaceLoss(classes, dim).to(device)
         b = pl.ArcFaceLoss(classes, dim).to(device)
         with torch.no_grad():
-            b.W.copy_(a.weight.t())
+            b.W.copy_(a.W)
         return a, b
     pairs = {
         "contrastive": (ours.ContrastiveLoss, pl.ContrastiveLoss),
@@ -75,7 +128,7 @@ def one_pass(fn: Callable, emb: torch.Tensor, labels: torch.Tensor) -> float:
     e = emb.detach().requires_grad_(True)
     loss = fn(e, labels)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def timed(fn: Callable, emb: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
@@ -167,7 +220,12 @@ def main() -> None:
                 labels = torch.randint(0, args.classes, (b,), generator=gen).to(device)
                 torch.manual_seed(0)
                 fn_ours, fn_pml = build(name, args.dim, args.classes, device)
-                limit = {"triplet": args.pml_max_b, "ntxent": args.pml_ntxent_max_b}.get(name, b)
+                limit = {
+                    "triplet": args.pml_max_b,
+                    "triplet+mean": args.pml_max_b,
+                    "semihard": args.pml_max_b,
+                    "ntxent": args.pml_ntxent_max_b,
+                }.get(name, b)
                 skip_pml = b > limit
                 # PML's NT-Xent is very slow from B = 512 on: time it once, without warm-up.
                 rep_pml = 0 if skip_pml else (1 if name == "ntxent" and b >= 512 else args.repeat)

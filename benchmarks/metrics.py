@@ -8,18 +8,27 @@ unit-normalised), on the CPU and on CUDA when available:
 * a naive chunked torch top-k (float32 matmul + ``torch.topk``), metrics from its neighbours,
 * PML with the full mAP (``mean_average_precision`` with ``k=None``: every reference item ranked; O(N^2)
   memory, so only at small N, e.g. ``--n 8000 --cases pml_full_map ours_default``),
-* ours: ``retrieval_metrics()`` with its defaults (``ours_default``: Recall@{1,2,4,8}, MAP@R, R-precision and
-  the full mAP, exact, one counting pass), ``retrieval_metrics(full_map=False)`` (``ours_metrics``: the same
-  metrics as PML, no full mAP; the 16-bit candidate pass where the device has one), the same with the float32
-  bulk pass forced (``ours_metrics_fp32``), and ``knn(k=max class size)``,
+* PML ``AccuracyCalculator(include=("precision_at_1",), k=1)`` (``pml_p1``: Recall@1 alone),
+* ours: ``retrieval_metrics()`` with its defaults (``ours_default``: Recall@{1,2,4,8}, MAP@R, R-precision, exact
+  lists of the first R_q neighbours), ``retrieval_metrics(ks=(1,))`` (``ours_metrics``: the metrics PML
+  computes; the 16-bit candidate pass where the device has one), the same with the float32 bulk pass forced
+  (``ours_metrics_fp32``), the full mAP on request (``ours_full_map``: ``metrics=(..., "map")``, the counting
+  pass), ``recall_at_k(k=1)`` (``ours_recall1``: lists of one neighbour) and ``knn(k=max class size)``,
+* Market-1501 size (``--market``): 3,368 queries x 15,913 gallery items, D = 2,048, 751 identities on 6
+  cameras, unit-normalised features, same identity and camera removed: ``market_numpy`` (the usual re-ID
+  evaluation: a float32 cosine GEMM, a NumPy argsort of each query's row, CMC and AP from the filtered list)
+  against ``market_ours``
+  (``retrieval_metrics(..., query_groups=, reference_groups=, metrics=("recall@k", "map"))``),
 * the floor: one N x N GEMM in float32 and bfloat16 (in blocks of 4096 rows).
 
 Each case runs in a fresh process, ``--repeat`` times (default 3); the minimum time is reported.
 
 Prints times, ratios to PML (and of the default call to the PML full-mAP run and to our no-mAP run), the peak
 memory (CPU: peak RSS growth of a fresh subprocess; CUDA: peak
-allocated) and whether the values agree with PML. Run: ``python benchmarks/metrics.py [--n 20000 100000]
-[--device cpu cuda] [--skip-full-map]``.
+allocated) and whether the values agree with PML. Data: ``--labels clusters`` (default; Gaussian clusters, classes
+of 50) or ``--labels random`` (random vectors, random labels in classes of 200: relevant items spread over the
+whole list, the worst case of the full mAP); ``--dim`` sets D. Run: ``python benchmarks/metrics.py [--n 20000
+100000] [--dim 128] [--labels random] [--device cpu cuda] [--skip-full-map] [--market]``.
 """
 
 from __future__ import annotations
@@ -36,16 +45,40 @@ import torch
 
 D = 512
 CLASS_SIZE = 50
+LABELS = "clusters"
+FULL = ("recall@k", "map@r", "r_precision", "map")
 
 
 def make_data(n: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+    if LABELS == "two":  # two classes of n / 2: the class-size-bound lists of Recall@k's old pass
+        labels = torch.arange(n) % 2
+        x = torch.nn.functional.normalize(
+            torch.randn(2, D, generator=g)[labels] + torch.randn(n, D, generator=g), dim=1
+        )
+        return x.to(device), labels.to(device)
+    if LABELS == "random":  # no structure: relevant items spread over the whole list (classes of 200)
+        labels = (torch.arange(n) // 200)[torch.randperm(n, generator=g)]
+        x = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1)
+        return x.to(device), labels.to(device)
     labels = torch.arange(n) // CLASS_SIZE
     labels = labels[torch.randperm(n, generator=g)]
     centres = torch.randn(int(labels.max()) + 1, D, generator=g)
     x = centres[labels] + 3.0 * torch.randn(n, D, generator=g)  # MAP@R ~0.3, Recall@1 ~0.9 (CUB-like)
     x = torch.nn.functional.normalize(x, dim=1)
     return x.to(device), labels.to(device)
+
+
+def market_data(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Market-1501-sized features: 751 identities, 6 cameras, 3,368 queries, 15,913 gallery items, D = 2,048."""
+    g = torch.Generator().manual_seed(seed)
+    ids_g = torch.randint(0, 751, (15_913,), generator=g)
+    ids_q = torch.randint(0, 751, (3_368,), generator=g)
+    cams_g, cams_q = torch.randint(0, 6, (15_913,), generator=g), torch.randint(0, 6, (3_368,), generator=g)
+    centres = torch.randn(751, 2048, generator=g)
+    gallery = torch.nn.functional.normalize(centres[ids_g] + 6.0 * torch.randn(15_913, 2048, generator=g), dim=1)
+    query = torch.nn.functional.normalize(centres[ids_q] + 6.0 * torch.randn(3_368, 2048, generator=g), dim=1)
+    return query, ids_q, cams_q, gallery, ids_g, cams_g
 
 
 def metrics_from_neighbours(labels: torch.Tensor, nbr: torch.Tensor) -> dict[str, float]:
@@ -67,9 +100,13 @@ def metrics_from_neighbours(labels: torch.Tensor, nbr: torch.Tensor) -> dict[str
 
 def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
     """Run one case in this (fresh) process and report time, peak memory and values."""
-    from dml_bias.metrics import knn, retrieval_metrics
+    from dml_bias.metrics import knn, recall_at_k, retrieval_metrics
 
-    x, y = make_data(n, device)
+    if name.startswith("market"):
+        x, y = make_data(2, device)  # unused
+        market = market_data()
+    else:
+        x, y = make_data(n, device)
     kmax = int(torch.bincount(y).max()) - 1
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
@@ -103,6 +140,58 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
             "r_precision": res["r_precision"],
             "recall@1": res["precision_at_1"],
         }
+    elif name == "pml_p1":
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(include=("precision_at_1",), k=1, device=torch.device(device))
+        res = {}
+        seconds = timed(lambda: res.update(calc.get_accuracy(x, y, x, y, ref_includes_query=True)))
+        values = {"recall@1": res["precision_at_1"]}
+    elif name == "ours_recall1":
+        holder: dict[str, float] = {}
+        seconds = timed(lambda: holder.update(r=recall_at_k(x, y, k=1)))
+        values = {"recall@1": holder["r"]}
+    elif name == "ours_full_map":
+        res = {}
+        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), metrics=FULL)))
+        values = {k: res[k] for k in ("map@r", "r_precision", "recall@1", "map")}
+    elif name == "market_numpy":
+        import numpy as np
+
+        query, ids_q, cams_q, gallery, ids_g, cams_g = market
+        out_v: dict[str, float] = {}
+
+        def numpy_eval() -> None:
+            q, gal = query.numpy(), gallery.numpy()
+            dist = -(q @ gal.T)  # cosine distance up to a constant: the features are unit-normalised
+            idg, cg = ids_g.numpy(), cams_g.numpy()
+            aps, top1 = [], []
+            for i in range(q.shape[0]):
+                order = np.argsort(dist[i])
+                keep = ~((idg[order] == int(ids_q[i])) & (cg[order] == int(cams_q[i])))
+                match = (idg[order] == int(ids_q[i]))[keep]
+                hits = np.flatnonzero(match)
+                if hits.size:
+                    aps.append(float(np.mean((np.arange(hits.size) + 1) / (hits + 1))))
+                    top1.append(float(hits[0] == 0))
+            out_v.update(map=float(np.mean(aps)), cmc1=float(np.mean(top1)))
+
+        seconds = timed(numpy_eval)
+        values = out_v
+    elif name == "market_ours":
+        query, ids_q, cams_q, gallery, ids_g, cams_g = market
+        res = {}
+
+        def ours_eval() -> None:
+            res.update(
+                retrieval_metrics(
+                    query, ids_q, gallery, ids_g, query_groups=cams_q, reference_groups=cams_g, ks=(1,),
+                    metrics=("recall@k", "map"), metric="cosine",
+                )
+            )  # fmt: skip
+
+        seconds = timed(ours_eval)
+        values = {"map": res["map"], "cmc1": res["recall@1"]}
     elif name == "pml_full_map":
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
@@ -154,7 +243,7 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
         values = metrics_from_neighbours(y, holder["nbr"])
     elif name == "ours_metrics":
         res = {}
-        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
+        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,))))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
     elif name == "ours_metrics_fp32":
         import sys
@@ -163,12 +252,12 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
         engine.BF16_CPU = False  # the float32 bulk pass instead of the 16-bit candidate pass
         engine.FP16_CUDA = False
         res = {}
-        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,), full_map=False)))
+        seconds = timed(lambda: res.update(retrieval_metrics(x, y, ks=(1,))))
         values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
     elif name == "ours_default":
         res = {}
         seconds = timed(lambda: res.update(retrieval_metrics(x, y)))
-        values = {k: res[k] for k in ("map@r", "r_precision", "recall@1", "map")}
+        values = {k: res[k] for k in ("map@r", "r_precision", "recall@1")}
     elif name == "ours_knn":
         seconds = timed(lambda: knn(x, k=kmax))
     elif name in ("gemm_fp32", "gemm_bf16"):
@@ -189,10 +278,17 @@ def run_case(name: str, n: int, device: str, repeat: int, out: Any) -> None:
     out.put({"seconds": seconds, "peak_mib": peak, "values": values})
 
 
+def _configured(dim: int, labels: str, *args: Any) -> None:
+    """:func:`run_case` in a spawned process, with the data options of the parent."""
+    global D, LABELS
+    D, LABELS = dim, labels
+    run_case(*args)
+
+
 def measure(name: str, n: int, device: str, repeat: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=run_case, args=(name, n, device, repeat, q))
+    p = ctx.Process(target=_configured, args=(D, LABELS, name, n, device, repeat, q))
     p.start()
     result = q.get()
     p.join()
@@ -209,24 +305,41 @@ CASES = [
     "ours_metrics",
     "ours_metrics_fp32",
     "ours_default",
+    "ours_full_map",
+    "pml_p1",
+    "ours_recall1",
     "ours_knn",
 ]
 
 
 def main() -> None:
+    global D, LABELS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[20_000])
     parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--skip-full-map", action="store_true", help="skip the full-mAP cases (ours_default, PML's)")
     parser.add_argument("--cases", nargs="+", default=CASES)
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the minimum time is reported")
+    parser.add_argument("--dim", type=int, default=D, help="embedding size D")
+    parser.add_argument("--labels", choices=("clusters", "random", "two"), default="clusters")
+    parser.add_argument("--market", action="store_true", help="run the Market-1501-sized re-ID cases only")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={D}, classes of {CLASS_SIZE}")
+    D, LABELS = args.dim, args.labels
+    if args.market:
+        rows = {name: measure(name, 0, "cpu", args.repeat) for name in ("market_numpy", "market_ours")}
+        for name, r in rows.items():
+            print(f"{name:13s} {r['seconds']:9.3f} s {r['peak_mib']:9.1f} MiB  {json.dumps(r['values'])}")
+        ratio = rows["market_numpy"]["seconds"] / rows["market_ours"]["seconds"]
+        diff = abs(rows["market_numpy"]["values"]["map"] - rows["market_ours"]["values"]["map"])
+        print(f"full mAP at Market-1501 size: ours {ratio:.2f}x the NumPy evaluator, |mAP difference| {diff:.2e}")
+        return
+    size = "classes of 200, random labels" if LABELS == "random" else f"classes of {CLASS_SIZE}"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={D}, {size}")
     for device in args.device:
         for n in args.n:
             rows = {}
             for name in args.cases:
-                if name in ("ours_default", "pml_full_map") and args.skip_full_map:
+                if name in ("ours_full_map", "pml_full_map") and args.skip_full_map:
                     continue
                 if name == "faiss" and device == "cuda":
                     continue
@@ -238,18 +351,22 @@ def main() -> None:
                 ratio = f"{pml / r['seconds']:7.2f}" if pml else "      -"
                 vals = json.dumps({k: round(v, 8) for k, v in r["values"].items()})
                 print(f"{name:15s} {r['seconds']:9.3f} {ratio} {r['peak_mib']:9.1f}  {vals}")
-            default = rows.get("ours_default", {}).get("seconds")
-            if default:
-                for other, label in (("pml", "PML three metrics"), ("pml_full_map", "PML full mAP"),
-                                     ("ours_metrics", "ours without map")):  # fmt: skip
-                    if other in rows:
-                        ratio = rows[other]["seconds"] / default
-                        other_s = rows[other]["seconds"]
-                        print(f"default call vs {label}: {ratio:.2f}x ({other_s:.3f} s / {default:.3f} s)")
-            if "pml_full_map" in rows and "ours_default" in rows:
-                diff = abs(rows["pml_full_map"]["values"]["map"] - rows["ours_default"]["values"]["map"])
+            for ours, other, label in (
+                ("ours_default", "pml", "default call vs PML three metrics"),
+                ("ours_full_map", "pml_full_map", "full mAP vs PML full mAP"),
+                ("ours_full_map", "ours_default", "full mAP vs our default call (cost of the full mAP)"),
+                ("ours_recall1", "pml_p1", "recall_at_k(k=1) vs PML precision_at_1"),
+            ):
+                if ours in rows and other in rows:
+                    mine, theirs = rows[ours]["seconds"], rows[other]["seconds"]
+                    print(f"{label}: {theirs / mine:.2f}x ({theirs:.3f} s / {mine:.3f} s)")
+            if "pml_full_map" in rows and "ours_full_map" in rows:
+                diff = abs(rows["pml_full_map"]["values"]["map"] - rows["ours_full_map"]["values"]["map"])
                 print(f"|ours map - PML map|: {diff:.2e}")
-            for other in ("pml", "faiss", "naive_topk", "ours_default"):
+            if "pml_p1" in rows and "ours_recall1" in rows:
+                diff = abs(rows["pml_p1"]["values"]["recall@1"] - rows["ours_recall1"]["values"]["recall@1"])
+                print(f"|ours Recall@1 - PML precision_at_1|: {diff:.2e}")
+            for other in ("pml", "faiss", "naive_topk", "ours_default", "ours_full_map"):
                 if other in rows and "ours_metrics" in rows:
                     diff = max(
                         abs(rows[other]["values"][k] - rows["ours_metrics"]["values"][k])

@@ -1,7 +1,10 @@
 """dml_bias: deep metric learning for PyTorch that takes what the model looks at seriously.
 
 The sub-packages are imported lazily (PEP 562), so ``import dml_bias`` costs little more than
-``import torch``; ``dml_bias.losses`` and friends are loaded on first access.
+``import torch``; ``dml_bias.losses`` and friends are loaded on first access. The modules named as in
+pytorch-metric-learning (``distances``, ``reducers``, ``losses``, ``miners``, ``samplers``, ``testers``,
+``utils.accuracy_calculator``, ``utils.distributed``) make ``from dml_bias import distances, losses`` work as
+``from pytorch_metric_learning import distances, losses`` does.
 
 Example:
     >>> import dml_bias
@@ -20,13 +23,18 @@ __version__ = "0.1.0.dev0"
 _LAZY_SUBMODULES: tuple[str, ...] = (
     "bias",
     "datasets",
+    "distances",
     "distributed",
     "heads",
     "losses",
     "metrics",
     "miners",
+    "reducers",
+    "samplers",
     "similarity",
+    "testers",
     "transforms",
+    "utils",
 )
 
 __all__ = ["__version__", *_LAZY_SUBMODULES]

@@ -42,16 +42,40 @@ def is_similarity(metric: str) -> bool:
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """L2-normalise the rows of ``x`` (shape ``(N, D)``), as :func:`torch.nn.functional.normalize` with ``p=2``.
+    r"""L2-normalise the rows of ``x`` (shape ``(N, D)``): :math:`x / \max(\lVert x \rVert_2, \epsilon)`.
+
+    The value of :func:`torch.nn.functional.normalize` with ``p=2``, but each row is first divided by its largest
+    magnitude :math:`s` (a constant for autograd: neither the value nor the gradient depends on it), so the
+    squares never overflow or underflow: ``[[3e20, 4e20]]`` in float32 gives ``[[0.6, 0.8]]`` (where
+    :func:`torch.nn.functional.normalize` squares ``3e20`` to ``inf`` and returns zeros). A row of zeros stays
+    zero; rows of norm below ``eps`` are divided by ``eps``, as in torch.
+
+    Args:
+        x: ``(..., D)`` floating-point tensor; the last dimension is normalised. Not modified.
+        eps: The floor of the norm.
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
 
     Example:
         >>> import torch
         >>> normalize(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])
+        >>> normalize(torch.tensor([[3e20, 4e20], [0.0, 0.0]]))
+        tensor([[0.6000, 0.8000],
+                [0.0000, 0.0000]])
     """
     check_tensor(x, "x")
     check_dtype(x, "x", "floating")
-    return F.normalize(x, p=2.0, dim=-1, eps=eps)
+    if x.ndim == 0 or x.shape[-1] == 0 or x.numel() == 0:
+        return F.normalize(x, p=2.0, dim=-1, eps=eps)
+    detached = x.detach()
+    # max |x| per row, without an |x| copy (and faster than vector_norm(ord=inf) on the CPU)
+    peak = torch.maximum(detached.amax(dim=-1, keepdim=True), -detached.amin(dim=-1, keepdim=True))
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    unit = x / scale  # largest magnitude 1: the squares below neither overflow nor underflow to 0
+    # max(|x|, eps) / s == max(|x / s|, eps / s): the same value as torch's, with the same (detached) floor.
+    return unit / torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(eps / scale)
 
 
 def pairwise(

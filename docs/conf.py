@@ -20,6 +20,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # serves MathJax from _static/mathjax: formulas render without a network
     "sphinx.ext.viewcode",
     "sphinxcontrib.bibtex",
     "myst_parser",
@@ -33,6 +34,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(torch\.)?_?[A-Za-z]*Tensor[A-Za-z]*Like"),
     (r"py:.*", r"Ellipsis|EllipsisType"),
     (r"py:.*", r"(numpy\.)?typing\..*|npt\..*"),
+    (r"py:.*", r"(dml_bias\.transforms\._conv\.)?ModuleT"),  # adapt_input_conv's TypeVar: returns what it got
 ]
 
 autosummary_generate = True
@@ -64,3 +66,18 @@ suppress_warnings = ["myst.header"]
 html_theme = "furo"
 html_title = f"dml_bias {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+
+# Methods that are machinery rather than API: nn.Module's repr hook, torchvision v2's per-sample hooks (called by
+# the transform itself). They stay out of the API pages even where a page lists members wholesale.
+_HIDDEN_MEMBERS = {"extra_repr", "make_params", "transform", "training", "dump_patches", "call_super_init"}
+
+
+def _skip_member(app, what, name, obj, skip, options):  # Sphinx's autodoc-skip-member event
+    if name in _HIDDEN_MEMBERS and what == "class":
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_member)

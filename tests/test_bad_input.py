@@ -33,6 +33,7 @@ from torchvision import tv_tensors
 sys.path.insert(0, str(Path(__file__).parent / "datasets"))
 import _builders as build
 
+from dml_bias import datasets as DS
 from dml_bias import distributed as dist
 from dml_bias import heads as H
 from dml_bias import losses as L
@@ -45,7 +46,7 @@ from dml_bias.datasets import (
     Cars196,
     CorruptImageError,
     InShop,
-    MPerClassSampler,
+    MPerClassBatchSampler,
     PolyvoreOutfits,
     RevisitedOxfordParis,
     StanfordOnlineProducts,
@@ -143,6 +144,23 @@ def head() -> H.ConditionalSimilarity:
 
 def pan_output(n: int = 4) -> H.ConditionalSimilarityOutput:
     return H.ConditionalSimilarity(8, 6)(torch.randn(n, 8), torch.randn(n, 8))
+
+
+def nan_logits(out: H.ConditionalSimilarityOutput) -> H.ConditionalSimilarityOutput:
+    return out._replace(condition_logits=with_value(out.condition_logits.detach(), NAN))
+
+
+def nan_weight_head() -> H.ConditionalSimilarity:
+    module = head()
+    with torch.no_grad():
+        module.relevance_layer.weight[0, 0] = NAN
+    return module
+
+
+def resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None)
 
 
 def local_features(n: int = 12, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +264,57 @@ def revisited_corrupt_pickle() -> Any:
     path = next(root.rglob("*.pkl"))
     path.write_bytes(b"not a pickle")
     return RevisitedOxfordParis(root)
+
+
+def cub_edited(file: str, line_of_image_1: str, **kwargs: Any) -> Any:
+    """A CUB tree whose line for image 1 in ``file`` is replaced (``""``: the file is emptied); the loader."""
+    root = fresh_dir()
+    build.build_cub(root)
+    path = root / "CUB_200_2011" / file
+    lines = path.read_text().splitlines()
+    text = "" if not line_of_image_1 else "\n".join(line_of_image_1 if ln.split()[0] == "1" else ln for ln in lines)
+    path.write_text(text + "\n")
+    return CUB200(root, **kwargs)
+
+
+def cub_sample_of_image_1(line: str) -> Any:
+    ds = cub_edited("bounding_boxes.txt", line, split="train", boxes=True)
+    return ds[ds.image_ids.index(1)]
+
+
+def cars_edited(**fields: int) -> Path:
+    """A Cars196 tree whose first record (image 1, class 1, a training image) has the given fields."""
+    from scipy.io import loadmat, savemat
+
+    root = fresh_dir()
+    build.build_cars(root)
+    path = root / "cars_annos.mat"
+    mat = loadmat(str(path))
+    for name, value in fields.items():
+        mat["annotations"][0, 0][name] = torch.tensor([[value]]).numpy()
+    savemat(path, {"annotations": mat["annotations"], "class_names": mat["class_names"]})
+    return root
+
+
+def sop_edited(keep_rows: int, extra: str = "") -> Any:
+    root = fresh_dir()
+    info = build.build_sop(root)
+    path = info["base"] / "Ebay_train.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[: 1 + keep_rows]) + "\n" + extra)
+    return StanfordOnlineProducts(root)
+
+
+def revisited_query_box(box: list[float], crop_queries: bool) -> Any:
+    import pickle
+
+    root = fresh_dir()
+    build.build_revisited(root)
+    path = next(root.rglob("*.pkl"))
+    data = pickle.loads(path.read_bytes())
+    data["gnd"][0]["bbx"] = box
+    path.write_bytes(pickle.dumps(data))
+    return RevisitedOxfordParis(root, split="query", crop_queries=crop_queries)[0]
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -386,31 +455,36 @@ CASES["dml_bias.losses:ProxyAnchorLoss"] = [
     ),
     Bad("lr 0", lambda: L.ProxyAnchorLoss(3, 4).param_groups(lr=0.0), ValueError, "lr must be a number"),
 ]
-CASES["dml_bias.losses:ArcFaceLoss"] = [
-    Bad("margin pi", lambda: L.ArcFaceLoss(3, 4, margin=3.2), ValueError, "margin must be a number in"),
-    Bad("scale 0", lambda: L.ArcFaceLoss(3, 4, scale=0.0), ValueError, "scale must be a number"),
+CASES["dml_bias.losses:AdditiveAngularMarginLoss"] = [
+    Bad("margin pi", lambda: L.AdditiveAngularMarginLoss(3, 4, margin=3.2), ValueError, "margin must be a number in"),
+    Bad("scale 0", lambda: L.AdditiveAngularMarginLoss(3, 4, scale=0.0), ValueError, "scale must be a number"),
     Bad(
         "integer dtype",
-        lambda: L.ArcFaceLoss(3, 4, dtype=torch.int32),
+        lambda: L.AdditiveAngularMarginLoss(3, 4, dtype=torch.int32),
         TypeError,
         "dtype must be None or a floating-point",
     ),
-    Bad("negative device index", lambda: L.ArcFaceLoss(3, 4, device=-1), ValueError, "device must name a device"),
+    Bad(
+        "negative device index",
+        lambda: L.AdditiveAngularMarginLoss(3, 4, device=-1),
+        ValueError,
+        "device must name a device",
+    ),
     Bad(
         "label beyond num_classes",
-        lambda: L.ArcFaceLoss(3, 4)(emb(), LAB * 2),
+        lambda: L.AdditiveAngularMarginLoss(3, 4)(emb(), LAB * 2),
         ValueError,
         r"labels must lie in \[0, 2\]",
     ),
     Bad(
         "NaN embeddings",
-        lambda: L.ArcFaceLoss(3, 4)(with_value(emb(), NAN), LAB),
+        lambda: L.AdditiveAngularMarginLoss(3, 4)(with_value(emb(), NAN), LAB),
         ValueError,
         "embeddings must be finite",
     ),
     Bad(
         "get_logits of another width",
-        lambda: L.ArcFaceLoss(3, 4).get_logits(emb(6, 3)),
+        lambda: L.AdditiveAngularMarginLoss(3, 4).get_logits(emb(6, 3)),
         ValueError,
         "embeddings must have size D=4",
     ),
@@ -510,6 +584,373 @@ CASES["dml_bias.miners:BatchHardMiner"] = [
     Bad("2-D labels", lambda: BatchHardMiner()(emb(), LAB[:, None]), ValueError, "labels must be a 1-D integer tensor"),
 ]
 
+# --- PML drop-in: distances, reducers, miners, losses, samplers, testers, utils (names resolved at call time)
+
+
+def _pml(path: str) -> Any:
+    return api(path)
+
+
+def _triplet_dict(reduction_type: str = "triplet", losses: Any = None) -> dict[str, Any]:
+    losses = torch.ones(2) if losses is None else losses
+    return {"loss": {"losses": losses, "indices": None, "reduction_type": reduction_type}}
+
+
+def _tiny_dataset(n: int = 6) -> torch.utils.data.TensorDataset:
+    return torch.utils.data.TensorDataset(emb(n), LAB[:n])
+
+
+CASES["dml_bias.distances:LpDistance"] = [
+    Bad("p 0", lambda: _pml("dml_bias.distances:LpDistance")(p=0), ValueError, r"\bp must be a number"),
+    Bad(
+        "normalize_embeddings 1",
+        lambda: _pml("dml_bias.distances:LpDistance")(normalize_embeddings=1),
+        TypeError,
+        "normalize_embeddings must be a bool",
+    ),
+    Bad("3-D input", lambda: _pml("dml_bias.distances:LpDistance")()(torch.randn(2, 3, 4)), ValueError, "query_emb"),
+    Bad(
+        "ref of another width",
+        lambda: _pml("dml_bias.distances:LpDistance")()(emb(), emb(3, 5)),
+        ValueError,
+        "ref_emb must have size D=4",
+    ),
+]
+CASES["dml_bias.distances:CosineSimilarity"] = [
+    Bad("power 0", lambda: _pml("dml_bias.distances:CosineSimilarity")(power=0), ValueError, "power must be"),
+    Bad(
+        "integer input",
+        lambda: _pml("dml_bias.distances:CosineSimilarity")()(torch.ones(3, 4, dtype=torch.int64)),
+        TypeError,
+        "query_emb must be a floating-point",
+    ),
+]
+CASES["dml_bias.distances:DotProductSimilarity"] = [
+    Bad("p -1", lambda: _pml("dml_bias.distances:DotProductSimilarity")(p=-1), ValueError, r"\bp must be a number"),
+    Bad("power '2'", lambda: _pml("dml_bias.distances:DotProductSimilarity")(power="2"), TypeError, "power must be"),
+]
+CASES["dml_bias.distances:BaseDistance"] = [
+    Bad(
+        "is_inverted 'yes'",
+        lambda: _pml("dml_bias.distances:BaseDistance")(is_inverted="yes"),
+        TypeError,
+        "is_inverted",
+    ),
+    Bad(
+        "no compute_mat",
+        lambda: _pml("dml_bias.distances:BaseDistance")()(emb()),
+        NotImplementedError,
+        "compute_mat must be implemented",
+    ),
+]
+CASES["dml_bias.reducers:MeanReducer"] = [
+    Bad("empty dict", lambda: _pml("dml_bias.reducers:MeanReducer")()({}, emb(), LAB), TypeError, "loss_dict must be"),
+    Bad(
+        "reducer as a string",
+        lambda: L.TripletMarginLoss(reducer="mean"),
+        TypeError,
+        "reducer must be a dml_bias.reducers reducer",
+    ),
+]
+CASES["dml_bias.reducers:SumReducer"] = [
+    Bad(
+        "unknown reduction type",
+        lambda: _pml("dml_bias.reducers:SumReducer")()(_triplet_dict("pair"), emb(), LAB),
+        ValueError,
+        "reduction_type",
+    ),
+]
+CASES["dml_bias.reducers:AvgNonZeroReducer"] = [
+    Bad(
+        "sub-loss not a dict",
+        lambda: _pml("dml_bias.reducers:AvgNonZeroReducer")()({"loss": [1.0]}, emb(), LAB),
+        TypeError,
+        r"loss_dict\['loss'\] must be a dict",
+    ),
+]
+CASES["dml_bias.reducers:ThresholdReducer"] = [
+    Bad("no bounds", lambda: _pml("dml_bias.reducers:ThresholdReducer")(), ValueError, "low or high"),
+    Bad(
+        "low above high", lambda: _pml("dml_bias.reducers:ThresholdReducer")(1.0, 0.5), ValueError, "low must be < high"
+    ),
+    Bad("low 'a'", lambda: _pml("dml_bias.reducers:ThresholdReducer")(low="a"), TypeError, "low must be a number"),
+]
+CASES["dml_bias.reducers:DivisorReducer"] = [
+    Bad(
+        "no divisor",
+        lambda: _pml("dml_bias.reducers:DivisorReducer")()(_triplet_dict(), emb(), LAB),
+        ValueError,
+        "divisor",
+    ),
+]
+CASES["dml_bias.reducers:DoNothingReducer"] = [
+    Bad("not a dict", lambda: _pml("dml_bias.reducers:DoNothingReducer")()("x", emb(), LAB), TypeError, "loss_dict"),
+]
+CASES["dml_bias.reducers:BaseReducer"] = [
+    Bad(
+        "losses a float",
+        lambda: _pml("dml_bias.reducers:BaseReducer")()(_triplet_dict(losses=1.5), emb(), LAB),
+        TypeError,
+        r"\['losses'\] must be a tensor",
+    ),
+    Bad(
+        "no reduce",
+        lambda: _pml("dml_bias.reducers:BaseReducer")()(_triplet_dict(), emb(), LAB),
+        NotImplementedError,
+        "reduce must be implemented",
+    ),
+]
+CASES["dml_bias.miners:TripletMarginMiner"] = [
+    Bad(
+        "unknown type",
+        lambda: _pml("dml_bias.miners:TripletMarginMiner")(type_of_triplets="medium"),
+        ValueError,
+        "type_of_triplets must be one of",
+    ),
+    Bad("NaN margin", lambda: _pml("dml_bias.miners:TripletMarginMiner")(NAN), ValueError, "margin must be a number"),
+    Bad(
+        "distance 42",
+        lambda: _pml("dml_bias.miners:TripletMarginMiner")(distance=42),
+        TypeError,
+        "distance must be one of",
+    ),
+    Bad(
+        "NaN embeddings",
+        lambda: _pml("dml_bias.miners:TripletMarginMiner")()(with_value(emb(), NAN), LAB),
+        ValueError,
+        "embeddings must be finite",
+    ),
+]
+CASES["dml_bias.miners:PairMarginMiner"] = [
+    Bad(
+        "margin '0.2'", lambda: _pml("dml_bias.miners:PairMarginMiner")("0.2"), TypeError, "pos_margin must be a number"
+    ),
+    Bad(
+        "short labels",
+        lambda: _pml("dml_bias.miners:PairMarginMiner")()(emb(), LAB[:3]),
+        ValueError,
+        "labels must be a 1-D integer tensor of length 6",
+    ),
+]
+CASES["dml_bias.miners:BaseMiner"] = [
+    Bad("no mine", lambda: _pml("dml_bias.miners:BaseMiner")()(emb(), LAB), NotImplementedError, "mine must be"),
+]
+CASES["dml_bias.losses:ArcFaceLoss"] = [
+    Bad("margin 180 degrees", lambda: L.ArcFaceLoss(3, 4, margin=180.0), ValueError, "margin must be a number in"),
+    Bad(
+        "Euclidean distance",
+        lambda: L.ArcFaceLoss(3, 4, distance=_pml("dml_bias.distances:LpDistance")()),
+        ValueError,
+        "distance must be a cosine",
+    ),
+    Bad("labels beyond classes", lambda: L.ArcFaceLoss(3, 4)(emb(), LAB * 2), ValueError, "labels must lie in"),
+    Bad(
+        "logits of another width",
+        lambda: L.ArcFaceLoss(3, 4).get_logits(emb(6, 3)),
+        ValueError,
+        "embeddings must have size D=4",
+    ),
+]
+CASES["dml_bias.losses:CrossBatchMemory"] = [
+    Bad(
+        "proxy loss",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ProxyAnchorLoss(3, 4), 4),
+        TypeError,
+        "CrossBatchMemory needs a loss",
+    ),
+    Bad(
+        "embedding_size 0",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ContrastiveLoss(), 0),
+        ValueError,
+        "embedding_size must be an integer",
+    ),
+    Bad(
+        "batch above memory",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ContrastiveLoss(), 4, memory_size=4)(emb(), LAB),
+        ValueError,
+        "at most memory_size",
+    ),
+    Bad(
+        "embeddings of another width",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ContrastiveLoss(), 4)(emb(6, 5), LAB),
+        ValueError,
+        "embeddings must have size D=4",
+    ),
+    Bad(
+        "float enqueue_mask",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ContrastiveLoss(), 4)(
+            emb(), LAB, enqueue_mask=torch.ones(6)
+        ),
+        TypeError,
+        "enqueue_mask must be a boolean",
+    ),
+    Bad(
+        "indices_tuple and enqueue_mask",
+        lambda: _pml("dml_bias.losses:CrossBatchMemory")(L.ContrastiveLoss(), 4)(
+            emb(), LAB, (LAB, LAB, LAB), enqueue_mask=LAB > 0
+        ),
+        ValueError,
+        "indices_tuple and enqueue_mask are mutually exclusive",
+    ),
+]
+CASES["dml_bias.losses:SelfSupervisedLoss"] = [
+    Bad("loss a string", lambda: _pml("dml_bias.losses:SelfSupervisedLoss")("ntxent"), TypeError, "loss must be"),
+    Bad(
+        "views of different lengths",
+        lambda: _pml("dml_bias.losses:SelfSupervisedLoss")(L.NTXentLoss())(emb(6), emb(5)),
+        ValueError,
+        "ref_emb must have as many rows",
+    ),
+    Bad(
+        "symmetric 'yes'",
+        lambda: _pml("dml_bias.losses:SelfSupervisedLoss")(L.NTXentLoss(), symmetric="yes"),
+        TypeError,
+        "symmetric must be a bool",
+    ),
+]
+CASES["dml_bias.samplers:MPerClassSampler"] = [
+    Bad("m 0", lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB, 0), ValueError, r"\bm must be"),
+    Bad(
+        "batch not a multiple of m",
+        lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB, 2, 5),
+        ValueError,
+        "batch_size must be a multiple of m",
+    ),
+    Bad(
+        "batch above m x classes",
+        lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB, 2, 8),
+        ValueError,
+        "batch_size must be <= m x",
+    ),
+    Bad(
+        "length below batch",
+        lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB, 2, 4, length_before_new_iter=2),
+        ValueError,
+        "length_before_new_iter must be >= batch_size",
+    ),
+    Bad(
+        "float labels",
+        lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB.float(), 2),
+        TypeError,
+        "labels must be a 1-D integer",
+    ),
+    Bad(
+        "generator 0",
+        lambda: _pml("dml_bias.samplers:MPerClassSampler")(LAB, 2, generator=0),
+        TypeError,
+        "generator must be a torch.Generator",
+    ),
+]
+CASES["dml_bias.testers:BaseTester"] = [
+    Bad("batch_size 0", lambda: _pml("dml_bias.testers:BaseTester")(batch_size=0), ValueError, "batch_size must be"),
+    Bad(
+        "normalize 'yes'",
+        lambda: _pml("dml_bias.testers:BaseTester")(normalize_embeddings="yes"),
+        TypeError,
+        "normalize_embeddings must be a bool",
+    ),
+    Bad("dtype string", lambda: _pml("dml_bias.testers:BaseTester")(dtype="float32"), TypeError, "dtype must be"),
+    Bad(
+        "empty dataset",
+        lambda: _pml("dml_bias.testers:BaseTester")(progress=False, dataloader_num_workers=0).get_all_embeddings(
+            _tiny_dataset(0), nn.Identity()
+        ),
+        ValueError,
+        "dataset must hold at least one item",
+    ),
+]
+CASES["dml_bias.testers:GlobalEmbeddingSpaceTester"] = [
+    Bad(
+        "empty dataset_dict",
+        lambda: _pml("dml_bias.testers:GlobalEmbeddingSpaceTester")(progress=False).test({}, 0, nn.Identity()),
+        TypeError,
+        "dataset_dict must be a non-empty dict",
+    ),
+    Bad(
+        "unknown split",
+        lambda: _pml("dml_bias.testers:GlobalEmbeddingSpaceTester")(progress=False).test(
+            {"a": _tiny_dataset()}, 0, nn.Identity(), splits_to_eval=[("b", ["a"])]
+        ),
+        ValueError,
+        "splits_to_eval names splits not in dataset_dict",
+    ),
+]
+_AC = "dml_bias.utils.accuracy_calculator:AccuracyCalculator"
+CASES[_AC] = [
+    Bad("k 0", lambda: _pml(_AC)(k=0), ValueError, "k must be an integer >= 1"),
+    Bad("unknown metric", lambda: _pml(_AC)(include=("recall",)), ValueError, "include must name metrics"),
+    Bad("include a string", lambda: _pml(_AC)(include="precision_at_1"), TypeError, "include must be a tuple"),
+    Bad("both averages", lambda: _pml(_AC)(avg_of_avgs=True, return_per_class=True), ValueError, "mutually exclusive"),
+    Bad("knn_func a string", lambda: _pml(_AC)(knn_func="faiss"), TypeError, "knn_func must be callable"),
+    Bad(
+        "short labels",
+        lambda: _pml(_AC)().get_accuracy(emb(), LAB[:3]),
+        ValueError,
+        "query_labels must be a 1-D integer tensor of length 6",
+    ),
+    Bad("float labels", lambda: _pml(_AC)().get_accuracy(emb(), LAB.float()), TypeError, "query_labels must be a 1-D"),
+    Bad(
+        "reference without labels",
+        lambda: _pml(_AC)().get_accuracy(emb(), LAB, emb(4)),
+        ValueError,
+        "reference_labels must be given",
+    ),
+    Bad(
+        "reference not starting with the query",
+        lambda: _pml(_AC)().get_accuracy(emb(), LAB, emb() + 1, LAB, ref_includes_query=True),
+        ValueError,
+        "ref_includes_query=True",
+    ),
+    Bad(
+        "reference of another width",
+        lambda: _pml(_AC)().get_accuracy(emb(), LAB, emb(4, 5), LAB[:4]),
+        ValueError,
+        "reference must have size D=4",
+    ),
+    Bad("query a list", lambda: _pml(_AC)().get_accuracy([[1.0]], LAB), TypeError, "query must be a torch.Tensor"),
+]
+CASES["dml_bias.utils.accuracy_calculator:normalized_mutual_info"] = [
+    Bad(
+        "2-D labels",
+        lambda: _pml("dml_bias.utils.accuracy_calculator:normalized_mutual_info")([[0]], [0]),
+        ValueError,
+        "labels_true must be 1-D",
+    ),
+]
+CASES["dml_bias.utils.accuracy_calculator:adjusted_mutual_info"] = [
+    Bad(
+        "lengths differ",
+        lambda: _pml("dml_bias.utils.accuracy_calculator:adjusted_mutual_info")([0, 1], [0]),
+        ValueError,
+        "labels_true and labels_pred must have the same length",
+    ),
+]
+CASES["dml_bias.utils.distributed:DistributedLossWrapper"] = [
+    Bad(
+        "efficient=True",
+        lambda: _pml("dml_bias.utils.distributed:DistributedLossWrapper")(L.ContrastiveLoss(), efficient=True),
+        ValueError,
+        "efficient=True is not provided",
+    ),
+    Bad(
+        "loss a string",
+        lambda: _pml("dml_bias.utils.distributed:DistributedLossWrapper")("loss"),
+        TypeError,
+        "loss must be a callable",
+    ),
+]
+CASES["dml_bias.utils.distributed:DistributedMinerWrapper"] = [
+    Bad(
+        "miner None", lambda: _pml("dml_bias.utils.distributed:DistributedMinerWrapper")(None), TypeError, "miner must"
+    ),
+    Bad(
+        "efficient 'no'",
+        lambda: _pml("dml_bias.utils.distributed:DistributedMinerWrapper")(BatchHardMiner(), efficient="no"),
+        TypeError,
+        "efficient must be a bool",
+    ),
+]
+
 # --- similarity
 CASES["dml_bias.similarity:pairwise"] = [
     Bad("unknown metric", lambda: S.pairwise(emb(), metric="l1"), ValueError, "metric must be one of"),
@@ -579,6 +1020,31 @@ CASES["dml_bias.metrics.retrieval:retrieval_metrics"] += [
     Bad("k > n", lambda: M.retrieval_metrics(emb(), LAB, ks=(1, 6)), ValueError, r"ks must be .*\[1, 5\]"),
     Bad("k = 0", lambda: M.retrieval_metrics(emb(), LAB, ks=(0,)), ValueError, "ks must be an integer"),
     Bad("ks a string", lambda: M.retrieval_metrics(emb(), LAB, ks="1"), TypeError, "ks must be a sequence"),
+    Bad("unknown key", lambda: M.retrieval_metrics(emb(), LAB, metrics=("ap",)), ValueError, "metrics must hold names"),
+    Bad(
+        "exclude_self with other reference rows",
+        lambda: M.retrieval_metrics(emb(3), LAB[:3], emb(6).flip(0), LAB.flip(0), ks=(1,), exclude_self=True),
+        ValueError,
+        "query i is reference item i",
+    ),
+    Bad(
+        "meta-device query",
+        lambda: M.retrieval_metrics(emb().to("meta"), LAB.to("meta"), ks=(1,)),
+        ValueError,
+        "query must hold values",
+    ),
+    Bad(
+        "float groups",
+        lambda: M.retrieval_metrics(emb(), LAB, ks=(1,), query_groups=LAB.double()),
+        TypeError,
+        "query_groups must be a 1-D integer tensor",
+    ),
+    Bad(
+        "reference groups missing",
+        lambda: M.retrieval_metrics(emb(), LAB, emb(), LAB, ks=(1,), query_groups=LAB),
+        ValueError,
+        "reference_groups must be given",
+    ),
 ]
 CASES["dml_bias.metrics.retrieval:recall_at_k"] += [
     Bad("k = 0", lambda: M.recall_at_k(emb(), LAB, k=0), ValueError, r"^k must be an integer in \[1, 5\], got 0"),
@@ -634,9 +1100,50 @@ CASES["dml_bias.metrics.sharded:sharded_retrieval_metrics"] = [
         ValueError,
         "query must be finite",
     ),
+    Bad(
+        "query_indices beyond the reference",
+        lambda: M.sharded_retrieval_metrics(emb(), LAB, emb(), LAB, ks=(1,), query_indices=torch.arange(6) + 3),
+        ValueError,
+        "query_indices must be global reference indices below 6",
+    ),
+    Bad(
+        "all lone queries",
+        lambda: M.sharded_retrieval_metrics(
+            emb(), torch.arange(6), emb(), torch.arange(6), ks=(1,), query_indices=torch.arange(6)
+        ),
+        ValueError,
+        "query_labels must share a label",
+    ),
+    Bad(
+        "chunk_size 0",
+        lambda: M.sharded_retrieval_metrics(emb(), LAB, emb(), LAB, chunk_size=0),
+        ValueError,
+        "chunk_size",
+    ),
+    Bad(
+        "meta-device query",
+        lambda: M.sharded_retrieval_metrics(emb().to("meta"), LAB, emb(), LAB),
+        ValueError,
+        "query must hold values",
+    ),
+    Bad(
+        "unknown key",
+        lambda: M.sharded_retrieval_metrics(emb(), LAB, emb(), LAB, metrics=("ap",)),
+        ValueError,
+        "metrics must",
+    ),
 ]
 CASES["dml_bias.metrics.evaluator:RetrievalEvaluator"] = [
     Bad("ks=[]", lambda: M.RetrievalEvaluator(ks=[]), (ValueError, TypeError), "ks must be a non-empty"),
+    Bad("device 'gpu'", lambda: M.RetrievalEvaluator(device="gpu"), ValueError, "device must name a device"),
+    Bad("device 1.5", lambda: M.RetrievalEvaluator(device=1.5), TypeError, "device must be a torch.device"),  # type: ignore[arg-type]
+    Bad("unknown key", lambda: M.RetrievalEvaluator(metrics=("ap",)), ValueError, "metrics must hold names"),
+    Bad(
+        "meta-device update",
+        lambda: M.RetrievalEvaluator().update(emb().to("meta"), LAB.to("meta")),
+        ValueError,
+        "embeddings must hold values",
+    ),
     Bad("unknown metric", lambda: M.RetrievalEvaluator(metric="l3"), ValueError, "metric must be one of"),
     Bad(
         "NaN update",
@@ -846,16 +1353,66 @@ CASES["dml_bias.datasets.cub:CUB200"] = [
     Bad("corrupt image", cub_corrupt_image, CorruptImageError, r"\.jpg"),
     Bad("masks without segmentations", cub_missing_segmentations, FileNotFoundError, "segmentations"),
     Bad("unknown split", lambda: CUB200(fresh_dir(), split="val"), ValueError, "split must be one of"),
+    Bad(
+        "NaN box",
+        lambda: cub_edited("bounding_boxes.txt", "1 nan 2.0 5.5 4.0", boxes=True),
+        AnnotationError,
+        r"bounding_boxes.txt, line 1: box must be finite",
+    ),
+    Bad(
+        "negative box width",
+        lambda: cub_edited("bounding_boxes.txt", "1 2.0 2.0 -5.5 4.0", boxes=True),
+        AnnotationError,
+        r"bounding_boxes.txt, line 1: width and height must be >= 0, got width=-5.5",
+    ),
+    Bad(
+        "box outside the image",
+        lambda: cub_sample_of_image_1("1 50.0 2.0 5.5 4.0"),
+        AnnotationError,
+        r"bounding_boxes.txt, line 1: box .* lies outside the image .*\.jpg of 11x9 pixels",
+    ),
+    Bad(
+        "split flag 2",
+        lambda: cub_edited("train_test_split.txt", "1 2", protocol="classification"),
+        AnnotationError,
+        r"train_test_split.txt, line 1: column is_training_image must be one of \[0, 1\], got 2",
+    ),
+    Bad("empty images.txt", lambda: cub_edited("images.txt", ""), AnnotationError, r"images.txt: lists no image"),
 ]
 CASES["dml_bias.datasets.cars:Cars196"] = [
     Bad("missing annotations", cars_missing, FileNotFoundError, "cars_annos.mat|missing"),
     Bad("corrupt .mat", cars_corrupt_mat, (AnnotationError, ValueError), "cars_annos.mat"),
     Bad("unknown protocol", lambda: Cars196(fresh_dir(), protocol="fine"), ValueError, "protocol must be one of"),
+    Bad(
+        "box with x2 < x1",
+        lambda: Cars196(cars_edited(bbox_x2=1), boxes=True),
+        AnnotationError,
+        r"cars_annos.mat, record 1: box must have x1 <= x2",
+    ),
+    Bad(
+        "box outside the image",
+        lambda: Cars196(cars_edited(bbox_x2=60), boxes=True)[0],
+        AnnotationError,
+        r"cars_annos.mat, record 1: box .* lies outside the image .*000001.jpg of 9x7 pixels",
+    ),
+    Bad(
+        "test flag 2",
+        lambda: Cars196(cars_edited(test=2)),
+        AnnotationError,
+        r"cars_annos.mat, record 1: field 'test' must be 0 or 1, got 2",
+    ),
 ]
 CASES["dml_bias.datasets.sop:StanfordOnlineProducts"] = [
     Bad("wrong header", sop_corrupt_header, AnnotationError, r"Ebay_train.txt, line 1"),
     Bad("short row", sop_short_row, AnnotationError, r"Ebay_test.txt, line \d+"),
     Bad("unknown split", lambda: StanfordOnlineProducts(fresh_dir(), split="val"), ValueError, "split must be one of"),
+    Bad("only a header", lambda: sop_edited(0), AnnotationError, r"Ebay_train.txt: lists no image"),
+    Bad(
+        "duplicate image_id",
+        lambda: sop_edited(2, "1 1 1 bicycle_final/100001_1.JPG\n"),
+        AnnotationError,
+        r"Ebay_train.txt, line 4: duplicate image_id 1 \(first on line 2\)",
+    ),
 ]
 CASES["dml_bias.datasets.inshop:InShop"] = [
     Bad("missing partition file", inshop_missing, FileNotFoundError, "list_eval_partition.txt|missing"),
@@ -870,6 +1427,24 @@ CASES["dml_bias.datasets.revisited:RevisitedOxfordParis"] = [
     Bad("missing folder", revisited_missing, FileNotFoundError, "missing"),
     Bad("corrupt pickle", revisited_corrupt_pickle, AnnotationError, r"\.pkl"),
     Bad("unknown name", lambda: RevisitedOxfordParis(fresh_dir(), name="rrome"), ValueError, "name must be one of"),
+    Bad(
+        "query box outside the image (cropped)",
+        lambda: revisited_query_box([2.0, 1.0, 40.0, 12.0], crop_queries=True),
+        AnnotationError,
+        r"gnd_roxford5k.pkl, query 0: box .* lies outside the image .*all_souls_000013.jpg of 20x16 pixels",
+    ),
+    Bad(
+        "query box outside the image (uncropped)",
+        lambda: revisited_query_box([-30.0, 1.0, 4.0, 12.0], crop_queries=False),
+        AnnotationError,
+        r"gnd_roxford5k.pkl, query 0: box .* lies outside the image",
+    ),
+    Bad(
+        "infinite query box",
+        lambda: revisited_query_box([2.0, 1.0, float("inf"), 12.0], crop_queries=True),
+        AnnotationError,
+        r"gnd_roxford5k.pkl, query 0: box must be finite",
+    ),
 ]
 CASES["dml_bias.datasets.synthetic:SyntheticBackgrounds"] = [
     Bad("unknown split", lambda: SyntheticBackgrounds("val"), ValueError, "split must be one of"),
@@ -883,12 +1458,41 @@ CASES["dml_bias.datasets.synthetic:SyntheticBackgrounds"] = [
     Bad("unknown variant", lambda: SyntheticBackgrounds(variant="only_sky"), ValueError, "variant must be one of"),
     Bad("image_size 2", lambda: SyntheticBackgrounds(image_size=2), ValueError, "image_size"),
 ]
-CASES["dml_bias.datasets.samplers:MPerClassSampler"] = [
-    Bad("m 0", lambda: MPerClassSampler(LAB, 0, 4), ValueError, r"\bm must be"),
-    Bad("batch_size not a multiple of m", lambda: MPerClassSampler(LAB, 2, 5), ValueError, "batch_size"),
-    Bad("float labels", lambda: MPerClassSampler(LAB.float(), 2, 4), (TypeError, ValueError), "labels"),
-    Bad("more classes per batch than exist", lambda: MPerClassSampler(LAB, 2, 8), ValueError, "batch_size|classes"),
-    Bad("rank beyond num_replicas", lambda: MPerClassSampler(LAB, 2, 4, num_replicas=2, rank=2), ValueError, "rank"),
+CASES["dml_bias.datasets.compatibility:AttributeCompatibility"] = [
+    Bad("unknown rule", lambda: DS.AttributeCompatibility(rule="nand"), ValueError, "rule must be one of"),
+    Bad("attributes a string", lambda: DS.AttributeCompatibility(attributes="colour"), TypeError, "attributes"),
+    Bad("unknown attribute", lambda: DS.AttributeCompatibility(attributes=("size",)), ValueError, "attributes"),
+    Bad("noise 0.5", lambda: DS.AttributeCompatibility(noise=0.5), ValueError, "noise"),
+    Bad("unknown background", lambda: DS.AttributeCompatibility(background="sky"), ValueError, "background"),
+    Bad("float indices", lambda: _compat().labels(torch.tensor([0.0]), torch.tensor([1])), TypeError, "first"),
+    Bad("index out of range", lambda: _compat().matches(torch.tensor([0]), torch.tensor([9])), ValueError, "second"),
+    Bad("num_pairs 0", lambda: _compat().pairs(0), ValueError, "num_pairs"),
+]
+CASES["dml_bias.datasets.compatibility:compatibility_labels"] = [
+    Bad("float values", lambda: DS.compatibility_labels(torch.zeros(2, 2), torch.zeros(2, 2)), TypeError, "values1"),
+    Bad(
+        "shape mismatch",
+        lambda: DS.compatibility_labels(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)),
+        ValueError,
+        "values2",
+    ),
+    Bad("unknown rule", lambda: DS.compatibility_labels(LAB[:, None], LAB[:, None], "nor"), ValueError, "rule"),
+]
+CASES["dml_bias.datasets.compatibility:attribute_match_gate"] = [
+    Bad("not a tensor", lambda: DS.attribute_match_gate([[1] * 20], torch.zeros(1, 20)), TypeError, "a1"),
+    Bad("19 columns", lambda: DS.attribute_match_gate(torch.zeros(2, 19), torch.zeros(2, 19)), ValueError, "a1"),
+    Bad("rows differ", lambda: DS.attribute_match_gate(torch.zeros(2, 20), torch.zeros(3, 20)), ValueError, "a2"),
+]
+CASES["dml_bias.datasets.samplers:MPerClassBatchSampler"] = [
+    Bad("m 0", lambda: MPerClassBatchSampler(LAB, 0, 4), ValueError, r"\bm must be"),
+    Bad("batch_size not a multiple of m", lambda: MPerClassBatchSampler(LAB, 2, 5), ValueError, "batch_size"),
+    Bad("float labels", lambda: MPerClassBatchSampler(LAB.float(), 2, 4), (TypeError, ValueError), "labels"),
+    Bad(
+        "more classes per batch than exist", lambda: MPerClassBatchSampler(LAB, 2, 8), ValueError, "batch_size|classes"
+    ),
+    Bad(
+        "rank beyond num_replicas", lambda: MPerClassBatchSampler(LAB, 2, 4, num_replicas=2, rank=2), ValueError, "rank"
+    ),
 ]
 
 # --- distributed
@@ -949,12 +1553,15 @@ CASES["dml_bias.heads.pooling:gem"] = [
         "integer x", lambda: H.gem(torch.ones(1, 2, 3, 3, dtype=torch.long)), TypeError, r"\bx must be a floating-point"
     ),
     Bad("empty map", lambda: H.gem(torch.rand(1, 2, 0, 3)), ValueError, r"\bx must"),
+    Bad("NaN x", lambda: H.gem(with_value(torch.rand(1, 2, 3, 3), NAN)), ValueError, r"\bx must be finite"),
+    Bad("meta x", lambda: H.gem(torch.rand(1, 2, 3, 3, device="meta")), ValueError, r"\bx must hold values"),
 ]
 CASES["dml_bias.heads.pooling:GeM"] = [
     Bad("p -1", lambda: H.GeM(p=-1.0), ValueError, r"\bp must be"),
     Bad("integer dtype", lambda: H.GeM(dtype=torch.int64), TypeError, "dtype must be None or a floating-point"),
     Bad("unknown device", lambda: H.GeM(learnable=True, device="gpu"), ValueError, "device must name a device"),
     Bad("learnable not bool", lambda: H.GeM(learnable="yes"), TypeError, "learnable must be a bool"),
+    Bad("inf x", lambda: H.GeM()(with_value(torch.rand(1, 2, 3, 3), INF)), ValueError, r"\bx must be finite"),
 ]
 CASES["dml_bias.heads.delg:DELGGlobalHead"] = [
     Bad("dim 0", lambda: H.DELGGlobalHead(16, 0), ValueError, "dim must be"),
@@ -970,11 +1577,43 @@ CASES["dml_bias.heads.delg:DELGGlobalHead"] = [
         ValueError,
         "features|in_channels",
     ),
+    Bad(
+        "NaN features",
+        lambda: H.DELGGlobalHead(16, 8)(with_value(torch.rand(2, 16, 3, 3), NAN)),
+        ValueError,
+        "features must be finite",
+    ),
+    Bad(
+        "features on another device",
+        lambda: H.DELGGlobalHead(16, 8)(torch.rand(2, 16, 3, 3, device="meta")),
+        ValueError,
+        r"features must be on the same device as parameters \(cpu\), got device meta",
+    ),
 ]
 CASES["dml_bias.heads.delg:DELGLocalHead"] = [
     Bad("hidden_channels 0", lambda: H.DELGLocalHead(16, 4, 0), ValueError, "hidden_channels must be"),
     Bad("unknown device", lambda: H.DELGLocalHead(16, 4, 8, device="tpu:0"), ValueError, "device must name a device"),
     Bad("2-D input", lambda: H.DELGLocalHead(16, 4, 8)(torch.rand(2, 16)), ValueError, "features|must be a 4-D"),
+    Bad(
+        "one 1x1 location in training",
+        lambda: H.DELGLocalHead(16, 4, 8).train()(torch.rand(1, 16, 1, 1)),
+        ValueError,
+        r"features must give more than one location per batch .* training mode",
+    ),
+    Bad(
+        "inf features",
+        lambda: H.DELGLocalHead(16, 4, 8)(with_value(torch.rand(2, 16, 3, 3), INF)),
+        ValueError,
+        "features must be finite",
+    ),
+    Bad(
+        "NaN attention",
+        lambda: H.DELGLocalHead(16, 4, 8, num_classes=3).attention_logits(
+            torch.rand(2, 16, 3, 3), with_value(torch.rand(2, 3, 3), NAN)
+        ),
+        ValueError,
+        "attention must be finite",
+    ),
 ]
 CASES["dml_bias.heads.delg:DELG"] = [
     Bad("unknown backbone", lambda: H.DELG("resnet7"), ValueError, "backbone"),
@@ -984,6 +1623,20 @@ CASES["dml_bias.heads.delg:DELG"] = [
         lambda: H.DELG("resnet50", weights=str(fresh_dir() / "none.pth")),
         FileNotFoundError,
         "none.pth",
+    ),
+    Bad(
+        "NaN images",
+        lambda: H.DELG(resnet18(), global_dim=8, local_dim=4).extract_global(with_value(torch.rand(1, 3, 40, 40), NAN)),
+        ValueError,
+        "images must be finite",
+    ),
+    Bad(
+        "one small image in training",
+        lambda: H.DELG(resnet18(), num_classes=3, global_dim=8, local_dim=4).train()(
+            torch.rand(1, 3, 32, 32), torch.tensor([0])
+        ),
+        ValueError,
+        r"images must give more than one location per batch .* \(a 1×1 map\)",
     ),
 ]
 CASES["dml_bias.heads.pan:ConditionalSimilarity"] = [
@@ -1004,6 +1657,27 @@ CASES["dml_bias.heads.pan:ConditionalSimilarity"] = [
     ),
     Bad("length mismatch", lambda: head()(emb(4), emb(3)), ValueError, "h2|second"),
     Bad("NaN features", lambda: head().score_matrix(with_value(emb(3), NAN), emb(5)), ValueError, "must be finite"),
+    Bad("NaN h1", lambda: head()(with_value(emb(4), NAN), emb(4)), ValueError, "h1 must be finite"),
+    Bad("inf gallery", lambda: head().score_matrix(emb(3), with_value(emb(5), -INF)), ValueError, "gallery must be"),
+    Bad("inf query (topk)", lambda: head().topk(with_value(emb(3), INF), emb(5), 2), ValueError, "query must be"),
+    Bad(
+        "NaN parameters",
+        lambda: nan_weight_head()(emb(4), emb(4)),
+        ValueError,
+        r"parameters of ConditionalSimilarity .* must be finite",
+    ),
+    Bad(
+        "too large for float64",
+        lambda: head().double()(*(torch.full((1, 4), v, dtype=torch.float64) for v in (1.5e308, -1.5e308))),
+        ValueError,
+        r"h1 and h2 must be small enough .* float64",
+    ),
+    Bad(
+        "meta head and inputs",
+        lambda: H.ConditionalSimilarity(4, 2, device="meta").score_matrix(emb(3).to("meta"), emb(5).to("meta")),
+        ValueError,
+        "query must hold values .* got a meta tensor",
+    ),
 ]
 CASES["dml_bias.heads.pan:PANLoss"] = [
     Bad("negative lam", lambda: H.PANLoss(lam=-1.0), ValueError, "lam must be"),
@@ -1025,6 +1699,21 @@ CASES["dml_bias.heads.pan:pan_loss"] = [
         ValueError,
         "a1",
     ),
+    Bad(
+        "NaN logits",
+        lambda: H.pan_loss(nan_logits(pan_output()), torch.tensor([1, 0, 1, 0])),
+        ValueError,
+        r"output\.condition_logits must be finite",
+    ),
+    Bad(
+        "meta output",
+        lambda: H.pan_loss(
+            H.ConditionalSimilarityOutput(*(t.detach().to("meta") for t in pan_output())),
+            torch.tensor([1, 0, 1, 0], device="meta"),
+        ),
+        ValueError,
+        r"output\.condition_logits must hold values",
+    ),
 ]
 CASES["dml_bias.heads.pan:attribute_gate"] = [
     Bad(
@@ -1039,6 +1728,12 @@ CASES["dml_bias.heads.pan:attribute_gate"] = [
         lambda: H.attribute_gate(torch.full((1, 2), 2), torch.ones(1, 2, dtype=torch.long), "or"),
         ValueError,
         "a1",
+    ),
+    Bad(
+        "meta attributes",
+        lambda: H.attribute_gate(torch.ones(1, 2, device="meta"), torch.ones(1, 2, device="meta"), "or"),
+        ValueError,
+        "a1 must hold values",
     ),
 ]
 CASES["dml_bias.heads.pairwise:PairwiseSimilarityModel"] = [
@@ -1055,6 +1750,7 @@ CASES["dml_bias.heads.pairwise:sample_pairs"] = [
     ),
     Bad("float labels", lambda: H.sample_pairs(LAB.float(), 4), TypeError, "labels must be"),
     Bad("no positive pair", lambda: H.sample_pairs(torch.arange(6), 4), ValueError, "labels"),
+    Bad("10**12 pairs", lambda: H.sample_pairs(LAB, 10**12), MemoryError, r"num_pairs=1000000000000 pairs do not fit"),
 ]
 CASES["dml_bias.heads.pairwise:few_shot_episodes"] = [
     Bad(
@@ -1084,6 +1780,12 @@ CASES["dml_bias.heads.pairwise:few_shot_accuracy"] = [
         ValueError,
         "ddof",
     ),
+    Bad(
+        "NaN features",
+        lambda: H.few_shot_accuracy(head(), with_value(emb(), NAN), LAB, n_way=2, k_shot=1, n_query=1),
+        ValueError,
+        "features must be finite",
+    ),
 ]
 CASES["dml_bias.heads.pairwise:fitb_scores"] = [
     Bad("item beyond features", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [2, 99])]), ValueError, "questions"),
@@ -1094,11 +1796,29 @@ CASES["dml_bias.heads.pairwise:fitb_scores"] = [
         "chunk_size must be",
     ),
     Bad("no candidates", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [])]), ValueError, "questions"),
+    Bad(
+        "NaN features",
+        lambda: H.fitb_scores(head(), with_value(emb(8), NAN), [([0, 1], [2, 3])]),
+        ValueError,
+        "features must be finite",
+    ),
+    Bad(
+        "a head giving NaN scores",
+        lambda: H.fitb_scores(lambda a, b: torch.full((a.shape[0],), NAN), emb(8), [([0, 1], [2, 3])]),
+        ValueError,
+        r"the scores of head\(h1, h2\) must be finite",
+    ),
 ]
 CASES["dml_bias.heads.pairwise:compatibility_scores"] = [
     Bad("item beyond features", lambda: H.compatibility_scores(head(), emb(6), [[0, 9]]), ValueError, "outfits"),
     Bad("one-item outfit", lambda: H.compatibility_scores(head(), emb(6), [[0]]), ValueError, "outfits"),
     Bad("1-D features", lambda: H.compatibility_scores(head(), torch.rand(6), [[0, 1]]), ValueError, "features"),
+    Bad(
+        "inf features",
+        lambda: H.compatibility_scores(head(), with_value(emb(6), INF), [[0, 1]]),
+        ValueError,
+        "features must be finite",
+    ),
 ]
 CASES["dml_bias.heads.verification:spatial_verification"] = [
     Bad(
@@ -1153,6 +1873,12 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
         ValueError,
         "ratio_test must be",
     ),
+    Bad(
+        "seed 2**64",
+        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], seed=2**64),
+        ValueError,
+        r"seed must be an integer in \[-9223372036854775808, 18446744073709551615\]",
+    ),
 ]
 CASES["dml_bias.heads.verification:rerank"] = [
     Bad(
@@ -1195,6 +1921,20 @@ CASES["dml_bias.heads.verification:rerank"] = [
         ValueError,
         "num_to_rerank must be",
     ),
+    Bad(
+        "junk=[5] (an int, not one list per query)",
+        lambda: H.rerank(
+            torch.tensor([[0]]),
+            torch.tensor([[0.9]]),
+            [local_features()[0]],
+            [local_features()[1]],
+            [local_features()[0]],
+            [local_features()[1]],
+            junk=[5],
+        ),
+        TypeError,
+        r"junk\[0\] must be an iterable of integer database indices .*got int 5",
+    ),
 ]
 
 # --- the bias study (resolved at call time: the package grows while this file is written)
@@ -1204,6 +1944,11 @@ CASES[f"{B}.config:StudyConfig"] = [
     Bad("unknown loss", lambda: api(f"{B}:StudyConfig")(losses=("focal",)).validate(), ValueError, "losses"),
     Bad("unknown mode", lambda: api(f"{B}:StudyConfig")(modes=("blur",)).validate(), ValueError, "modes"),
     Bad("epochs 0", lambda: api(f"{B}:StudyConfig")(epochs=0).validate(), ValueError, "epochs"),
+    Bad("out_dir 5", lambda: api(f"{B}:StudyConfig")(out_dir=5).validate(), TypeError, "out_dir must be None or"),
+    Bad("out_dir ''", lambda: api(f"{B}:StudyConfig")(out_dir="").validate(), ValueError, "out_dir must name a"),
+    Bad("progress 'no'", lambda: api(f"{B}:StudyConfig")(progress="no").validate(), TypeError, "progress must be"),
+    Bad("device cpu:1", lambda: api(f"{B}:StudyConfig")(device="cpu:1").validate(), ValueError, "device must be 'cpu'"),
+    Bad("seed 2**63", lambda: api(f"{B}:StudyConfig")(seed=2**63).validate(), ValueError, r"seed must be an integer"),
 ]
 CASES[f"{B}.study:run_study"] = [
     Bad("config of the wrong type", lambda: api(f"{B}:run_study")({"epochs": 1}), TypeError, "config"),
@@ -1212,6 +1957,63 @@ CASES[f"{B}.study:run_study"] = [
         lambda: api(f"{B}:run_study")(api(f"{B}:StudyConfig")(dataset="cub")),
         (ValueError, Exception),
         "root",
+    ),
+]
+
+
+def _compat() -> Any:
+    return DS.AttributeCompatibility(num_classes=2, images_per_class=2, image_size=8)
+
+
+def _audit_data() -> Any:
+    return SyntheticBackgrounds("test", num_classes=2, images_per_class=3, image_size=16)
+
+
+def _audit_model() -> Any:
+    return api(f"{B}:SmallCNN")(embedding_size=4, width=2)
+
+
+CASES[f"{B}.audit:audit"] = [
+    Bad("model not a module", lambda: api(f"{B}:audit")("model.pt", _audit_data()), TypeError, "model must be"),
+    Bad("dataset not a dataset", lambda: api(f"{B}:audit")(_audit_model(), 3), TypeError, "dataset must be"),
+    Bad(
+        "unknown mask_input",
+        lambda: api(f"{B}:audit")(_audit_model(), _audit_data(), mask_input="blur"),
+        ValueError,
+        "mask_input must be one of",
+    ),
+    Bad(
+        "bootstrap 0",
+        lambda: api(f"{B}:audit")(_audit_model(), _audit_data(), bootstrap=0),
+        ValueError,
+        "bootstrap",
+    ),
+    Bad(
+        "std of two numbers",
+        lambda: api(f"{B}:audit")(_audit_model(), _audit_data(), std=(0.2, 0.2)),
+        ValueError,
+        "std must be three numbers",
+    ),
+    Bad(
+        "masks_from not callable",
+        lambda: api(f"{B}:audit")(_audit_model(), _audit_data(), masks_from="seg:model"),
+        TypeError,
+        "masks_from must be a callable",
+    ),
+]
+CASES["dml_bias.datasets.masked_folder:MaskedFolder"] = [
+    Bad(
+        "missing folder",
+        lambda: api("dml_bias.datasets:MaskedFolder")(fresh_dir() / "nowhere"),
+        FileNotFoundError,
+        "nowhere",
+    ),
+    Bad("root of the wrong type", lambda: api("dml_bias.datasets:MaskedFolder")(3), TypeError, "root must be"),
+    Bad(
+        "masks not a bool",
+        lambda: api("dml_bias.datasets:MaskedFolder")(fresh_dir(), masks="yes"),
+        TypeError,
+        "masks must be True or False",
     ),
 ]
 CASES[f"{B}.models:SmallCNN"] = [
@@ -1409,6 +2211,15 @@ CASES["cli:dml-bias study"] = [
     Bad("--seed -1", lambda: cli("study", "--seed", "-1"), CliExit, r"(?s)exit 2: .*--seed"),
     Bad("unknown flag", lambda: cli("study", "--fast"), CliExit, r"(?s)exit 2: .*--fast"),
     Bad("unknown command", lambda: cli("train"), CliExit, r"(?s)exit 2: .*train"),
+    Bad("--out ''", lambda: cli("study", "--out", ""), CliExit, r"exit 2: dml-bias: error: --out must name a dir"),
+    Bad("--device cpu:1", lambda: cli("study", "--device", "cpu:1"), CliExit, r"exit 2: dml-bias: error: device must"),
+    Bad("--seed 2**63", lambda: cli("study", "--seed", str(2**63)), CliExit, r"(?s)exit 2: .*--seed"),
+    Bad(
+        "unwritable --out",
+        lambda: cli("study", "--out", "/proc" if Path("/proc").is_dir() else "/"),
+        CliExit,
+        r"^exit 2: dml-bias: error: --out '/p?r?o?c?' is not a writable directory: [^\n]*$",
+    ),
 ]
 
 #: Public names that take no input, with the reason they need no bad-input case.
@@ -1422,6 +2233,7 @@ EXEMPT: dict[str, str] = {
             "METRIC_KEYS",
             "MODES",
             "VARIANTS",
+            "RULES",
             "ATTRIBUTE_NAMES",
             "BACKGROUND_FAMILIES",
             "OBJECT_ATTRIBUTES",
@@ -1432,9 +2244,13 @@ EXEMPT: dict[str, str] = {
             "METRICS",
             "DONOR_RULES",
             "FILLS",
+            "MASK_INPUTS",
+            "IMAGE_EXTENSIONS",
         )
     },
     "Metric": "a typing.Literal alias, not a callable",
+    "LossDict": "a typing alias of the loss dictionary, not a callable",
+    "GatheredIndices": "result type (a tuple DistributedMinerWrapper builds; its entries are the miner's output)",
     **{
         name: "result type (a NamedTuple or dataclass the library builds, never user input)"
         for name in (
@@ -1446,16 +2262,18 @@ EXEMPT: dict[str, str] = {
             "ReceptiveField",
             "FewShotResult",
             "PairIndices",
+            "CompatibilityPairs",
             "ConditionalSimilarityOutput",
             "BackgroundSensitivity",
             "ForegroundEnergy",
             "SimilarityDecomposition",
             "PairwiseDecomposition",
+            "AuditResult",
         )
     },
     **{
         name: "exception type (raised by the library; its arguments are the library's)"
-        for name in ("StudyError", "AnnotationError", "CorruptImageError")
+        for name in ("StudyError", "AnnotationError", "CorruptImageError", "AuditError")
     },
 }
 
@@ -1549,7 +2367,9 @@ def mutation_calls() -> dict[str, Callable[[], tuple[list[Any], Callable[[], Any
     calls["proxy_anchor"] = lambda: (lambda m, x: ([m, x], lambda: m(x, LAB).backward()))(
         L.ProxyAnchorLoss(3, 4, dtype=torch.float64), half_emb()
     )
-    calls["arcface"] = lambda: (lambda m, x: ([m, x], lambda: m(x, LAB).backward()))(L.ArcFaceLoss(3, 4), half_emb())
+    calls["arcface"] = lambda: (lambda m, x: ([m, x], lambda: m(x, LAB).backward()))(
+        L.AdditiveAngularMarginLoss(3, 4), half_emb()
+    )
     calls["proxy_anchor_loss"] = lambda: (lambda x, p: ([x, p], lambda: LF.proxy_anchor_loss(x, LAB, p).backward()))(
         half_emb().requires_grad_(True), emb(3, 4).half().requires_grad_(True)
     )
@@ -1585,6 +2405,19 @@ def mutation_calls() -> dict[str, Callable[[], tuple[list[Any], Callable[[], Any
     calls["foreground_energy"] = lambda: (
         lambda maps, m: ([maps, m], lambda: api("dml_bias.bias:foreground_energy")(maps, m))
     )(torch.rand(2, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool))
+
+    def in_place_gate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.logical_not_() | y  # works in place on its first argument
+
+    calls["attribute_gate (an in-place callable)"] = lambda: (
+        lambda a1, a2: (
+            [a1, a2],
+            lambda: (
+                H.attribute_gate(a1, a2, in_place_gate),
+                H.pan_loss(pan_output(2), torch.tensor([1, 0]), a1, a2, gate=in_place_gate),
+            ),
+        )
+    )(torch.tensor([[True, False, True], [False, False, True]]), torch.tensor([[1, 0, 0], [1, 1, 0]]))
     return calls
 
 
@@ -1610,7 +2443,7 @@ ALL_LOSSES: dict[str, Callable[[], nn.Module]] = {
     "ntxent": L.NTXentLoss,
     "supcon": L.SupConLoss,
     "proxy_anchor": lambda: L.ProxyAnchorLoss(3, 8),
-    "arcface": lambda: L.ArcFaceLoss(3, 8),
+    "arcface": lambda: L.AdditiveAngularMarginLoss(3, 8),
 }
 
 
@@ -1685,3 +2518,97 @@ def test_padding_past_index_lengths_may_hold_anything() -> None:
     lengths = torch.tensor([loc.shape[0]])
     got = H.spatial_verification(loc, desc, padded_loc, padded_desc, index_lengths=lengths, max_trials=50)
     assert torch.equal(got, H.spatial_verification(loc, desc, [loc], [desc], max_trials=50))
+
+
+# ---------------------------------------------------------------------------------------------- extreme values
+# Inputs at the edge of a dtype's range that once gave a silent wrong value now give the right one.
+
+
+def test_normalize_scales_before_squaring() -> None:
+    torch.testing.assert_close(S.normalize(torch.tensor([[3e20, 4e20]])), torch.tensor([[0.6, 0.8]]))
+    torch.testing.assert_close(S.normalize(torch.tensor([[3e38, -3e38]])), torch.tensor([[0.5**0.5, -(0.5**0.5)]]))
+    torch.testing.assert_close(S.normalize(torch.tensor([[3e-30, 4e-30]])), torch.tensor([[3e-18, 4e-18]]))  # < eps
+    x = emb(8, 16, dtype=torch.float64)
+    for scale in (1e-170, 1.0, 1e170):  # against the float64 formula, from below its underflow to above its overflow
+        # eps=0: rows of norm 1e-170 are normalised too (with the default eps they are divided by 1e-12, as in torch)
+        torch.testing.assert_close(S.normalize(x * scale, eps=0.0), x / x.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(S.normalize(emb()), nn.functional.normalize(emb()))
+    assert torch.autograd.gradcheck(S.normalize, (emb(3, 5, dtype=torch.float64).requires_grad_(True),))
+
+
+def conditional_reference(module: H.ConditionalSimilarity, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+    """The pair scores in float64 from the formula, one pair at a time."""
+    w_z, b_z = module.condition_layer.weight.double(), module.condition_layer.bias.double()
+    w_r, b_r = module.relevance_layer.weight.double(), module.relevance_layer.bias.double()
+    scores = []
+    for a, b in zip(h1.double(), h2.double(), strict=True):
+        if module.joint == "absdiff":
+            j = (a - b).abs()
+        elif module.joint == "product":
+            j = (a / a.norm()) * (b / b.norm())
+        else:
+            j = torch.cat([a, b])
+        z, r = w_z @ j + b_z, w_r @ j + b_r
+        scores.append((torch.softmax(r, 0) * torch.sigmoid(z)).sum())
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("joint", ["absdiff", "concat", "product"])
+def test_conditional_similarity_at_the_float32_extremes(joint: str, device: torch.device) -> None:
+    module = H.ConditionalSimilarity(4, 3, joint=joint).eval().to(device)
+    h1 = torch.tensor([[3e38, 3e38, -1.0, 2.0], [1e20, -2e20, 3e20, 0.5]], device=device)
+    h2 = torch.tensor([[-3e38, -3e38, 1.0, 2.0], [-1e20, 2e20, 0.0, 1e20]], device=device)
+    expected = conditional_reference(module, h1, h2)
+    out = module(h1, h2)
+    assert out.score.dtype == torch.float32
+    torch.testing.assert_close(out.score, expected.float())
+    matrix = module.score_matrix(h1, h2)
+    assert matrix.dtype == torch.float32
+    torch.testing.assert_close(matrix.diagonal(), expected.float())
+    torch.testing.assert_close(module.topk(h1, h2, 2)[0], matrix.sort(dim=1, descending=True).values)
+
+
+def test_product_joint_is_scale_invariant_at_1e20(device: torch.device) -> None:
+    module = H.ConditionalSimilarity(4, 3, joint="product").eval().to(device)
+    a, b = emb(5).to(device), emb(7).to(device)
+    torch.testing.assert_close(module(a * 1e20, b[:5] * 1e20).score, module(a, b[:5]).score)  # off by 0.12 before
+    torch.testing.assert_close(module.score_matrix(a * 1e20, b * 1e20), module.score_matrix(a, b))
+
+
+def test_half_head_whose_logits_overflow_float16() -> None:
+    module = H.ConditionalSimilarity(8, 2).eval()
+    h1, h2 = (emb(4, 8) * 3000).half(), (emb(4, 8) * -3000).half()  # |h1 - h2| ~ 1e4: W j overflows 65504
+    half_module = module.half()
+    out = half_module(h1, h2)
+    assert out.score.dtype == torch.float16
+    expected = conditional_reference(half_module, h1, h2)  # from the same float16 numbers, in float64
+    torch.testing.assert_close(out.score.double(), expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_delg_heads_run_reduced_precision_input_in_the_weights_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    global_head, local_head = H.DELGGlobalHead(16, 8).eval().to(device), H.DELGLocalHead(16, 4, 8).eval().to(device)
+    x = torch.rand(2, 16, 3, 3).to(device, dtype)
+    got = global_head(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, global_head(x.float()))  # the input cast to float32 first: the same numbers
+    local = local_head(x)
+    assert local.attention.dtype == torch.float32
+    torch.testing.assert_close(local.attention, local_head(x.float()).attention)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dml_bias.datasets._io import read_image, read_mask
+
+    values = np.array([[0, 128, 257, 32767], [32768, 40000, 65280, 65535]], dtype=np.uint16)
+    path = fresh_dir() / "grey16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as check:
+        assert check.mode == "I;16"  # the file really is 16-bit
+    expected = torch.tensor([[0, 0, 1, 127], [128, 156, 254, 255]], dtype=torch.uint8)  # round(v * 255 / 65535)
+    image = read_image(path)
+    assert torch.equal(image, expected.expand(3, 2, 4))  # every value was 255 (clipped) before
+    assert torch.equal(read_mask(path), expected[None])

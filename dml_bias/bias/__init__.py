@@ -6,6 +6,10 @@ test images and on background-swapped variants; :class:`StudyResult` prints the 
 report and saves ``results.json``, ``per_class.csv``, ``report.md`` and figures. The command line
 ``dml-bias study`` does the same.
 
+:func:`audit` measures the background reliance of any trained model on the user's images and masks (the command
+line ``dml-bias audit``), with bootstrap intervals and a verdict in plain words; :class:`AuditResult` saves its
+report.
+
 For one trained model, without retraining: :func:`similarity_decomposition` and :func:`similarity_attribution`
 (what makes a query similar to its neighbour, per position or pixel), :func:`pairwise_decomposition` (which region
 matches which), :func:`foreground_energy` (how much of that lies on the object) and
@@ -31,6 +35,7 @@ from dml_bias.bias.attribution import (
     similarity_attribution,
     similarity_decomposition,
 )
+from dml_bias.bias.audit import MASK_INPUTS, AuditError, AuditResult, audit
 from dml_bias.bias.config import DATASETS, LOSSES, METRIC_KEYS, MODES, VARIANTS, StudyConfig, StudyError
 from dml_bias.bias.models import EmbeddingHead, SmallCNN, build_resnet50
 from dml_bias.bias.result import StudyResult
@@ -40,9 +45,12 @@ __all__ = [
     "ATTRIBUTION_METHODS",
     "DATASETS",
     "LOSSES",
+    "MASK_INPUTS",
     "METRIC_KEYS",
     "MODES",
     "VARIANTS",
+    "AuditError",
+    "AuditResult",
     "BackgroundSensitivity",
     "EmbeddingHead",
     "ForegroundEnergy",
@@ -52,6 +60,7 @@ __all__ = [
     "StudyConfig",
     "StudyError",
     "StudyResult",
+    "audit",
     "background_sensitivity",
     "build_resnet50",
     "foreground_energy",

@@ -7,6 +7,7 @@ The first step of the study's data path (config → train → evaluate → repor
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,8 @@ DATASETS: tuple[str, ...] = ("synthetic", "cub")
 METRIC_KEYS: tuple[str, ...] = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
 _SWAPS = ("both", "queries")
-# The recipes' optimiser and batch settings, used for every field the user leaves None. CUB: methods notes §D.2
-# (Proxy-Anchor, ResNet-50) and §C.4 (Multi-Similarity).
+# The recipes' optimiser and batch settings, used for every field the user leaves None. CUB: the official
+# training code of Proxy-Anchor (ResNet-50) and of Multi-Similarity.
 _SYNTHETIC_RECIPE: dict[str, Any] = {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 60, "m_per_class": 5}
 _RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "synthetic": {"proxy_anchor": _SYNTHETIC_RECIPE, "multi_similarity": _SYNTHETIC_RECIPE},
@@ -76,7 +77,7 @@ class StudyConfig:
     15 classes have a distinctive home of their own, like ice for penguins, and 15 share one generic home, like
     foliage; see :meth:`resolved_homes`), a :class:`SmallCNN` of
     width 16 embedding 64-d, both losses, all modes (soft with σ = 0.2 and 0.5), 8 epochs, batches of 60 = 12
-    classes × 5 images from :class:`~dml_bias.datasets.MPerClassSampler`, AdamW with lr 1e-3 (Proxy-Anchor proxies
+    classes × 5 images from :class:`~dml_bias.datasets.MPerClassBatchSampler`, AdamW with lr 1e-3 (Proxy-Anchor proxies
     at ``proxy_lr_mult`` × lr). With ``dataset="cub"`` the fields marked *synthetic* are ignored and the
     CUB-200-2011 recipe is used (see the study guide); its learning rate, weight decay and batch layout apply only to
     the fields left ``None`` (:meth:`resolved_training`).
@@ -92,8 +93,8 @@ class StudyConfig:
         swap: ``"both"``: queries and gallery both use the variant (as Kobs & Hotho); ``"queries"``: only
             the queries use it and the gallery holds the original images (each query's own original is left out).
         epochs: Training epochs per model; ``None``: 8 (synthetic) or 60 (CUB).
-        seed: Seed of the data, the initialisation, the sampler and the variants' donors.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ….
+        seed: Seed of the data, the initialisation, the sampler and the variants' donors, in ``[0, 2**32 - 1]``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, … (``"cpu:1"`` is rejected: there is one CPU device).
         num_workers: DataLoader worker processes for training batches.
         num_classes: *synthetic*: classes per split.
         images_per_class: *synthetic*: images per class.
@@ -123,9 +124,13 @@ class StudyConfig:
             (:mod:`dml_bias.bias.attribution`); 0 switches these measures off.
         num_threads: CPU threads for torch; ``None``: the CPUs this process may use (unless ``OMP_NUM_THREADS``
             is set), restored afterwards.
-        progress: Show tqdm progress bars (on stderr).
-        out_dir: If set, ``results.json`` is written there after every completed run (so an interrupted study
-            keeps its finished runs).
+        progress: Show tqdm progress bars (on stderr); ``True`` or ``False``.
+        out_dir: If set (a non-empty path), ``results.json`` is written there after every completed run (so an
+            interrupted study keeps its finished runs).
+        save_models: Also save every trained model into ``out_dir/models/`` as TorchScript
+            (``<loss>-<mode>.pt``, soft ones ``<loss>-soft<σ>.pt``) with a JSON sidecar of its preprocessing
+            (mean/std, mask mode, σ, image size, the test data), which :func:`~dml_bias.bias.audit` and
+            ``dml-bias audit`` read; needs ``out_dir``.
 
     Example:
         >>> cfg = StudyConfig.quick(losses=("proxy_anchor",), modes=("none", "hard"))
@@ -163,6 +168,7 @@ class StudyConfig:
     num_threads: int | None = None
     progress: bool = True
     out_dir: str | None = None
+    save_models: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> StudyConfig:
@@ -284,7 +290,8 @@ class StudyConfig:
                 check_number(s, "soft_sigmas", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         if self.epochs is not None:
             check_number(self.epochs, "epochs", low=1, integer=True)
-        check_number(self.seed, "seed", low=0, integer=True)
+        # The study derives further seeds as seed * 1000 + k, which torch.Generator takes up to 2**64 - 1.
+        check_number(self.seed, "seed", low=0, high=2**32 - 1, integer=True)
         check_number(self.num_workers, "num_workers", low=0, integer=True)
         check_number(self.num_classes, "num_classes", low=2, integer=True)
         check_number(self.images_per_class, "images_per_class", low=2, integer=True)
@@ -325,14 +332,31 @@ class StudyConfig:
         check_number(self.proxy_lr_mult, "proxy_lr_mult", low=0.0, low_inclusive=False)
         if self.num_threads is not None:
             check_number(self.num_threads, "num_threads", low=1, integer=True)
+        if not isinstance(self.save_models, bool):
+            raise TypeError(f"save_models must be True or False, got {type(self.save_models).__name__}")
+        if self.save_models and self.out_dir is None:
+            raise ValueError("save_models=True needs out_dir (the models go into out_dir/models/), got out_dir=None")
         if self.dataset == "cub" and not self.root:
             raise ValueError("root must be the CUB-200-2011 folder when dataset='cub', got None")
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a torch device string such as 'cpu' or 'cuda', got {self.device!r}")
         try:
-            torch.device(self.device)
+            device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(
                 f"device must be a torch device string such as 'cpu' or 'cuda', got {self.device!r}"
             ) from exc
+        if device.type == "cpu" and device.index not in (None, 0):
+            raise ValueError(
+                f"device must be 'cpu' (there is one CPU device) or a GPU such as 'cuda:1', got {self.device!r}"
+            )
+        if not isinstance(self.progress, bool):  # progress="no" is truthy: it would show the bars
+            raise TypeError(f"progress must be True or False, got {self.progress!r}")
+        if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)):
+                raise TypeError(f"out_dir must be None or a directory path (str or os.PathLike), got {self.out_dir!r}")
+            if not str(os.fspath(self.out_dir)).strip():
+                raise ValueError(f"out_dir must name a directory (None: no files), got {self.out_dir!r}")
 
     def run_specs(self) -> list[dict[str, Any]]:
         """One ``{"loss", "mode", "sigma"}`` dict per model to train, losses outermost (``sigma`` only for soft)."""

@@ -177,17 +177,17 @@ class StudyData:
         Donors follow the ImageNet-9 class rules (:func:`~dml_bias.transforms.functional.choose_donor`, seeded
         by ``config.seed``); the donor's object box is tiled over with its own background (``fill="tile"``).
         """
-        from dml_bias.transforms.functional import choose_donor, make_variant
+        from dml_bias.transforms.functional import make_variant
 
         test = self.test
         if name == "original":
             return test
-        gen = torch.Generator().manual_seed(self.config.seed * 1000 + VARIANTS.index(name))
+        donors = variant_donors(name, test.labels, self.config.seed) if name.startswith("mixed_") else None
         images = torch.empty_like(test.images)
         for i in range(test.labels.numel()):
             donor = None
-            if name.startswith("mixed_"):
-                d = choose_donor(name, test.labels, i, generator=gen)
+            if donors is not None:
+                d = int(donors[i])
                 donor = (test.images[d], test.masks[d])
             images[i] = make_variant(name, test.images[i], test.masks[i], donor, fill="tile")[0]
         return Split(images, test.masks, test.labels, test.class_names)
@@ -200,10 +200,10 @@ class StudyData:
 
     # -- training batches ------------------------------------------------------------------------------
     def train_loader(self, mode: str, batch_size: int, m: int, seed: int) -> torch.utils.data.DataLoader:
-        """Training batches ``(images uint8, masks uint8, labels)`` from :class:`MPerClassSampler`."""
+        """Training batches ``(images uint8, masks uint8, labels)`` from :class:`MPerClassBatchSampler`."""
         from torchvision.transforms import v2
 
-        from dml_bias.datasets import MPerClassSampler
+        from dml_bias.datasets import MPerClassBatchSampler
         from dml_bias.transforms import BackgroundSwap
 
         c = self.config
@@ -226,7 +226,7 @@ class StudyData:
         else:
             dataset = MemoryDataset(self.train, transform) if self.train is not None else None
             labels = self.train.labels if self.train is not None else torch.empty(0, dtype=torch.long)
-        sampler = MPerClassSampler(labels, m, batch_size, generator=torch.Generator().manual_seed(seed))
+        sampler = MPerClassBatchSampler(labels, m, batch_size, generator=torch.Generator().manual_seed(seed))
         return torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -244,6 +244,18 @@ class StudyData:
     def input_size(self) -> int:
         """Side of the model's input images."""
         return int(self.test.images.shape[-1])
+
+
+def variant_donors(name: str, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """The donor of every image for the mixed variant ``name`` of real data: ``(N,)`` long indices into ``labels``.
+
+    Drawn in image order with :func:`~dml_bias.transforms.functional.choose_donor` from a generator seeded with
+    ``seed * 1000 + VARIANTS.index(name)``: the study's test variants and the audit's use the same donors.
+    """
+    from dml_bias.transforms.functional import choose_donor
+
+    gen = torch.Generator().manual_seed(seed * 1000 + VARIANTS.index(name))
+    return torch.tensor([choose_donor(name, labels, i, generator=gen) for i in range(labels.numel())], dtype=torch.long)
 
 
 def distinctiveness(homes: torch.Tensor) -> torch.Tensor:

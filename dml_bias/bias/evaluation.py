@@ -55,16 +55,18 @@ def retrieval_summary(
     query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """:data:`METRIC_KEYS` over all queries and ``{class: {"recall@1", "count"}}`` (self excluded)."""
-    from dml_bias.metrics import retrieval_metrics
+    from dml_bias.metrics import retrieval_metrics, sharded_retrieval_metrics
 
     # Recall@k with k at least the number of other items is the hit rate over everything: clamp k (tiny sets).
     largest = max(1, labels.numel() - 1)
     ks = sorted({min(k, largest) for k in (1, 2, 4, 8)})
+    keys = ("recall@k", "map@r", "r_precision")
     if reference is None:
-        res = retrieval_metrics(query, labels, ks=ks, per_class=True, full_map=False)
-    else:
-        res = retrieval_metrics(
-            query, labels, reference, labels, ks=ks, exclude_self=True, per_class=True, full_map=False
+        res = retrieval_metrics(query, labels, ks=ks, metrics=keys, per_class=True)
+    else:  # query i is reference item i in another variant (other rows): leave it out by its index
+        own = torch.arange(labels.numel(), device=labels.device)
+        res = sharded_retrieval_metrics(
+            query, labels, reference, labels, ks=ks, metrics=keys, query_indices=own, per_class=True
         )
     for k in (1, 2, 4, 8):
         res[f"recall@{k}"] = res[f"recall@{min(k, largest)}"]
@@ -249,7 +251,7 @@ def evaluate_attribution(
     Returns:
         The run's ``attribution`` entry and, if ``keep_maps``, the figure's data for this model.
     """
-    from dml_bias.bias.attribution import background_sensitivity, foreground_energy
+    from dml_bias.bias.attribution import ForegroundEnergy, background_sensitivity, foreground_energy
     from dml_bias.metrics import knn
     from dml_bias.transforms.functional import foreground_mask
 
@@ -281,22 +283,23 @@ def evaluate_attribution(
     by_class = shifts.per_class(labels)
     for c, values in by_class.items():
         sel = labels == c
-        e = energy.energy[sel]
-        e = e[~torch.isnan(e)]
+        class_energy = ForegroundEnergy(energy.energy[sel], energy.chance[sel]).summary()
         per_class[str(c)] = {
-            "foreground_energy": float(e.mean()) if e.numel() else float("nan"),
+            "foreground_energy": class_energy["mean"],
             "foreground_chance": float(energy.chance[sel].mean()),
+            "foreground_empty": class_energy["empty"],
             "background_shift": values["background"],
             "object_shift": values["object"],
             "background_sensitivity": values["score"],
             "count": values["count"],
         }
-    finite_energy = energy.energy[~torch.isnan(energy.energy)]
     finite_score = shifts.score[~torch.isnan(shifts.score)]
     entry = {
         "layer": layer,
         "num_images": int(idx.numel()),
-        "foreground_energy": float(finite_energy.mean()) if finite_energy.numel() else float("nan"),
+        # Maps without positive attribution have no energy: left out of the mean and counted.
+        "foreground_energy": energy.summary()["mean"],
+        "foreground_empty": energy.summary()["empty"],
         "foreground_chance": float(energy.chance.mean()),
         "background_shift": float(shifts.background.mean()),
         "object_shift": float(shifts.object.mean()),

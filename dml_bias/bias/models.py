@@ -1,6 +1,6 @@
 """Embedding networks for the background-bias study: a small CNN and a ResNet-50 builder.
 
-Both end in the same embedding head as the Proxy-Anchor reference code (methods notes §D.2): global average and
+Both end in the same embedding head as the Proxy-Anchor reference code :cite:`kim2020proxy`: global average and
 global max pooling, summed, then a linear layer (Kaiming-normal ``fan_out`` init, zero bias) and L2
 normalisation, so every embedding has unit length.
 """

@@ -218,7 +218,7 @@ def plot_attribution(result: StudyResult, path: Path, count: int = 3) -> Path:
         axes[row][0].set_ylabel(model["name"], fontsize=7)
     fig.suptitle(
         f"{LOSS_TITLES.get(data['loss'], data['loss'])}: what makes a query similar to its nearest neighbour "
-        "(Grad-CAM of the cosine similarity); neighbour framed red = wrong class",
+        "(decomposition of the cosine similarity; red adds, blue takes away); neighbour framed red = wrong class",
         fontsize=7,
     )
     fig.tight_layout()

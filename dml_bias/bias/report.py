@@ -132,9 +132,9 @@ def format_tables(result: StudyResult, *, raw: bool | None = None) -> str:
     ]
     if any("attribution" in r for r in result.runs):
         notes.append(
-            "fg-energy = share of the Grad-CAM map (query vs its nearest neighbour) on the object; chance = the "
-            "object's area share. bg-shift / obj-shift = 1 − cos of the embedding before and after replacing only "
-            "the background / only the object; bg-sens = bg-shift ÷ (bg-shift + obj-shift), 0 … 1."
+            "fg-energy = share of the positive similarity decomposition (query vs its nearest neighbour) on the "
+            "object; chance = the object's area share. bg-shift / obj-shift = 1 − cos of the embedding before and "
+            "after replacing only the background / only the object; bg-sens = bg-shift ÷ (bg-shift + obj-shift), 0 … 1."
         )
     if chance is not None:
         notes.append(

@@ -207,6 +207,10 @@ def _run(config: StudyConfig, device: torch.device) -> StudyResult:
                 if maps is not None:
                     figure_models.append(maps)
                 run["attribution_seconds"] = time.perf_counter() - t_attr
+            if config.save_models and config.out_dir is not None:
+                from dml_bias.bias._model_spec import save_study_model
+
+                run["model_file"] = str(save_study_model(model, config, data, spec))
             result.runs.append(run)
             result.timings["total"] = time.perf_counter() - t0
             if config.out_dir is not None:

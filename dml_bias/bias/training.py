@@ -31,7 +31,7 @@ def build_model(config: StudyConfig, mode: str) -> nn.Module:
 
 
 def freeze_bn(model: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode with frozen affine parameters (the CUB recipe, §D.2)."""
+    """Put every BatchNorm layer in eval mode with frozen affine parameters (the Proxy-Anchor CUB recipe)."""
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.eval()
@@ -89,11 +89,11 @@ def train_model(
     for epoch in bar:
         model.train()
         if cub:
-            # Warm-up (§D.2): only the embedding head and the proxies learn in the first `warm` epochs.
+            # Warm-up (Proxy-Anchor's recipe): only the embedding head and the proxies learn in the first `warm` epochs.
             for pname, p in model.named_parameters():
                 if pname.startswith("trunk."):
                     p.requires_grad_(epoch >= warm)
-            freeze_bn(model)  # BatchNorm stays in eval mode with frozen affine parameters (§D.2)
+            freeze_bn(model)  # BatchNorm stays in eval mode with frozen affine parameters (same recipe)
         sampler: Any = loader.batch_sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)

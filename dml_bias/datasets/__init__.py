@@ -2,8 +2,11 @@
 
 - :class:`SyntheticBackgrounds`: a built-in background-bias data set (no download), exact masks and exact
   background-swap variants.
-- :class:`MPerClassSampler`: a batch sampler of ``batch_size // m`` classes × ``m`` images, reproducible and
-  split across DDP ranks.
+- :class:`MPerClassBatchSampler`: a batch sampler of ``batch_size // m`` classes × ``m`` images, reproducible
+  and split across DDP ranks (formerly ``MPerClassSampler``, a name that still works with a
+  :class:`DeprecationWarning`; pytorch-metric-learning's index sampler is :class:`dml_bias.samplers.MPerClassSampler`).
+- :class:`AttributeCompatibility`: a built-in attribute-compatibility task on the synthetic objects, pairs
+  labelled by a logical rule over attribute matches (:func:`compatibility_labels`, :func:`attribute_match_gate`).
 - Loaders for real data sets (CUB-200-2011, Cars196, SOP, In-Shop, Polyvore Outfits, Revisited
   Oxford/Paris), which read a folder the user prepared and never download anything.
 
@@ -13,7 +16,16 @@ tv_tensors.Image, "mask": tv_tensors.Mask (where there is one), "label": int, "i
 
 from __future__ import annotations
 
-from dml_bias.datasets.samplers import MPerClassSampler
+from typing import Any
+
+from dml_bias.datasets.compatibility import (
+    RULES,
+    AttributeCompatibility,
+    CompatibilityPairs,
+    attribute_match_gate,
+    compatibility_labels,
+)
+from dml_bias.datasets.samplers import MPerClassBatchSampler
 from dml_bias.datasets.synthetic import (
     ATTRIBUTE_NAMES,
     BACKGROUND_FAMILIES,
@@ -26,10 +38,30 @@ __all__ = [
     "ATTRIBUTE_NAMES",
     "BACKGROUND_FAMILIES",
     "OBJECT_ATTRIBUTES",
+    "RULES",
     "VARIANTS",
-    "MPerClassSampler",
+    "AttributeCompatibility",
+    "CompatibilityPairs",
+    "MPerClassBatchSampler",
     "SyntheticBackgrounds",
+    "attribute_match_gate",
+    "compatibility_labels",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MPerClassSampler":  # the old name of MPerClassBatchSampler (deprecated)
+        import warnings
+
+        warnings.warn(
+            "dml_bias.datasets.MPerClassSampler is renamed MPerClassBatchSampler (it is a batch sampler); "
+            "dml_bias.samplers.MPerClassSampler is pytorch-metric-learning's index sampler",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return MPerClassBatchSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The real-data loaders live in their own modules; _real_exports re-exports them (if present).
 try:

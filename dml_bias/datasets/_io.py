@@ -17,12 +17,14 @@ These helpers are private: their names and signatures may change between release
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image as PILImage
 from PIL import ImageFile
@@ -30,8 +32,11 @@ from torchvision import tv_tensors
 
 __all__ = [
     "AnnotationError",
+    "BoxSource",
     "CorruptImageError",
     "RealImageDataset",
+    "check_box",
+    "check_box_inside",
     "find_existing",
     "parse_int",
     "read_image",
@@ -208,6 +213,63 @@ def parse_float(token: str, path: PathLike, line_no: int, column: str) -> float:
         raise AnnotationError(path, line_no, f"column {column} must be a number, got {token!r}") from None
 
 
+class BoxSource(NamedTuple):
+    """Where a bounding box was read: the annotation file and the position quoted by :class:`AnnotationError`."""
+
+    path: Path
+    line_no: int | None
+    unit: str = "line"
+
+
+#: Pixels a box may extend past the image border (1-based or inclusive pixel coordinates reach ``W`` or ``W + 1``).
+BOX_TOLERANCE = 1.0
+
+
+def check_box(box: Sequence[float], source: BoxSource) -> tuple[float, float, float, float]:
+    """An ``(x1, y1, x2, y2)`` box as floats; :class:`AnnotationError` unless finite with ``x1 <= x2, y1 <= y2``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise AnnotationError(
+            source.path,
+            source.line_no,
+            f"box must be finite, got (x1, y1, x2, y2) = {(x1, y1, x2, y2)}",
+            unit=source.unit,
+        )
+    if not (x1 <= x2 and y1 <= y2):
+        raise AnnotationError(
+            source.path,
+            source.line_no,
+            f"box must have x1 <= x2 and y1 <= y2 (a non-negative width and height), got (x1, y1, x2, y2) = "
+            f"{(x1, y1, x2, y2)}",
+            unit=source.unit,
+        )
+    return x1, y1, x2, y2
+
+
+def check_box_inside(box: Sequence[float], width: int, height: int, image: PathLike, source: BoxSource) -> None:
+    """:class:`AnnotationError` unless the box lies inside a ``width x height`` image (``BOX_TOLERANCE`` pixels)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    tol = BOX_TOLERANCE
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        raise AnnotationError(
+            source.path,
+            source.line_no,
+            f"box (x1, y1, x2, y2) = {(x1, y1, x2, y2)} lies outside the image {image} of {width}x{height} pixels",
+            unit=source.unit,
+        )
+
+
+#: PIL modes of 16-bit (and 32-bit integer) grey images, whose ``convert("L")`` clips at 255 instead of scaling.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_8_bit(pil: PILImage.Image) -> PILImage.Image:
+    """A 16-bit grey image scaled to 8 bits (``round(v * 255 / 65535)``), as an ``"L"`` image."""
+    values = np.asarray(pil).astype(np.int64)
+    scaled = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+    return PILImage.fromarray(scaled.astype(np.uint8))  # a 2-D uint8 array gives mode "L"
+
+
 @contextlib.contextmanager
 def _truncated_ok(allow: bool) -> Iterator[None]:
     # PIL only offers a process-wide switch; restore it so that one data set's tolerance does not leak.
@@ -219,16 +281,26 @@ def _truncated_ok(allow: bool) -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
-def _open(path: PathLike, mode: str, box: Sequence[float] | None, allow_truncated: bool) -> PILImage.Image:
+def _open(
+    path: PathLike,
+    mode: str,
+    box: Sequence[float] | None,
+    allow_truncated: bool,
+    box_source: BoxSource | None = None,
+) -> PILImage.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing image file {path}")
     try:
         with _truncated_ok(allow_truncated), PILImage.open(path) as pil:
             pil.load()
-            converted = pil.convert(mode)
+            # 16-bit grey (e.g. a 16-bit PNG): PIL's convert clips every value above 255 to white; scale instead.
+            source = _to_8_bit(pil) if pil.mode in _WIDE_GREY_MODES else pil
+            converted = source.convert(mode)
     except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for damaged files
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+    if box is not None and box_source is not None:
+        check_box_inside(box, converted.size[0], converted.size[1], path, box_source)
     if box is not None:
         x1, y1, x2, y2 = (float(v) for v in box)
         if not (x2 >= x1 and y2 >= y1):
@@ -244,28 +316,37 @@ def _to_tensor(pil: PILImage.Image, channels: int) -> torch.Tensor:
 
 
 def read_image(
-    path: PathLike, *, box: Sequence[float] | None = None, allow_truncated: bool = False
+    path: PathLike,
+    *,
+    box: Sequence[float] | None = None,
+    allow_truncated: bool = False,
+    box_source: BoxSource | None = None,
 ) -> tv_tensors.Image:
     """Decode an image file as an RGB ``tv_tensors.Image`` of shape (3, H, W) and dtype uint8.
 
-    Any PIL mode (grey, palette, CMYK, RGBA, 16-bit) is converted to RGB.
+    Any PIL mode (grey, palette, CMYK, RGBA, 16-bit) is converted to RGB; 16-bit grey values are scaled to 8 bits
+    (``round(v * 255 / 65535)``), not clipped.
 
     Args:
         path: The image file.
         box: Optional crop box ``(x1, y1, x2, y2)`` in pixels, applied with ``PIL.Image.crop`` (which rounds).
         allow_truncated: Decode truncated files as far as possible instead of raising.
+        box_source: Where ``box`` was read; given, a box outside the image raises :class:`AnnotationError`
+            naming that file and position (instead of a crop padded with black).
 
     Raises:
         FileNotFoundError: The file does not exist (the message names it).
         CorruptImageError: PIL cannot decode the file (the message names it).
+        AnnotationError: ``box`` lies outside the image (with ``box_source``).
     """
-    return tv_tensors.Image(_to_tensor(_open(path, "RGB", box, allow_truncated), 3))
+    return tv_tensors.Image(_to_tensor(_open(path, "RGB", box, allow_truncated, box_source), 3))
 
 
 def read_mask(path: PathLike, *, box: Sequence[float] | None = None) -> tv_tensors.Mask:
     """Decode a grey-level mask file as a ``tv_tensors.Mask`` of shape (1, H, W) and dtype uint8.
 
-    The file is converted with ``PIL.Image.convert("L")``, so soft grey levels are kept (255 = object).
+    The file is converted with ``PIL.Image.convert("L")``, so soft grey levels are kept (255 = object); 16-bit
+    grey files are scaled to 8 bits (``round(v * 255 / 65535)``).
 
     Raises:
         FileNotFoundError: The file does not exist (the message names it).
@@ -330,12 +411,21 @@ class RealImageDataset(torch.utils.data.Dataset):
     def _crop_box(self, index: int) -> Sequence[float] | None:
         return None
 
+    def _crop_box_source(self, index: int) -> BoxSource | None:
+        """Where the crop box of sample ``index`` was read (checked against the image size), or ``None``."""
+        return None
+
     def _extra(self, index: int, sample: dict[str, Any]) -> None:
         """Add data-set specific keys to ``sample`` (called before the transform)."""
 
     def __getitem__(self, index: Any) -> Any:
         index = self._check_index(index)
-        image = read_image(self._paths[index], box=self._crop_box(index), allow_truncated=self._allow_truncated)
+        image = read_image(
+            self._paths[index],
+            box=self._crop_box(index),
+            allow_truncated=self._allow_truncated,
+            box_source=self._crop_box_source(index),
+        )
         sample: dict[str, Any] = {
             "image": image,
             "label": int(self._labels[index]),

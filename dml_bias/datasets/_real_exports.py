@@ -6,6 +6,7 @@ from dml_bias.datasets._io import AnnotationError, CorruptImageError
 from dml_bias.datasets.cars import Cars196
 from dml_bias.datasets.cub import CUB200
 from dml_bias.datasets.inshop import InShop
+from dml_bias.datasets.masked_folder import MaskedFolder
 from dml_bias.datasets.polyvore import PolyvoreOutfits
 from dml_bias.datasets.revisited import RevisitedOxfordParis
 from dml_bias.datasets.sop import StanfordOnlineProducts
@@ -16,6 +17,7 @@ __all__ = [
     "Cars196",
     "CorruptImageError",
     "InShop",
+    "MaskedFolder",
     "PolyvoreOutfits",
     "RevisitedOxfordParis",
     "StanfordOnlineProducts",

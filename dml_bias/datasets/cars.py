@@ -15,7 +15,14 @@ import torch
 from torchvision import tv_tensors
 
 from dml_bias._checks import check_choice
-from dml_bias.datasets._io import AnnotationError, RealImageDataset, require_dir
+from dml_bias.datasets._io import (
+    AnnotationError,
+    BoxSource,
+    RealImageDataset,
+    check_box,
+    check_box_inside,
+    require_dir,
+)
 
 __all__ = ["Cars196"]
 
@@ -75,6 +82,14 @@ def _class_id(value: Any, path: Path, record: int) -> int:
     if class_id < 1:
         raise AnnotationError(path, record, f"field 'class' is 1-based, got {class_id}", unit="record")
     return class_id
+
+
+def _test_flag(value: Any, path: Path, record: int) -> int:
+    """The ``test`` field: 1 for an official test image, 0 for a training image."""
+    flag = _as_int(value, path, record, "test")
+    if flag not in (0, 1):
+        raise AnnotationError(path, record, f"field 'test' must be 0 or 1, got {flag}", unit="record")
+    return flag
 
 
 def _as_float(value: Any, path: Path, record: int, field: str) -> float:
@@ -143,7 +158,9 @@ class Cars196(RealImageDataset):
 
     Raises:
         FileNotFoundError: No annotation file, or a missing image folder; the message shows the layouts.
-        AnnotationError: A malformed ``.mat`` (a :class:`ValueError` naming the file and the record).
+        AnnotationError: A malformed ``.mat`` (a :class:`ValueError` naming the file and the record): a missing
+            field, a ``test`` flag other than 0/1, a box of the split that is not finite or has ``x2 < x1`` or
+            ``y2 < y1``, or (when the sample is read) a box outside its image.
 
     Example:
         >>> from dml_bias.datasets import Cars196
@@ -190,8 +207,12 @@ class Cars196(RealImageDataset):
         self._meta = [
             {"class_id": r["class_id"], "path": r["path"], "official_test": r["official_test"]} for r in records
         ]
+        # The boxes of this split only: finite and ordered here, inside the image when a sample is read.
+        self._box_sources = [r["source"] for r in records] if self.boxes else []
         self._boxes = (
-            torch.tensor([r["box"] for r in records], dtype=torch.float32).reshape(-1, 4) if self.boxes else None
+            torch.tensor([check_box(r["box"], r["source"]) for r in records], dtype=torch.float32).reshape(-1, 4)
+            if self.boxes
+            else None
         )
 
     def _read_records(self) -> list[dict[str, Any]]:
@@ -210,8 +231,9 @@ class Cars196(RealImageDataset):
                         "path": rel,
                         "file": root / rel,
                         "class_id": _class_id(rec["class"], dml_mat, n),
-                        "official_test": _as_int(rec["test"], dml_mat, n, "test"),
+                        "official_test": _test_flag(rec["test"], dml_mat, n),
                         "box": [_as_float(rec[f], dml_mat, n, f) for f in box_fields],
+                        "source": BoxSource(dml_mat, n, "record"),
                     }
                 )
             names = _class_names(mat)
@@ -242,6 +264,7 @@ class Cars196(RealImageDataset):
                             "class_id": _class_id(rec["class"], mat_path, n),
                             "official_test": official_test,
                             "box": [_as_float(rec[f], mat_path, n, f) for f in box_fields],
+                            "source": BoxSource(mat_path, n, "record"),
                         }
                     )
             meta = root / "devkit" / "cars_meta.mat"
@@ -261,6 +284,8 @@ class Cars196(RealImageDataset):
     def _extra(self, index: int, sample: dict[str, Any]) -> None:
         if self._boxes is not None:
             height, width = sample["image"].shape[-2:]
+            box = self._boxes[index].tolist()
+            check_box_inside(box, width, height, self._paths[index], self._box_sources[index])
             sample["boxes"] = tv_tensors.BoundingBoxes(
                 self._boxes[index : index + 1].clone(), format="XYXY", canvas_size=(height, width)
             )

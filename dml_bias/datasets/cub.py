@@ -19,7 +19,10 @@ from torchvision import tv_tensors
 from dml_bias._checks import check_choice
 from dml_bias.datasets._io import (
     AnnotationError,
+    BoxSource,
     RealImageDataset,
+    check_box,
+    check_box_inside,
     find_existing,
     parse_float,
     parse_int,
@@ -58,8 +61,11 @@ def _locate_base(root: Path) -> Path:
     )
 
 
-def _id_map(path: Path, columns: str, *, as_int: bool) -> dict[int, Any]:
-    """Parse a ``<id> <value>`` file (names may contain spaces when ``as_int`` is False)."""
+def _id_map(path: Path, columns: str, *, as_int: bool, allowed: tuple[int, ...] | None = None) -> dict[int, Any]:
+    """Parse a ``<id> <value>`` file (names may contain spaces when ``as_int`` is False).
+
+    ``allowed``: the only integer values the second column may hold (e.g. ``(0, 1)`` for a flag).
+    """
     first = columns.split()[0]
     out: dict[int, Any] = {}
     for line_no, tokens in read_table(path, min_columns=2, layout=CUB_LAYOUT, columns=columns):
@@ -69,7 +75,12 @@ def _id_map(path: Path, columns: str, *, as_int: bool) -> dict[int, Any]:
         if as_int:
             if len(tokens) != 2:
                 raise AnnotationError(path, line_no, f"expected 2 columns ({columns}), got {len(tokens)}")
-            out[key] = parse_int(tokens[1], path, line_no, columns.split()[1])
+            value = parse_int(tokens[1], path, line_no, columns.split()[1])
+            if allowed is not None and value not in allowed:
+                raise AnnotationError(
+                    path, line_no, f"column {columns.split()[1]} must be one of {list(allowed)}, got {value}"
+                )
+            out[key] = value
         else:
             out[key] = " ".join(tokens[1:])
     return out
@@ -142,7 +153,9 @@ class CUB200(RealImageDataset):
 
     Raises:
         FileNotFoundError: A needed file or folder is missing; the message names it and shows the layout.
-        AnnotationError: A malformed annotation line (a :class:`ValueError` naming the file and line number).
+        AnnotationError: A malformed annotation line (a :class:`ValueError` naming the file and line number): a
+            bad column count or number, an empty ``images.txt``, a ``train_test_split.txt`` flag other than 0/1,
+            a box that is not finite or has a negative size, or (when the sample is read) a box outside its image.
 
     Example:
         >>> from dml_bias.datasets import CUB200
@@ -186,6 +199,8 @@ class CUB200(RealImageDataset):
         self._base = base
         images_dir = require_dir(base / "images", layout=CUB_LAYOUT, what="image")
         names = _id_map(base / "images.txt", "image_id image_name", as_int=False)
+        if not names:
+            raise AnnotationError(base / "images.txt", None, "lists no image (expected lines '<image_id> <path>')")
         class_of = _id_map(base / "image_class_labels.txt", "image_id class_id", as_int=True)
         classes = _id_map(base / "classes.txt", "class_id class_name", as_int=False)
         for image_id in names:
@@ -199,7 +214,7 @@ class CUB200(RealImageDataset):
         chosen_classes = self._choose_classes(classes, protocol, split)
         image_ids = sorted(i for i in names if class_of[i] in chosen_classes)
         if protocol == "classification" and split != "all":
-            is_train = _id_map(base / "train_test_split.txt", "image_id is_training_image", as_int=True)
+            is_train = _id_map(base / "train_test_split.txt", "image_id is_training_image", as_int=True, allowed=(0, 1))
             want = 1 if split == "train" else 0
             missing = [i for i in image_ids if i not in is_train]
             if missing:
@@ -223,6 +238,7 @@ class CUB200(RealImageDataset):
                 what="segmentations",
             )
         self._boxes: torch.Tensor | None = None
+        self._box_sources: list[BoxSource] = []
         if self.boxes:
             self._boxes = self._read_boxes(base / "bounding_boxes.txt", image_ids)
         self._attributes: torch.Tensor | None = None
@@ -247,17 +263,25 @@ class CUB200(RealImageDataset):
         return {c for i, c in enumerate(by_name) if i % remainder[0] == remainder[1]}
 
     def _read_boxes(self, path: Path, image_ids: list[int]) -> torch.Tensor:
+        """The ``(N, 4)`` XYXY boxes of ``image_ids``; finite, with non-negative sizes (checked for every line)."""
         columns = "image_id x y width height"
         table: dict[int, tuple[float, float, float, float]] = {}
+        lines: dict[int, int] = {}
         for line_no, tokens in read_table(path, min_columns=5, max_columns=5, layout=CUB_LAYOUT, columns=columns):
             image_id = parse_int(tokens[0], path, line_no, "image_id")
+            if image_id in table:
+                raise AnnotationError(path, line_no, f"duplicate image_id {image_id} (first on line {lines[image_id]})")
             x, y, w, h = (
                 parse_float(t, path, line_no, c) for t, c in zip(tokens[1:], columns.split()[1:], strict=True)
             )
-            table[image_id] = (x, y, x + w, y + h)
+            if w < 0 or h < 0:
+                raise AnnotationError(path, line_no, f"width and height must be >= 0, got width={w}, height={h}")
+            table[image_id] = check_box((x, y, x + w, y + h), BoxSource(path, line_no))
+            lines[image_id] = line_no
         missing = [i for i in image_ids if i not in table]
         if missing:
             raise AnnotationError(path, None, f"no line for image_id {missing[0]}")
+        self._box_sources = [BoxSource(path, lines[i]) for i in image_ids]
         return torch.tensor([table[i] for i in image_ids], dtype=torch.float32).reshape(-1, 4)
 
     @staticmethod
@@ -386,6 +410,8 @@ class CUB200(RealImageDataset):
                 )
             sample["mask"] = mask
         if self._boxes is not None:
+            box = self._boxes[index].tolist()
+            check_box_inside(box, width, height, self._paths[index], self._box_sources[index])
             sample["boxes"] = tv_tensors.BoundingBoxes(
                 self._boxes[index : index + 1].clone(), format="XYXY", canvas_size=(height, width)
             )

@@ -15,7 +15,16 @@ import torch
 from torchvision import tv_tensors
 
 from dml_bias._checks import check_choice
-from dml_bias.datasets._io import AnnotationError, RealImageDataset, read_lines, require_dir, require_file
+from dml_bias.datasets._io import (
+    AnnotationError,
+    BoxSource,
+    RealImageDataset,
+    check_box,
+    check_box_inside,
+    read_lines,
+    require_dir,
+    require_file,
+)
 
 __all__ = ["RevisitedOxfordParis"]
 
@@ -48,7 +57,7 @@ def _box(value: Any, path: Path, query: int) -> tuple[float, float, float, float
         raise AnnotationError(
             path, query, f"bbx must be (x1, y1, x2, y2) with x1 <= x2, y1 <= y2, got {value!r}", unit="query"
         ) from None
-    return box  # type: ignore[return-value]
+    return check_box(box, BoxSource(path, query, "query"))  # and finite
 
 
 class RevisitedOxfordParis(RealImageDataset):
@@ -91,7 +100,9 @@ class RevisitedOxfordParis(RealImageDataset):
 
     Raises:
         FileNotFoundError: A needed file or folder is missing; the message names it and shows the layout.
-        AnnotationError: A malformed ground truth (a :class:`ValueError` naming the file and the query).
+        AnnotationError: A malformed ground truth (a :class:`ValueError` naming the file and the query),
+            including a query box that is not finite, has ``x2 < x1`` or ``y2 < y1`` or (when the query is read)
+            lies outside its image.
 
     Example:
         >>> from dml_bias.datasets import RevisitedOxfordParis
@@ -131,6 +142,7 @@ class RevisitedOxfordParis(RealImageDataset):
         self._gnd = gnd
         self._class_names = list(qimlist)
         self._boxes: list[tuple[float, float, float, float]] = []
+        self._gnd_path = gnd_path
         if split == "query":
             self._paths = [images / f"{q}.jpg" for q in qimlist]
             self._labels = torch.arange(len(qimlist), dtype=torch.long)
@@ -231,6 +243,9 @@ class RevisitedOxfordParis(RealImageDataset):
             return self._boxes[index]
         return None
 
+    def _crop_box_source(self, index: int) -> BoxSource | None:
+        return BoxSource(self._gnd_path, index, "query") if self.split == "query" else None
+
     def _extra(self, index: int, sample: dict[str, Any]) -> None:
         if self.split != "query":
             return
@@ -239,6 +254,7 @@ class RevisitedOxfordParis(RealImageDataset):
             sample["bbx"] = torch.tensor(box, dtype=torch.float64)
         else:
             height, width = sample["image"].shape[-2:]
+            check_box_inside(box, width, height, self._paths[index], BoxSource(self._gnd_path, index, "query"))
             sample["bbx"] = tv_tensors.BoundingBoxes(
                 torch.tensor([box], dtype=torch.float32), format="XYXY", canvas_size=(height, width)
             )

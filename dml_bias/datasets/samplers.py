@@ -1,4 +1,10 @@
-"""Class-balanced batch sampling for deep metric learning."""
+"""Class-balanced batch sampling for deep metric learning.
+
+:class:`MPerClassBatchSampler` is a *batch* sampler (``DataLoader(batch_sampler=...)``). It was called
+``MPerClassSampler`` before; that name still works here and in :mod:`dml_bias.datasets` with a
+:class:`DeprecationWarning`, because pytorch-metric-learning's ``MPerClassSampler`` — an *index* sampler for
+``DataLoader(sampler=..., batch_size=...)`` — is :class:`dml_bias.samplers.MPerClassSampler`.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,17 @@ import torch
 
 from dml_bias._checks import check_labels, check_number
 
-__all__ = ["MPerClassSampler"]
+__all__ = ["MPerClassBatchSampler"]
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) that spreads epochs over the seed space
 
 
-class MPerClassSampler(torch.utils.data.Sampler[list[int]]):
+class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
     r"""A batch sampler whose every batch holds ``batch_size // m`` classes with ``m`` images each.
 
     Pass it to ``DataLoader(dataset, batch_sampler=sampler)`` (not ``sampler=``, and without a
-    ``batch_size``): it yields lists of dataset indices, one list per batch.
+    ``batch_size``): it yields lists of dataset indices, one list per batch. (Formerly ``MPerClassSampler``;
+    pytorch-metric-learning's index sampler of that name is :class:`dml_bias.samplers.MPerClassSampler`.)
 
     **One epoch.** Every class's indices are shuffled and cut into chunks of ``m``; the last, shorter chunk
     of a class is completed with other indices of the same class (no index twice in a chunk). A class with
@@ -63,7 +70,7 @@ class MPerClassSampler(torch.utils.data.Sampler[list[int]]):
     Example:
         >>> import torch
         >>> labels = torch.arange(6).repeat_interleave(4)  # 6 classes x 4 samples
-        >>> sampler = MPerClassSampler(labels, m=2, batch_size=6, generator=torch.Generator().manual_seed(0))
+        >>> sampler = MPerClassBatchSampler(labels, m=2, batch_size=6, generator=torch.Generator().manual_seed(0))
         >>> len(sampler)
         4
         >>> batch = next(iter(sampler))
@@ -155,7 +162,7 @@ class MPerClassSampler(torch.utils.data.Sampler[list[int]]):
 
         Example:
             >>> import torch
-            >>> s = MPerClassSampler(torch.arange(8).repeat(3), 3, 6, generator=torch.Generator().manual_seed(1))
+            >>> s = MPerClassBatchSampler(torch.arange(8).repeat(3), 3, 6, generator=torch.Generator().manual_seed(1))
             >>> s.set_epoch(0); a = list(s); s.set_epoch(1); b = list(s); s.set_epoch(0)
             >>> a == list(s), a == b
             (True, False)
@@ -229,3 +236,17 @@ class MPerClassSampler(torch.utils.data.Sampler[list[int]]):
             f"{type(self).__name__}(m={self.m}, batch_size={self.batch_size}, num_replicas={self.num_replicas}, "
             f"rank={self.rank}, drop_last={self.drop_last}, batches={len(self)})"
         )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MPerClassSampler":
+        import warnings
+
+        warnings.warn(
+            "dml_bias.datasets.MPerClassSampler is renamed MPerClassBatchSampler (it is a batch sampler); "
+            "dml_bias.samplers.MPerClassSampler is pytorch-metric-learning's index sampler",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return MPerClassBatchSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -60,7 +60,8 @@ class StanfordOnlineProducts(RealImageDataset):
 
     Raises:
         FileNotFoundError: The list file is missing; the message names it and shows the layout.
-        AnnotationError: A malformed row (a :class:`ValueError` naming the file and line number).
+        AnnotationError: A malformed row (a :class:`ValueError` naming the file and line number), a repeated
+            ``image_id``, or a list without any sample (only the header).
 
     Example:
         >>> from dml_bias.datasets import StanfordOnlineProducts
@@ -85,6 +86,7 @@ class StanfordOnlineProducts(RealImageDataset):
         base = _locate_base(self.root)
         path = base / f"Ebay_{split}.txt"
         rows = []
+        first_line: dict[int, int] = {}
         for line_no, tokens in read_table(path, min_columns=4, max_columns=4, layout=SOP_LAYOUT, columns=_COLUMNS):
             if line_no == 1 and not tokens[0].lstrip("-").isdigit():
                 continue  # the header line
@@ -93,7 +95,14 @@ class StanfordOnlineProducts(RealImageDataset):
             )
             if class_id < 1 or super_id < 1:
                 raise AnnotationError(path, line_no, f"class_id and super_class_id are 1-based, got {tokens[:3]}")
+            if image_id in first_line:
+                raise AnnotationError(
+                    path, line_no, f"duplicate image_id {image_id} (first on line {first_line[image_id]})"
+                )
+            first_line[image_id] = line_no
             rows.append((image_id, class_id, super_id, tokens[3]))
+        if not rows:
+            raise AnnotationError(path, None, f"lists no image (expected rows '{_COLUMNS}' after the header)")
 
         class_ids = sorted({r[1] for r in rows})
         label_of = {c: k for k, c in enumerate(class_ids)}

@@ -1,7 +1,7 @@
 r"""DELG :cite:`cao2020delg`: one ResNet giving a global descriptor (retrieval) and local features (re-ranking).
 
 * :class:`~dml_bias.heads.DELGGlobalHead`: GeM pooling of conv5, a whitening :class:`torch.nn.Linear` and L2
-  normalisation; trained with ArcFace (:class:`dml_bias.losses.ArcFaceLoss`).
+  normalisation; trained with ArcFace (:class:`dml_bias.losses.AdditiveAngularMarginLoss`).
 * :class:`~dml_bias.heads.DELGLocalHead`: on the stop-gradient conv4 map, a linear 1×1 autoencoder whose code
   is the local descriptor and an attention module on the reconstruction that scores every location; trained
   with a reconstruction loss and an attention-pooled classification loss.
@@ -37,8 +37,9 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias.heads._inputs import check_batch_statistics, check_head_input
 from dml_bias.heads.pooling import GeM
-from dml_bias.losses import ArcFaceLoss
+from dml_bias.losses import AdditiveAngularMarginLoss
 from dml_bias.similarity import normalize
 
 __all__ = [
@@ -76,7 +77,8 @@ class DELGGlobalHead(nn.Module):
 
     with :math:`S` the conv5 map, :math:`p = 3` fixed (:class:`~dml_bias.heads.GeM`) and :math:`(W, b)` a
     :class:`torch.nn.Linear` with bias (DELG's "embedding layer"). DELG trains it with ArcFace,
-    ``dml_bias.losses.ArcFaceLoss(num_classes, dim, margin=0.1, scale=math.sqrt(dim))`` (:class:`DELG` does this).
+    ``dml_bias.losses.AdditiveAngularMarginLoss(num_classes, dim, margin=0.1, scale=math.sqrt(dim))``
+    (:class:`DELG` does this).
 
     Args:
         in_channels: channels of the input map (2048 for conv5 of ResNet-50/101).
@@ -90,7 +92,11 @@ class DELGGlobalHead(nn.Module):
         whiten: the :class:`torch.nn.Linear` ``in_channels -> dim`` (PyTorch's default initialisation).
 
     Shape:
-        input ``(N, in_channels, H, W)`` floating; output ``(N, dim)``, every row of unit L2 norm.
+        input ``(N, in_channels, H, W)`` floating and finite; output ``(N, dim)``, every row of unit L2 norm.
+
+    Precision: the map is cast to the dtype of the whitening layer (float16/bfloat16/float64 maps on a float32
+    head run in float32, and the descriptors are float32); under :class:`torch.autocast` autocast picks the
+    dtype instead. NaN or infinite values raise :class:`ValueError`.
 
     Example:
         >>> import torch
@@ -122,6 +128,7 @@ class DELGGlobalHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """L2-normalised global descriptors ``(N, dim)`` of a conv5 map ``(N, in_channels, H, W)``."""
         _check_feature_map(features, "features", self.in_channels, "in_channels")
+        features = check_head_input(features, "features", self.whiten.weight)
         return normalize(self.whiten(self.pool(features)))
 
     def extra_repr(self) -> str:
@@ -215,8 +222,12 @@ class DELGLocalHead(nn.Module):
         att_fc: :class:`torch.nn.Linear` ``in_channels -> num_classes`` with bias, or ``None``.
 
     Shape:
-        input ``(N, in_channels, H, W)`` floating; output a :class:`LocalHeadOutput` with attention
+        input ``(N, in_channels, H, W)`` floating and finite; output a :class:`LocalHeadOutput` with attention
         ``(N, H, W)``, descriptors ``(N, dim, H, W)`` and reconstruction ``(N, in_channels, H, W)``.
+
+    Precision: the map is cast to the parameters' dtype (as :class:`DELGGlobalHead`; under
+    :class:`torch.autocast` autocast picks it). In training mode the attention's BatchNorm needs
+    ``N * H * W >= 2``; a single location raises :class:`ValueError` (call ``.eval()`` for one 1×1 map).
 
     Example:
         >>> import torch
@@ -265,7 +276,8 @@ class DELGLocalHead(nn.Module):
     def forward(self, features: torch.Tensor) -> LocalHeadOutput:
         """Attention, descriptors and reconstruction of a conv4 map ``(N, in_channels, H, W)`` (detached first)."""
         _check_feature_map(features, "features", self.in_channels, "in_channels")
-        source = features.detach()
+        source = check_head_input(features, "features", self.encoder.weight).detach()
+        check_batch_statistics((source.shape[0], source.shape[2], source.shape[3]), "features", self.attention)
         descriptors = self.encoder(source)
         reconstruction = self.decoder(descriptors)
         attention = self.attention(reconstruction).squeeze(1)
@@ -303,6 +315,9 @@ class DELGLocalHead(nn.Module):
             {"N": features.shape[0], "H": features.shape[2], "W": features.shape[3]},
             sources={"N": "features.shape[0]", "H": "features.shape[2]", "W": "features.shape[3]"},
         )
+        check_dtype(attention, "attention", "floating")
+        features = check_head_input(features, "features", self.att_fc.weight)
+        attention = check_head_input(attention, "attention", self.att_fc.weight)
         unit = F.normalize(features.detach(), p=2.0, dim=1)
         pooled = (attention.unsqueeze(1) * unit).mean(dim=(2, 3))
         return self.att_fc(pooled)
@@ -344,7 +359,7 @@ class DELGLocalHead(nn.Module):
         check_same_device(features=features, labels=labels)
         if output is None:
             output = self(features)
-        target = features.detach()
+        target = check_head_input(features, "features", self.encoder.weight).detach()
         compute = torch.promote_types(torch.float32, target.dtype)
         reconstruction_loss = (output.reconstruction.to(compute) - target.to(compute)).square().mean()
         logits = self.attention_logits(features, output.attention)
@@ -455,6 +470,25 @@ def _local_geometry(net: torchvision.models.ResNet) -> ReceptiveField:
                 raise ValueError(f"backbone: the shortcut of {where} is not aligned with its main path")
     geometry.apply(nn.MaxPool2d(kernel_size=1, stride=2), "subsample")
     return ReceptiveField(size=geometry.size, stride=geometry.jump, offset=float(geometry.offset))
+
+
+def _local_map_size(net: torchvision.models.ResNet, height: int, width: int) -> tuple[int, int]:
+    """``(h, w)`` of the subsampled conv4 map (the smallest map of the backbone) for ``height x width`` images."""
+
+    def shrink(size: int, module: nn.Module) -> int:
+        kernel, stride, padding, dilation = _window(module, "")
+        return max(0, (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
+
+    modules: list[nn.Module] = [net.conv1]
+    if not isinstance(net.maxpool, nn.Identity):
+        modules.append(net.maxpool)
+    for layer_name in ("layer1", "layer2", "layer3"):
+        for block in getattr(net, layer_name):
+            modules.extend(conv for _, conv in _block_convs(block))
+    modules.append(nn.MaxPool2d(kernel_size=1, stride=2))
+    for module in modules:
+        height, width = shrink(height, module), shrink(width, module)
+    return height, width
 
 
 def _set_layer4_stride_one(net: torchvision.models.ResNet) -> None:
@@ -577,11 +611,15 @@ class DELG(nn.Module):
     the backbone was pre-trained: ImageNet mean/std for torchvision weights, e.g.
     ``torchvision.transforms.v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])`` on images in
     ``[0, 1]`` (DELG's own TensorFlow backbone uses ``(pixel - 128) / 128`` instead). A batch shares one size; pad
-    smaller images (the padding then enters GeM and may yield local features).
+    smaller images (the padding then enters GeM and may yield local features). Images must be finite (NaN or
+    infinite values raise :class:`ValueError`) and are cast to the parameters' dtype: float16, bfloat16 or
+    float64 images on a float32 model run in float32 (under :class:`torch.autocast` autocast picks the dtype).
+    In training mode BatchNorm needs more than one location per batch in the smallest (stride-32) map: one
+    image smaller than about 33×33 pixels raises :class:`ValueError` (call ``.eval()`` first).
 
     **Training** (labels given): :math:`L = L_g + \lambda L_r + \beta L_a` with :math:`L_g` the ArcFace loss of
-    the global descriptor (:attr:`arcface`, a :class:`dml_bias.losses.ArcFaceLoss` with margin 0.1 and scale
-    :math:`\sqrt{C_g}`, kept fixed as in DELG) and :math:`L_r`, :math:`L_a` the local head's losses. The local
+    the global descriptor (:attr:`arcface`, a :class:`dml_bias.losses.AdditiveAngularMarginLoss` with margin 0.1
+    and scale :math:`\sqrt{C_g}`, kept fixed as in DELG) and :math:`L_r`, :math:`L_a` the local head's losses. The local
     losses train only the local head; the backbone learns from :math:`L_g` alone.
 
     Args:
@@ -604,7 +642,7 @@ class DELG(nn.Module):
         subsample: the 1×1 stride-2 ``torch.nn.MaxPool2d`` after ``layer3``.
         global_head: :class:`DELGGlobalHead`.
         local_head: :class:`DELGLocalHead`.
-        arcface: :class:`dml_bias.losses.ArcFaceLoss` (holds the class weights) or ``None``.
+        arcface: :class:`dml_bias.losses.AdditiveAngularMarginLoss` (holds the class weights) or ``None``.
         receptive_field: :class:`ReceptiveField` of the local map, derived from the backbone's layers.
 
     Raises:
@@ -623,7 +661,7 @@ class DELG(nn.Module):
         torch.Size([2, 16])
     """
 
-    arcface: ArcFaceLoss | None
+    arcface: AdditiveAngularMarginLoss | None
 
     def __init__(
         self,
@@ -683,7 +721,9 @@ class DELG(nn.Module):
             self.arcface = None
         else:
             scale = math.sqrt(global_dim) if arcface_scale is None else float(arcface_scale)
-            self.arcface = ArcFaceLoss(num_classes, global_dim, margin=arcface_margin, scale=scale, **factory)
+            self.arcface = AdditiveAngularMarginLoss(
+                num_classes, global_dim, margin=arcface_margin, scale=scale, **factory
+            )
 
     # ----------------------------------------------------------------------------------------------- helpers
 
@@ -692,13 +732,14 @@ class DELG(nn.Module):
         """Number of image channels the backbone takes (3 for a torchvision ResNet)."""
         return int(self.backbone.conv1.in_channels)
 
-    def _check_images(self, images: Any) -> None:
+    def _check_images(self, images: Any) -> torch.Tensor:
+        """Validate ``images`` (finite, on the model's device) and return them in the parameters' dtype."""
         check_tensor(images, "images")
         check_dtype(images, "images", "floating")
         check_shape(images, "images", ("N", "C", "H", "W"), {"C": self.in_channels}, sources={"C": "3 channels"})
         if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
             raise ValueError(f"images must hold at least one image of at least 1×1 pixels, got {describe(images)}")
-        check_same_device(images=images, parameters=self.backbone.conv1.weight)
+        return check_head_input(images, "images", self.backbone.conv1.weight)
 
     def _local_map(self, images: torch.Tensor) -> torch.Tensor:
         net = self.backbone
@@ -754,7 +795,7 @@ class DELG(nn.Module):
             >>> conv4.shape, conv5.shape
             (torch.Size([1, 256, 3, 2]), torch.Size([1, 512, 3, 2]))
         """
-        self._check_images(images)
+        images = self._check_images(images)
         local_map = self._local_map(images)
         return local_map, self.backbone.layer4(local_map)
 
@@ -791,7 +832,13 @@ class DELG(nn.Module):
             ValueError: if labels are given to a model without ``num_classes``, or the shapes are wrong.
             TypeError: if ``images`` is not a floating tensor or ``labels`` not an integer one.
         """
-        self._check_images(images)
+        images = self._check_images(images)
+        if self.training:
+            # Checked before the backbone runs: BatchNorm would raise mid-forward, naming no argument.
+            height, width = _local_map_size(self.backbone, images.shape[2], images.shape[3])
+            check_batch_statistics(
+                (images.shape[0], height, width), "images", self, what=f"{describe(images)} (a {height}×{width} map)"
+            )
         arcface = self.arcface
         if labels is not None:
             if arcface is None or self.num_classes is None:
@@ -852,7 +899,7 @@ class DELG(nn.Module):
             >>> model.extract_global(torch.rand(2, 3, 64, 64), scales=(0.5, 1.0)).norm(dim=1)
             tensor([1.0000, 1.0000])
         """
-        self._check_images(images)
+        images = self._check_images(images)
         scales = self._check_scales(scales, "scales")
         with self._inference():
             # _check_scales returned a non-empty tuple: the sum starts from the first scale's descriptor.
@@ -910,7 +957,7 @@ class DELG(nn.Module):
             >>> feats.lengths.tolist(), sorted(feats.scales[0].tolist())  # 1×1 locations at 0.5, 2×2 at 1.0
             ([5], [0.5, 1.0, 1.0, 1.0, 1.0])
         """
-        self._check_images(images)
+        images = self._check_images(images)
         scales = self._check_scales(scales, "scales")
         check_number(score_threshold, "score_threshold")
         check_number(max_features, "max_features", low=1, integer=True)

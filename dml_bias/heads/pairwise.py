@@ -17,8 +17,9 @@ Every evaluation function takes precomputed features ``(N, D)`` and runs without
 ``head.eval()`` first if the head has dropout. A head's pair score is read from ``head(h1, h2).score`` (a
 plain ``(P,)`` tensor returned by ``head(h1, h2)`` is accepted too).
 
-``examples/pan_attributes.py`` runs PAN's CUB protocol end to end (encoder, standardised features, heads trained
-on :func:`~dml_bias.heads.sample_pairs`, 5-way 5-shot accuracy) on
+``examples/pan_attributes.py`` compares PAN with single metric embeddings on the built-in attribute-compatibility
+task (:class:`dml_bias.datasets.AttributeCompatibility`), and runs PAN's CUB protocol end to end (encoder,
+standardised features, heads trained on :func:`~dml_bias.heads.sample_pairs`, 5-way 5-shot accuracy) on
 :class:`dml_bias.datasets.SyntheticBackgrounds`, whose classes are attribute combinations, or on CUB.
 """
 
@@ -35,11 +36,13 @@ from torch import nn
 
 from dml_bias._checks import (
     check_embeddings,
+    check_finite,
     check_labels,
     check_number,
     check_same_device,
     describe,
 )
+from dml_bias.heads._inputs import check_has_data
 
 __all__ = [
     "FewShotResult",
@@ -151,6 +154,7 @@ def _segment_mean(
         sums.index_add_(0, segment[start:stop].to(scores.device), scores.to(sums.dtype))
     if sums is None:  # the callers give every segment at least one pair, so there is at least one chunk
         raise RuntimeError(f"internal error: no pairs to score for {num_segments} segments")
+    check_finite(sums, "the scores of head(h1, h2)")  # one sync for all chunks: a NaN score, not a NaN result
     counts = torch.bincount(segment, minlength=num_segments).to(device=sums.device, dtype=sums.dtype)
     return sums / counts
 
@@ -219,6 +223,7 @@ def sample_pairs(
         TypeError: ``labels`` is not an integer tensor, or ``generator`` is not a :class:`torch.Generator`.
         ValueError: Positives are requested but no class has two samples, negatives are requested but
             ``labels`` holds only one class, or an argument is out of range.
+        MemoryError: ``num_pairs`` pairs (about 100 bytes each while drawing) do not fit in memory.
 
     Example:
         >>> import torch
@@ -235,9 +240,25 @@ def sample_pairs(
         torch.Size([8, 2])
     """
     check_labels(labels, "labels")
+    check_has_data(labels=labels)
     check_number(num_pairs, "num_pairs", low=1, integer=True)
     check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0)
     _check_generator(generator)
+    try:
+        return _sample_pairs(labels, num_pairs, positive_fraction, generator)
+    except RuntimeError as err:  # torch reports a failed allocation as a RuntimeError
+        if "allocate" not in str(err) and not isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise MemoryError(
+            f"num_pairs={num_pairs} pairs do not fit in memory (about {num_pairs * 100 / 2**30:.3g} GiB while "
+            "drawing them); draw them in smaller batches"
+        ) from err
+
+
+def _sample_pairs(
+    labels: torch.Tensor, num_pairs: int, positive_fraction: float, generator: torch.Generator | None
+) -> PairIndices:
+    """:func:`sample_pairs` after its argument checks."""
     num_positive = round(positive_fraction * num_pairs)
     num_negative = num_pairs - num_positive
     device = labels.device
@@ -485,6 +506,7 @@ def few_shot_episodes(
         True
     """
     check_labels(labels, "labels")
+    check_has_data(labels=labels)
     _check_episode_sizes(n_way, k_shot, n_query, num_episodes)
     _check_generator(generator)
     per_class = k_shot + n_query
@@ -563,8 +585,8 @@ def few_shot_accuracy(
 
     Raises:
         TypeError: ``head`` has no ``score_matrix`` method, or a tensor has the wrong dtype.
-        ValueError: Bad shapes, devices or sizes (see :func:`few_shot_episodes`), or ``score_matrix`` returns
-            a tensor of the wrong shape.
+        ValueError: Bad shapes, devices or sizes (see :func:`few_shot_episodes`), NaN or infinite features, or
+            ``score_matrix`` returns a tensor of the wrong shape.
 
     Example:
         >>> import torch
@@ -582,6 +604,8 @@ def few_shot_accuracy(
     if not callable(method):
         raise TypeError(f"head must have a score_matrix(query, gallery) method, got {type(head).__name__}")
     check_embeddings(features, "features")
+    check_has_data(features=features)
+    check_finite(features, "features")
     check_labels(labels, "labels", length=features.shape[0], length_source="features.shape[0]")
     check_same_device(features=features, labels=labels)
     if ddof not in (0, 1) or isinstance(ddof, bool):
@@ -652,8 +676,8 @@ def fitb_scores(
 
     Raises:
         TypeError: A question is neither a mapping nor a pair, or holds non-integer indices.
-        ValueError: No questions, an empty partial outfit, an index out of range, or questions with different
-            numbers of candidates.
+        ValueError: No questions, an empty partial outfit, an index out of range, questions with different
+            numbers of candidates, or NaN or infinite features or head scores.
 
     Example:
         >>> import torch
@@ -673,6 +697,8 @@ def fitb_scores(
     """
     _check_pair_head(head)
     check_embeddings(features, "features")
+    check_has_data(features=features)
+    check_finite(features, "features")
     _check_chunk_size(chunk_size)
     if isinstance(questions, (str, bytes, Mapping)) or not isinstance(questions, Sequence):
         raise TypeError(f"questions must be a sequence of questions, got {type(questions).__name__}")
@@ -747,7 +773,8 @@ def compatibility_scores(
 
     Raises:
         TypeError: An outfit is not a mapping or a sequence of integer indices.
-        ValueError: No outfits, an outfit with fewer than 2 items, or an index out of range.
+        ValueError: No outfits, an outfit with fewer than 2 items, an index out of range, or NaN or infinite
+            features or head scores.
 
     Example:
         >>> import torch
@@ -765,6 +792,8 @@ def compatibility_scores(
     """
     _check_pair_head(head)
     check_embeddings(features, "features")
+    check_has_data(features=features)
+    check_finite(features, "features")
     _check_chunk_size(chunk_size)
     if isinstance(outfits, (str, bytes, Mapping)) or not isinstance(outfits, Sequence):
         raise TypeError(f"outfits must be a sequence of outfits, got {type(outfits).__name__}")

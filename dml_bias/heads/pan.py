@@ -16,6 +16,7 @@ where a docstring says otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,6 +36,7 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias.heads._inputs import autocast_enabled, check_has_data
 from dml_bias.losses._common import compute_dtype, no_autocast
 from dml_bias.similarity import normalize
 
@@ -176,6 +178,12 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         check_number(chunk_size, "chunk_size", low=1, integer=True)
 
 
+def _wider_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+    """``dtype`` and the wider floating dtypes to fall back on, narrowest first."""
+    wider = [d for d in (torch.float32, torch.float64) if torch.finfo(d).bits > torch.finfo(dtype).bits]
+    return [dtype, *wider]
+
+
 class ConditionalSimilarity(nn.Module):
     r"""PAN's Concept-conditioned Similarity Module (CSM) :cite:`mishra2021pan`.
 
@@ -201,7 +209,17 @@ class ConditionalSimilarity(nn.Module):
 
     Precision: the linear layers run in the promoted dtype of the inputs and the parameters (a float32 head gives
     float32 logits for fp16/bf16 inputs and float64 ones for float64 inputs; under ``torch.autocast`` they follow
-    autocast); the log-space part runs in at least float32, and every field is returned in the logits' dtype.
+    autocast); the log-space part runs in at least float32, and every field is returned in that promoted dtype.
+
+    Range: the inputs must be finite (NaN or infinite values raise :class:`ValueError`, as do non-finite
+    parameters). Where the joint feature or the logits overflow the promoted dtype (e.g. ``h1 = 3e38``,
+    ``h2 = -3e38`` in float32, whose difference overflows), the computation runs in a wider dtype (float32, then
+    float64) and the fields are cast back: the scores are right, and only logits beyond the dtype's range
+    saturate to ``±inf``. :meth:`forward` detects this from its logits (one small reduction and one device
+    synchronisation per call) and recomputes; :meth:`score_matrix` and :meth:`topk` choose the dtype up front from
+    a bound (the inputs' largest magnitude and the weights' row sums). Inputs too large even for float64 raise
+    :class:`ValueError`. ``"product"`` normalises with :func:`dml_bias.similarity.normalize`,
+    which does not overflow (rows of ``1e20`` are fine).
 
     Initialisation as the official PyTorch code: Xavier-uniform weights and :class:`torch.nn.Linear`'s default
     biases, :math:`\mathcal{U}(-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}})` (the TensorFlow version
@@ -280,6 +298,54 @@ class ConditionalSimilarity(nn.Module):
         check_embeddings(h2, "h2", dim=self.in_features)
         check_shape(h2, "h2", ("N", "D"), {"N": h1.shape[0]}, sources={"N": "h1.shape[0]"})
         check_same_device(h1=h1, h2=h2, weight=self.condition_layer.weight)
+        check_has_data(h1=h1, h2=h2)
+
+    def _work_dtype(
+        self, dtype: torch.dtype, first: torch.Tensor, second: torch.Tensor, names: tuple[str, str]
+    ) -> tuple[torch.dtype, float]:
+        r"""Check that the inputs and the parameters are finite; the narrowest dtype ``>= dtype`` that cannot overflow.
+
+        Returns that dtype and the inputs' largest magnitude.
+
+        One host sync for everything: the inputs' extremes (:func:`torch.aminmax`, no input-sized temporary) and
+        the weights' largest row sum of magnitudes and largest bias. With :math:`J` a bound on the joint feature's
+        magnitude (``absdiff``: the sum of the two inputs' largest magnitudes; ``concat``: the larger one;
+        ``product``: 1), every logit and every partial sum of its GEMM is at most
+        :math:`L = J \max_k \lVert W_k \rVert_1 + \max_k |b_k|`; a dtype is safe when :math:`4J` and
+        :math:`4L` fit it (the margin covers rounding and the difference of two logits).
+        """
+        layers = (self.condition_layer, self.relevance_layer)
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        bias = torch.cat([layer.bias.detach() for layer in layers])
+        parts = [*torch.aminmax(first.detach()), *torch.aminmax(second.detach())]
+        parts += [weight.abs().sum(dim=1).amax(), bias.abs().amax()]
+        values = torch.stack([t.to(torch.float64) for t in parts]).tolist()
+        for name, tensor, pair in ((names[0], first, values[0:2]), (names[1], second, values[2:4])):
+            if not all(math.isfinite(v) for v in pair):
+                check_finite(tensor, name)
+        row_sum, bias_max = values[4], values[5]
+        if not (math.isfinite(row_sum) and math.isfinite(bias_max)):
+            raise ValueError(
+                "the parameters of ConditionalSimilarity (condition_layer, relevance_layer) must be finite, got NaN "
+                "or infinite values (did the training diverge?)"
+            )
+        first_max, second_max = max(-values[0], values[1]), max(-values[2], values[3])
+        if self.joint == "absdiff":
+            joint_max = first_max + second_max
+        elif self.joint == "concat":
+            joint_max = max(first_max, second_max)
+        else:  # the rows are normalised; their norms are computed without overflow (see normalize)
+            joint_max = 1.0
+        logit_max = joint_max * row_sum + bias_max
+        for candidate in _wider_dtypes(dtype):
+            limit = torch.finfo(candidate).max / 4
+            if joint_max < limit and logit_max < limit:
+                return candidate, max(first_max, second_max)
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be small enough for the {self.joint!r} joint feature and the condition "
+            f"logits to fit float64, got largest magnitudes {first_max:.3g} and {second_max:.3g} (logits up to "
+            f"about {logit_max:.3g}); rescale the embeddings"
+        )
 
     def forward(self, h1: torch.Tensor, h2: torch.Tensor) -> ConditionalSimilarityOutput:
         """Score ``N`` pairs ``(h1[i], h2[i])``; see the class docstring.
@@ -293,7 +359,9 @@ class ConditionalSimilarity(nn.Module):
 
         Raises:
             TypeError: Non-tensor or non-floating inputs.
-            ValueError: Shapes that are not ``(N, in_features)`` for both, or different devices.
+            ValueError: Shapes that are not ``(N, in_features)`` for both, different devices, NaN or infinite
+                values (in the inputs or the parameters), or inputs too large for float64 (see the class
+                docstring).
 
         Example:
             >>> import torch
@@ -307,36 +375,63 @@ class ConditionalSimilarity(nn.Module):
             tensor([0.7311], grad_fn=<ClampBackward1>)
         """
         self._check_pair(h1, h2)
-        dtype = torch.promote_types(torch.promote_types(h1.dtype, h2.dtype), self.condition_layer.weight.dtype)
+        out_dtype = torch.promote_types(torch.promote_types(h1.dtype, h2.dtype), self.condition_layer.weight.dtype)
+        # Finite logits (one small reduction and one sync) mean finite inputs and parameters and no overflow on the
+        # way: a NaN or inf anywhere reaches them. Otherwise find the culprit, or redo the pairs in a wider dtype.
+        for dtype in _wider_dtypes(out_dtype):
+            z, r = self._logits(h1, h2, dtype)
+            extremes = torch.stack([*torch.aminmax(z.detach()), *torch.aminmax(r.detach())])
+            if all(math.isfinite(v) for v in extremes.double().tolist()):
+                break
+            self._work_dtype(dtype, h1, h2, ("h1", "h2"))  # raises for NaN/inf inputs or parameters
+        else:
+            self._work_dtype(torch.float64, h1, h2, ("h1", "h2"))  # raises: too large even for float64
+            raise ValueError("h1 and h2 give condition logits that are not finite in float64; rescale the embeddings")
+        work = compute_dtype(z, r)  # float32 for half logits, so the log-space math cannot underflow
+        log_w = torch.log_softmax(r.to(work), dim=1)
+        log_p = torch.logsumexp(log_w + F.logsigmoid(z.to(work)), dim=1)
+        if not autocast_enabled(z.device):
+            z = z.to(out_dtype)  # under autocast the logits keep autocast's dtype
+        return ConditionalSimilarityOutput(
+            score=log_p.exp().clamp(max=1.0).to(z.dtype),
+            condition_scores=torch.sigmoid(z),
+            relevance=log_w.exp().to(z.dtype),
+            condition_logits=z,
+            log_relevance=log_w.to(z.dtype),
+        )
+
+    def _logits(self, h1: torch.Tensor, h2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition and relevance logits ``(N, K)`` of the pairs, computed in ``dtype`` (dropout in training)."""
         x1, x2 = h1.to(dtype), h2.to(dtype)
         if self.dropout > 0.0 and self.training:
             x1, x2 = F.dropout(x1, self.dropout, True), F.dropout(x2, self.dropout, True)
         j = _joint(x1, x2, self.joint)
         z = F.linear(j, *self._parameters_in(self.condition_layer, dtype))
         r = F.linear(j, *self._parameters_in(self.relevance_layer, dtype))
-        work = compute_dtype(z, r)  # float32 for half logits, so the log-space math cannot underflow
-        log_w = torch.log_softmax(r.to(work), dim=1)
-        log_p = torch.logsumexp(log_w + F.logsigmoid(z.to(work)), dim=1)
-        out_dtype = z.dtype
-        return ConditionalSimilarityOutput(
-            score=log_p.exp().clamp(max=1.0).to(out_dtype),
-            condition_scores=torch.sigmoid(z),
-            relevance=log_w.exp().to(out_dtype),
-            condition_logits=z,
-            log_relevance=log_w.to(out_dtype),
-        )
+        return z, r
 
     # ------------------------------------------------------------------------------------------------------------
     # Ranking a gallery
 
-    def _check_sets(self, query: torch.Tensor, gallery: torch.Tensor, chunk_size: int | None) -> torch.dtype:
+    def _check_sets(
+        self, query: torch.Tensor, gallery: torch.Tensor, chunk_size: int | None
+    ) -> tuple[torch.dtype, torch.dtype, bool]:
+        """Validate the inputs; the result dtype, the compute dtype and whether norms need float64.
+
+        The compute dtype is the result dtype, or a wider one where the logits could overflow; the gallery's norms
+        (``"product"``) are taken in float64 where they could overflow the compute dtype.
+        """
         check_embeddings(query, "query", dim=self.in_features)
         check_embeddings(gallery, "gallery", dim=self.in_features)
         check_same_device(query=query, gallery=gallery, weight=self.condition_layer.weight)
+        check_has_data(query=query, gallery=gallery)
         _check_chunk_size(chunk_size)
-        check_finite(query, "query")  # min/max first: no input-sized temporary unless it fails
-        check_finite(gallery, "gallery")
-        return compute_dtype(query, gallery, self.condition_layer.weight)
+        dtype = compute_dtype(query, gallery, self.condition_layer.weight)
+        # Finite inputs and parameters (min/max first: no input-sized temporary unless it fails), and a dtype
+        # in which nothing overflows.
+        work, largest = self._work_dtype(dtype, query, gallery, ("query", "gallery"))
+        wide_norms = largest * math.sqrt(self.in_features) >= math.sqrt(torch.finfo(work).max) / 2
+        return dtype, work, wide_norms
 
     def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(2K, D')`` weights and ``(2K,)`` biases giving ``[-z; r]``, detached, in ``dtype``.
@@ -363,9 +458,9 @@ class ConditionalSimilarity(nn.Module):
         """
         item = torch.empty((), dtype=dtype).element_size()
         dim, k2 = self.in_features, 2 * self.num_conditions
-        # Memory that does not depend on the tiles: the stacked weights, product's gallery norms.
+        # Memory that does not depend on the tiles: the stacked weights.
         width = 2 * dim if self.joint == "concat" else dim
-        fixed = item * (k2 * (width + 1) + (num_gallery if self.joint == "product" else 0))
+        fixed = item * k2 * (width + 1)
         # Bytes per column of a prepared gallery block (its transposed copy, or its projection).
         per_column = item * (k2 if self.joint == "concat" else dim)
         # Bytes per scored pair of a tile, and per query row of a tile (the padded query tile).
@@ -403,7 +498,7 @@ class ConditionalSimilarity(nn.Module):
         return _Plan(gallery_block, tile_query, tile_gallery, chunk, nbytes)
 
     def _scored_tiles(
-        self, query: torch.Tensor, gallery: torch.Tensor, dtype: torch.dtype, plan: _Plan
+        self, query: torch.Tensor, gallery: torch.Tensor, dtype: torch.dtype, plan: _Plan, wide_norms: bool = False
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield ``(row, column, scores)`` tiles covering the ``(Q, G)`` score matrix, gallery columns in order.
 
@@ -416,8 +511,6 @@ class ConditionalSimilarity(nn.Module):
         weight, bias = self._stacked(dtype)
         num_query, num_gallery = query.shape[0], gallery.shape[0]
         device = query.device
-        if self.joint == "product":
-            gallery_norm = torch.linalg.vector_norm(gallery, dim=1, dtype=dtype).clamp_min_(1e-12)
         # Buffers reused by every tile: one tile's memory at a time, and no page faults on fresh allocations.
         q_tile = torch.zeros(tq, dim, dtype=dtype, device=device)
         logits_buffer = torch.empty(tq * 2 * num_k * tg, dtype=dtype, device=device)
@@ -445,7 +538,10 @@ class ConditionalSimilarity(nn.Module):
                 prepared = torch.zeros(dim, width, dtype=dtype, device=device)  # (D, width): gallery columns
                 prepared[:, :num_cols].copy_(rows.T)
                 if self.joint == "product":
-                    prepared[:, :num_cols].div_(gallery_norm[g0 : g0 + num_cols])
+                    # With wide_norms in float64: the squares of a float32 row of 1e20 overflow float32.
+                    norm_dtype = torch.float64 if wide_norms else dtype
+                    norm = torch.linalg.vector_norm(rows, dim=1, dtype=norm_dtype).clamp_min_(1e-12)
+                    prepared[:, :num_cols].div_(norm)
             for q0 in range(0, num_query, tq):
                 nq = min(tq, num_query - q0)
                 q_tile[:nq] = query[q0 : q0 + nq]
@@ -502,7 +598,8 @@ class ConditionalSimilarity(nn.Module):
         results within one GEMM shape).
 
         Precision: float32, or float64 if the query, the gallery or the parameters are float64 (half inputs
-        are upcast); matmuls follow torch's precision settings (TF32 if the user enabled it).
+        are upcast); matmuls follow torch's precision settings (TF32 if the user enabled it). Inputs large enough
+        to overflow float32 logits (see the class docstring) are scored in float64 and returned in float32.
 
         Args:
             query: ``(Q, D)`` floating-point embeddings; must be finite.
@@ -518,8 +615,8 @@ class ConditionalSimilarity(nn.Module):
 
         Raises:
             TypeError: Non-tensor or non-floating inputs; ``chunk_size`` not an integer.
-            ValueError: Wrong shapes, ``D != in_features``, different devices, NaN/inf values,
-                ``chunk_size < 1``.
+            ValueError: Wrong shapes, ``D != in_features``, different devices, NaN/inf values (in the inputs or
+                the parameters), inputs too large for float64, ``chunk_size < 1``.
 
         Example:
             >>> import torch
@@ -530,16 +627,16 @@ class ConditionalSimilarity(nn.Module):
             >>> torch.allclose(s[1, 3], head(q[1:2], g[3:4]).score[0])
             True
         """
-        dtype = self._check_sets(query, gallery, chunk_size)
+        out_dtype, dtype, wide_norms = self._check_sets(query, gallery, chunk_size)
         # The same plan as topk (its merge memory included), so both see bit-identical scores.
         plan = self._plan(
             query.shape[0], gallery.shape[0], dtype, query.device, chunk_size, MEMORY_BUDGET, _merge_bytes(dtype)
         )
         out = torch.empty(query.shape[0], gallery.shape[0], dtype=dtype, device=query.device)
         with torch.no_grad():
-            for q0, g0, scores in self._scored_tiles(query, gallery, dtype, plan):
+            for q0, g0, scores in self._scored_tiles(query, gallery, dtype, plan, wide_norms):
                 out[q0 : q0 + scores.shape[0], g0 : g0 + scores.shape[1]] = scores
-        return out
+        return out.to(out_dtype)
 
     def topk(
         self, query: torch.Tensor, gallery: torch.Tensor, k: int, *, chunk_size: int | None = None
@@ -577,7 +674,7 @@ class ConditionalSimilarity(nn.Module):
             >>> bool((scores[:, 0::2] == scores[:, 1::2]).all()), bool((idx[:, 0::2] + 3 == idx[:, 1::2]).all())
             (True, True)
         """
-        dtype = self._check_sets(query, gallery, chunk_size)
+        out_dtype, dtype, wide_norms = self._check_sets(query, gallery, chunk_size)
         check_number(k, "k", low=1, high=gallery.shape[0], integer=True)
         num_query = query.shape[0]
         # The merge concatenates a tile's scores and indices with the running top-k and sorts them.
@@ -588,7 +685,7 @@ class ConditionalSimilarity(nn.Module):
         best_scores = torch.full((num_query, k), -1.0, dtype=dtype, device=query.device)
         best_index = torch.full((num_query, k), -1, dtype=torch.long, device=query.device)
         with torch.no_grad():
-            for q0, g0, scores in self._scored_tiles(query, gallery, dtype, plan):
+            for q0, g0, scores in self._scored_tiles(query, gallery, dtype, plan, wide_norms):
                 rows = slice(q0, q0 + scores.shape[0])
                 index = torch.arange(g0, g0 + scores.shape[1], device=query.device).expand_as(scores)
                 cand_scores = torch.cat([best_scores[rows], scores], dim=1)
@@ -596,7 +693,7 @@ class ConditionalSimilarity(nn.Module):
                 order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices[:, :k]
                 best_scores[rows] = cand_scores.gather(1, order)
                 best_index[rows] = cand_index.gather(1, order)
-        return best_scores, best_index
+        return best_scores.to(out_dtype), best_index
 
     def extra_repr(self) -> str:
         """The configuration shown by ``repr``."""
@@ -613,6 +710,7 @@ class ConditionalSimilarity(nn.Module):
 def _as_binary(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x != 0`` as a bool tensor; raise unless every value is 0 or 1 (or ``x`` is bool)."""
     check_tensor(x, name)
+    check_has_data(**{name: x})
     if x.dtype.is_complex:
         raise TypeError(f"{name} must be a bool, integer or floating tensor of 0/1 values, got {describe(x)}")
     if x.dtype == torch.bool:
@@ -669,8 +767,9 @@ def attribute_gate(
     Args:
         a1: ``(N, A)`` attributes of the first items: bool, or integer/floating holding only 0 and 1.
         a2: ``(N, A)`` attributes of the second items, same rules.
-        gate: A name from :data:`GATES`, or a callable ``gate(a1_bool, a2_bool)`` receiving the two inputs as
-            bool tensors and returning an ``(N, W)`` tensor of binary values (any ``W >= 1``).
+        gate: A name from :data:`GATES`, or a callable ``gate(a1_bool, a2_bool)`` receiving bool copies of the
+            two inputs (so an in-place callable leaves ``a1`` and ``a2`` unchanged) and returning an ``(N, W)``
+            tensor of binary values (any ``W >= 1``).
 
     Returns:
         ``(N, A)`` (``(N, 2A)`` for ``"and_xor"``, ``(N, W)`` for a callable) targets of 0.0 and 1.0, in the
@@ -701,7 +800,7 @@ def attribute_gate(
     x, y = _as_binary(a1, "a1"), _as_binary(a2, "a2")
     dtype = _gate_dtype(a1, a2)
     if callable(gate):
-        out = gate(x, y)
+        out = gate(x.clone(), y.clone())  # copies: a bool a1 is x itself, and the callable may work in place
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 1:
             got = describe(out)
             raise ValueError(f"gate(a1, a2) must return a tensor of shape ({x.shape[0]}, W) with W >= 1, got {got}")
@@ -758,9 +857,9 @@ def pan_loss(
 
     Raises:
         TypeError: ``output`` is not a :class:`ConditionalSimilarityOutput`; a bad dtype; a bad ``gate`` type.
-        ValueError: ``lam < 0``, an unknown gate or reduction, shapes that do not match, non-binary labels,
-            attributes or certainties, ``a1`` without ``a2`` (or certainties without attributes), or fewer
-            conditions than targets (``K < A_t``).
+        ValueError: ``lam < 0``, an unknown gate or reduction, shapes that do not match, NaN or infinite
+            logits, non-binary labels, attributes or certainties, ``a1`` without ``a2`` (or certainties without
+            attributes), or fewer conditions than targets (``K < A_t``).
 
     Example:
         >>> import torch
@@ -790,6 +889,10 @@ def pan_loss(
     num_pairs, num_k = sizes["N"], sizes["K"]
     if num_pairs < 1:
         raise ValueError(f"output must hold at least one pair, got condition_logits of {describe(logits)}")
+    check_same_device(condition_logits=logits, log_relevance=log_w)
+    check_has_data(**{"output.condition_logits": logits, "output.log_relevance": log_w})
+    check_finite(logits, "output.condition_logits")
+    check_finite(log_w, "output.log_relevance")
     check_tensor(target, "target")
     check_shape(target, "target", ("N",), sizes, sources=sources)
     label = _as_binary(target, "target")

@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import check_dtype, check_factory_kwargs, check_number, check_shape, check_tensor, describe
+from dml_bias._checks import (
+    check_dtype,
+    check_factory_kwargs,
+    check_finite,
+    check_number,
+    check_shape,
+    check_tensor,
+    describe,
+)
+from dml_bias.heads._inputs import check_has_data
 
 __all__ = ["GeM", "gem"]
 
@@ -41,6 +50,7 @@ def _check_power(p: Any) -> None:
     """``p`` must be a positive finite number or a one-element floating tensor holding one."""
     if isinstance(p, torch.Tensor):
         check_dtype(p, "p", "floating")
+        check_has_data(p=p)
         if p.numel() != 1:
             raise ValueError(f"p must be a number or a one-element tensor, got {describe(p)}")
         value = float(p.detach().reshape(()))
@@ -68,7 +78,7 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
     output of a convolution); it never exceeds ``x.max()``, so it fits that dtype.
 
     Args:
-        x: ``(N, C, H, W)`` floating-point feature map with ``H * W >= 1``; not modified.
+        x: ``(N, C, H, W)`` floating-point feature map with ``H * W >= 1``, finite; not modified.
         p: the power :math:`p > 0`: a number, or a one-element floating tensor (e.g. a learnable
             :class:`torch.nn.Parameter`; gradients flow into it). A tensor ``p`` is validated too, which reads its
             value (a device synchronisation on CUDA).
@@ -79,7 +89,8 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
 
     Raises:
         TypeError: if ``x`` is not a floating-point tensor, or ``p`` is neither a number nor a floating tensor.
-        ValueError: if ``x`` is not 4-D or has no spatial positions, or ``p`` or ``eps`` is not positive.
+        ValueError: if ``x`` is not 4-D, has no spatial positions or holds NaN or infinite values, or ``p`` or
+            ``eps`` is not positive.
 
     Example:
         >>> import torch
@@ -97,6 +108,8 @@ def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> to
         raise ValueError(f"x must have at least one spatial position (H * W >= 1), got {describe(x)}")
     _check_power(p)
     check_number(eps, "eps", low=0.0, low_inclusive=False)
+    check_has_data(x=x, p=p if isinstance(p, torch.Tensor) else None)
+    check_finite(x, "x")  # a NaN would otherwise become the channel's peak and its pooled value
     compute = torch.promote_types(torch.float32, x.dtype)
     if isinstance(p, torch.Tensor):
         compute = torch.promote_types(compute, p.dtype)

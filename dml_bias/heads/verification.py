@@ -55,7 +55,8 @@ count is the float64 count: the same on every device and for every chunking.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -71,6 +72,7 @@ from dml_bias._checks import (
     describe,
 )
 from dml_bias._compat import reduced_precision_fp32_matmul
+from dml_bias.heads._inputs import check_has_data
 
 __all__ = ["rerank", "spatial_verification"]
 
@@ -530,8 +532,8 @@ def spatial_verification(
         residual_threshold: An inlier's residual must be strictly below this, in pixels, ``>= 0`` (DELG: 20).
         max_trials: Number of RANSAC hypotheses per candidate, ``>= 1`` (DELG: 1000).
         ratio_test: ``None`` (default, as DELG), or :math:`r \in (0, 1]`: also require :math:`d_1 < r\,d_2`.
-        seed: Seed of the CPU :class:`torch.Generator` that draws the samples; the same seed and inputs give the
-            same counts, on any device and for any ``trials_per_chunk``.
+        seed: Seed of the CPU :class:`torch.Generator` that draws the samples, in ``[-2**63, 2**64 - 1]``; the
+            same seed and inputs give the same counts, on any device and for any ``trials_per_chunk``.
         trials_per_chunk: Hypotheses evaluated at once (``None``: chosen from the block size). Changes speed and
             memory only, never the result.
 
@@ -558,6 +560,7 @@ def spatial_verification(
     """
     check_tensor(query_locations, "query_locations")
     check_tensor(query_descriptors, "query_descriptors")
+    check_has_data(query_locations=query_locations, query_descriptors=query_descriptors)
     dim = _check_features(query_locations, query_descriptors, "query_locations", "query_descriptors", None)
     check_same_device(query_locations=query_locations, query_descriptors=query_descriptors)
     device = query_locations.device
@@ -568,6 +571,7 @@ def spatial_verification(
     # tensors are checked: rows past a candidate's length are zeros there.
     check_finite(query_locations, "query_locations")
     check_finite(query_descriptors, "query_descriptors")
+    check_has_data(index_locations=locations, index_descriptors=descriptors)
     check_finite(locations, "index_locations")
     check_finite(descriptors, "index_descriptors")
     if not (isinstance(descriptor_threshold, (int, float)) and descriptor_threshold == math.inf):
@@ -576,7 +580,7 @@ def spatial_verification(
     check_number(max_trials, "max_trials", low=1, integer=True)
     if ratio_test is not None:
         check_number(ratio_test, "ratio_test", low=0.0, high=1.0, low_inclusive=False)
-    check_number(seed, "seed", integer=True)
+    check_number(seed, "seed", low=-(2**63), high=2**64 - 1, integer=True)  # what torch.Generator accepts
     if trials_per_chunk is not None:
         check_number(trials_per_chunk, "trials_per_chunk", low=1, integer=True)
 
@@ -600,6 +604,28 @@ def spatial_verification(
         int(seed),
         trials_per_chunk,
     )
+
+
+def _junk_ids(entry: Any, name: str) -> torch.Tensor:
+    """One query's junk: an iterable of integer database indices (a 1-D integer tensor or array too) as int64."""
+    if isinstance(entry, torch.Tensor):
+        if entry.ndim != 1 or entry.dtype.is_floating_point or entry.dtype.is_complex or entry.dtype == torch.bool:
+            raise TypeError(f"{name} must be an iterable of integer database indices, got {describe(entry)}")
+        return entry.detach().to("cpu", torch.long)
+    if isinstance(entry, (str, bytes, Mapping)) or not isinstance(entry, Iterable):
+        raise TypeError(
+            f"{name} must be an iterable of integer database indices (one per query: junk=[[5]], not junk=[5]), "
+            f"got {describe(entry)}"
+        )
+    ids = []
+    for value in entry:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            ids.append(operator.index(value))  # Python and NumPy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"{name} must hold integer database indices, got an element {value!r}") from None
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _check_feature_sequence(value: Any, name: str, length: int | None, length_source: str) -> None:
@@ -680,6 +706,7 @@ def rerank(
     check_dtype(ranks, "ranks", "integer")
     sizes = check_shape(ranks, "ranks", ("Q", "R"))
     check_tensor(scores, "scores")
+    check_has_data(ranks=ranks, scores=scores)
     check_shape(scores, "scores", ("Q", "R"), sizes, sources={"Q": "ranks.shape[0]", "R": "ranks.shape[1]"})
     check_dtype(scores, "scores", "floating")
     check_finite(scores, "scores")
@@ -691,6 +718,7 @@ def rerank(
     _check_feature_sequence(query_descriptors, "query_descriptors", num_queries, "ranks.shape[0]")
     _check_feature_sequence(index_locations, "index_locations", None, "")
     _check_feature_sequence(index_descriptors, "index_descriptors", len(index_locations), "len(index_locations)")
+    junk_lists: list[torch.Tensor] | None = None
     if junk is not None:
         if not isinstance(junk, Sequence) or isinstance(junk, (str, bytes)):
             raise TypeError(
@@ -698,6 +726,7 @@ def rerank(
             )
         if len(junk) != num_queries:
             raise ValueError(f"junk must have {num_queries} entries (ranks.shape[0]), got {len(junk)}")
+        junk_lists = [_junk_ids(entry, f"junk[{q}]") for q, entry in enumerate(junk)]
     ranks_cpu = ranks.detach().to("cpu", torch.long)
     scores_cpu = scores.detach().to("cpu", torch.float64)
     if ranks_cpu.numel():
@@ -713,8 +742,8 @@ def rerank(
     for q in range(num_queries):
         row = ranks_cpu[q]
         usable = torch.ones(width, dtype=torch.bool)
-        if junk is not None:
-            junk_ids = torch.as_tensor(list(junk[q]), dtype=torch.long)
+        if junk_lists is not None:
+            junk_ids = junk_lists[q]
             usable = ~torch.isin(row, junk_ids)
         positions = usable.nonzero().flatten()[:num_to_rerank]
         ids = row[positions].tolist()

@@ -31,9 +31,28 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias.distances import BaseDistance
 from dml_bias.similarity import METRICS, is_similarity, normalize, pairwise
 
 IndicesTuple = tuple[torch.Tensor, ...]
+
+#: What ``distance=`` accepts: a metric name of :data:`~dml_bias.similarity.METRICS` or a distance object.
+Distance = str | BaseDistance
+
+
+def resolve_distance(distance: Distance) -> Distance:
+    """Validate ``distance=``; a distance object equal to a metric name becomes that name (the same code path)."""
+    check_metric(distance)
+    if isinstance(distance, BaseDistance):
+        return distance.metric or distance
+    return distance
+
+
+def needs_nonzero_rows(distance: Distance) -> bool:
+    """Whether the metric normalises the rows (a zero row then has no direction)."""
+    if isinstance(distance, BaseDistance):
+        return distance.normalize_embeddings
+    return distance != "dot"
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -70,7 +89,7 @@ def normalize_rows(x: torch.Tensor, source_dtype: torch.dtype) -> torch.Tensor:
 def similarity_matrix(
     x: torch.Tensor,
     y: torch.Tensor | None,
-    distance: str,
+    distance: Distance,
     x_dtype: torch.dtype,
     y_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -79,6 +98,8 @@ def similarity_matrix(
     ``x``/``y`` are the upcast tensors; ``x_dtype``/``y_dtype`` the dtypes the caller passed them in. Identical to
     ``pairwise(x, y, distance)`` for float32/float64/bfloat16 inputs.
     """
+    if isinstance(distance, BaseDistance):
+        return distance(x, y)
     if distance == "dot":
         return pairwise(x, y, "dot")
     xn = normalize_rows(x, x_dtype)
@@ -97,9 +118,23 @@ def no_autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
-def check_metric(distance: str) -> None:
-    """Validate the ``distance=`` argument."""
+def check_metric(distance: Distance) -> None:
+    """Validate the ``distance=`` argument: a metric name or a :mod:`dml_bias.distances` object."""
+    if isinstance(distance, BaseDistance):
+        return
+    if not isinstance(distance, str):
+        raise TypeError(
+            f"distance must be one of {', '.join(map(repr, METRICS))} or a dml_bias.distances object (e.g. "
+            f"CosineSimilarity()), got {describe(distance)}"
+        )
     check_choice(distance, "distance", METRICS)
+
+
+def distance_is_similarity(distance: Distance) -> bool:
+    """Whether larger values of ``distance`` mean closer."""
+    if isinstance(distance, BaseDistance):
+        return distance.is_inverted
+    return is_similarity(distance)
 
 
 def check_positive(value: float, name: str) -> None:
@@ -107,19 +142,25 @@ def check_positive(value: float, name: str) -> None:
     check_number(value, name, low=0.0, low_inclusive=False)
 
 
+def check_bool(value: object, name: str) -> None:
+    """A ``bool`` flag."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+
+
 def check_nonnegative(value: float, name: str) -> None:
     """A finite number ``>= 0`` (margins where a negative value is meaningless)."""
     check_number(value, name, low=0.0)
 
 
-def check_contrastive_margins(pos_margin: float, neg_margin: float, distance: str) -> None:
+def check_contrastive_margins(pos_margin: float, neg_margin: float, distance: Distance) -> None:
     """Contrastive margins: finite, and ordered as the hinges need.
 
     With a distance: ``0 <= pos_margin <= neg_margin`` (positives are pulled inside ``pos_margin``, negatives pushed
     beyond ``neg_margin``). With a similarity, where larger is closer: ``pos_margin >= neg_margin``.
     """
     check_metric(distance)
-    if is_similarity(distance):
+    if distance_is_similarity(distance):
         check_number(pos_margin, "pos_margin")
         check_number(neg_margin, "neg_margin")
         if pos_margin < neg_margin:
@@ -224,8 +265,10 @@ class Batch:
     def num_cols(self) -> int:
         return self.x.shape[0] if self.y is None else self.y.shape[0]
 
-    def matrix(self, distance: str) -> torch.Tensor:
+    def matrix(self, distance: Distance) -> torch.Tensor:
         """The ``(N, M)`` similarity/distance matrix in the compute dtype."""
+        if isinstance(distance, BaseDistance):
+            return distance(self.x, self.y)
         if distance == "euclidean":
             # A fused fast path: torch.cdist has its own backward kernel (zero gradient at zero distance, like
             # pairwise), which is ~1.6x faster on CPU at N = 2048 than autograd through pairwise's expanded
@@ -243,7 +286,7 @@ def prepare_batch(
     ref_emb: torch.Tensor | None,
     ref_labels: torch.Tensor | None,
     *,
-    distance: str,
+    distance: Distance,
     labels_required: bool = False,
     extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Batch:
@@ -293,7 +336,7 @@ def prepare_batch(
     # On the upcast copies: no float16 norm overflow, and no extra copy (a float32 input is used as it is).
     check_rows_finite(
         {"embeddings": x, **({} if y is None else {"ref_emb": y}), **upcast},
-        nonzero=distance != "dot",
+        nonzero=needs_nonzero_rows(distance),
         originals={"embeddings": embeddings, **({} if ref_emb is None else {"ref_emb": ref_emb}), **extra},
     )
     m = n if y is None else y.shape[0]
@@ -370,6 +413,24 @@ def pair_masks(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, neg
 
 
+def entries(mat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``mat[rows, cols]`` as a flat ``gather``, whose backward is a ``scatter_add``.
+
+    On the CPU that is about 7x faster than the accumulating ``index_put`` that advanced indexing back-propagates
+    through (2 ms against 13.5 ms for 500k pairs of a 512 x 1024 matrix, fp32, one thread).
+    """
+    flat = rows * mat.shape[1]
+    flat += cols  # in place: one index-sized temporary
+    return torch.gather(mat.reshape(-1), 0, flat)
+
+
+def all_triplets(pos: torch.Tensor, neg: torch.Tensor) -> IndicesTuple:
+    """Every triplet ``(a, p, n)`` of the ``(N, M)`` masks, in lexicographic order, in O(|P| M) memory."""
+    a, p = torch.nonzero(pos, as_tuple=True)
+    k, n = torch.nonzero(neg[a], as_tuple=True)
+    return a[k], p[k], n
+
+
 def convert_to_triplets(pairs: IndicesTuple) -> IndicesTuple:
     """Triplets from pairs: each positive pair (a, p) with every negative pair (a, n) of the same anchor."""
     if len(pairs) == 3:
@@ -392,6 +453,6 @@ def miner_weights(indices_tuple: IndicesTuple | None, num_rows: int, dtype: torc
     return counts / counts.max()
 
 
-def similarity_sign(distance: str) -> float:
+def similarity_sign(distance: Distance) -> float:
     """``+1`` for similarities (larger is closer), ``-1`` for distances: ``sign * mat`` is a similarity."""
-    return 1.0 if is_similarity(distance) else -1.0
+    return 1.0 if distance_is_similarity(distance) else -1.0

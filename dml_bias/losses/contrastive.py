@@ -2,9 +2,11 @@ r"""Contrastive (pair hinge) loss :cite:`hadsell2006contrastive`."""
 
 from __future__ import annotations
 
+from dml_bias.distances import BaseDistance
 from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
 from dml_bias.losses.functional import contrastive_loss
+from dml_bias.reducers import BaseReducer, check_reducer
 
 __all__ = ["ContrastiveLoss"]
 
@@ -29,7 +31,11 @@ class ContrastiveLoss(PairLossModule):
     Args:
         pos_margin: :math:`m^+` (``>= 0`` with a distance).
         neg_margin: :math:`m^-` (``>= 0`` with a distance).
-        distance: ``"euclidean"`` (default), ``"squared_euclidean"``, ``"cosine"`` or ``"dot"``.
+        distance: ``"euclidean"`` (default), ``"squared_euclidean"``, ``"cosine"``, ``"dot"`` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer, applied to each of the
+            sub-losses ``pos_loss`` (``pos_pair``) and ``neg_loss`` (``neg_pair``), which are then summed;
+            ``None``: PML's ``AvgNonZeroReducer``.
 
     Shape:
         ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
@@ -45,11 +51,20 @@ class ContrastiveLoss(PairLossModule):
     """
 
     _functional = staticmethod(contrastive_loss)
-    _hyper = ("pos_margin", "neg_margin", "distance")
+    _hyper = ("pos_margin", "neg_margin", "distance", "reducer")
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, *, distance: str = "euclidean") -> None:
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        *,
+        distance: str | BaseDistance = "euclidean",
+        reducer: BaseReducer | None = None,
+    ) -> None:
         super().__init__()
         C.check_contrastive_margins(pos_margin, neg_margin, distance)
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
         self.distance = distance
+        check_reducer(reducer)
+        self.reducer = reducer

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dml_bias._checks import check_labels
 from dml_bias.losses import _common as C
+from dml_bias.reducers import BaseReducer, LossDict, check_reducer
 
 __all__ = [
     "arcface_loss",
@@ -31,6 +32,24 @@ __all__ = [
 ]
 
 Indices = Sequence[torch.Tensor] | None
+Distance = C.Distance
+
+
+def _reduce(
+    reducer: BaseReducer, loss_dict: LossDict, embeddings: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """Apply a user's reducer; the zeros it makes keep the graph of the (original) embeddings."""
+    return reducer(loss_dict, embeddings, labels)
+
+
+def _entry(losses: torch.Tensor, indices: object, reduction_type: str, **extra: object) -> dict[str, object]:
+    """One sub-loss of a loss dictionary; no element at all becomes PML's integer 0."""
+    return {
+        "losses": losses if losses.numel() > 0 else 0,
+        "indices": indices,
+        "reduction_type": reduction_type,
+        **extra,
+    }
 
 
 def multi_similarity_loss(
@@ -43,7 +62,8 @@ def multi_similarity_loss(
     alpha: float = 2.0,
     beta: float = 50.0,
     base: float = 0.5,
-    distance: str = "cosine",
+    distance: Distance = "cosine",
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
     r"""Multi-Similarity loss :cite:`wang2019multi`; see :class:`~dml_bias.losses.MultiSimilarityLoss`.
 
@@ -57,7 +77,9 @@ def multi_similarity_loss(
         alpha: positive scale :math:`\alpha > 0`.
         beta: negative scale :math:`\beta > 0`.
         base: the offset :math:`\lambda`.
-        distance: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        distance: ``"cosine"``, ``"dot"``, ``"euclidean"``, ``"squared_euclidean"`` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-anchor losses (``element``); ``None``: their mean.
 
     Returns:
         A scalar tensor.
@@ -71,7 +93,8 @@ def multi_similarity_loss(
     C.check_positive(alpha, "alpha")
     C.check_positive(beta, "beta")
     C.check_number(base, "base")
-    C.check_metric(distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
     batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         pos_mask, neg_mask = C.pair_masks(batch)
@@ -79,6 +102,9 @@ def multi_similarity_loss(
         shifted = sim - (C.similarity_sign(distance) * base)
         pos = C.masked_logsumexp(-alpha * shifted, pos_mask, dim=1, add_one=True) / alpha
         neg = C.masked_logsumexp(beta * shifted, neg_mask, dim=1, add_one=True) / beta
+        if reducer is not None:
+            rows = torch.arange(pos.shape[0], device=pos.device)
+            return _reduce(reducer, {"loss": _entry(pos + neg, rows, "element")}, embeddings, labels)
         return (pos + neg).mean()
 
 
@@ -90,7 +116,8 @@ def proxy_anchor_loss(
     *,
     margin: float = 0.1,
     alpha: float = 32.0,
-    distance: str = "cosine",
+    distance: Distance = "cosine",
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
     r"""Proxy-Anchor loss :cite:`kim2020proxy`; see :class:`~dml_bias.losses.ProxyAnchorLoss`.
 
@@ -102,7 +129,9 @@ def proxy_anchor_loss(
             ``count / max count`` and :math:`w - 1` is added inside both exponents.
         margin: :math:`\delta \ge 0`.
         alpha: :math:`\alpha > 0`.
-        distance: ``"cosine"`` (default) or another metric of :func:`dml_bias.similarity.pairwise`.
+        distance: ``"cosine"`` (default), another metric of :func:`dml_bias.similarity.pairwise` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer (see :class:`~dml_bias.losses.ProxyAnchorLoss`).
 
     Returns:
         A scalar tensor.
@@ -115,7 +144,8 @@ def proxy_anchor_loss(
     """
     C.check_nonnegative(margin, "margin")
     C.check_positive(alpha, "alpha")
-    C.check_metric(distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
     batch = C.prepare_batch(
         embeddings,
         labels,
@@ -142,6 +172,13 @@ def proxy_anchor_loss(
         pos_term = C.masked_logsumexp(pos_exp, pos_mask, dim=0, add_one=True)
         neg_term = C.masked_logsumexp(neg_exp, ~pos_mask, dim=0, add_one=True)
         num_pos_proxies = pos_mask.any(dim=0).sum().clamp_min(1)
+        if reducer is not None:
+            classes = torch.arange(num_classes, device=p.device)
+            loss_dict = {
+                "pos_loss": _entry(pos_term, classes, "element", divisor=num_pos_proxies),
+                "neg_loss": _entry(neg_term, classes, "element", divisor=num_classes),
+            }
+            return _reduce(reducer, loss_dict, embeddings, labels)
         return pos_term.sum() / num_pos_proxies + neg_term.sum() / num_classes
 
 
@@ -162,7 +199,8 @@ def contrastive_loss(
     *,
     pos_margin: float = 0.0,
     neg_margin: float = 1.0,
-    distance: str = "euclidean",
+    distance: Distance = "euclidean",
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
     r"""Contrastive (pair hinge) loss :cite:`hadsell2006contrastive`; see :class:`~dml_bias.losses.ContrastiveLoss`.
 
@@ -174,7 +212,10 @@ def contrastive_loss(
         ref_labels: ``(M,)`` labels of ``ref_emb``.
         pos_margin: :math:`m^+` (``>= 0`` with a distance).
         neg_margin: :math:`m^-` (``>= 0`` with a distance).
-        distance: ``"euclidean"`` (default, on L2-normalised embeddings) or another metric.
+        distance: ``"euclidean"`` (default, on L2-normalised embeddings), another metric name or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer applied to the sub-losses ``pos_loss`` (``pos_pair``) and
+            ``neg_loss`` (``neg_pair``), then summed; ``None``: PML's ``AvgNonZeroReducer``.
 
     Returns:
         A scalar tensor.
@@ -186,22 +227,41 @@ def contrastive_loss(
         tensor(2.4142)
     """
     C.check_contrastive_margins(pos_margin, neg_margin, distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
     batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         mat = batch.matrix(distance)
         # PML's margin(): hinge on (d - m+) and (m- - d) for distances, flipped for similarities.
         sign = C.similarity_sign(distance)
         pairs = C.convert_to_pairs(batch)
+        if reducer is not None:
+            if pairs is None:  # every pair, in row-major order: masked_select saves only the boolean masks
+                pos_mask, neg_mask = C.pair_masks(batch)
+                a1, p = torch.nonzero(pos_mask, as_tuple=True)
+                a2, n = torch.nonzero(neg_mask, as_tuple=True)
+                pos_vals, neg_vals = torch.masked_select(mat, pos_mask), torch.masked_select(mat, neg_mask)
+            else:
+                a1, p, a2, n = pairs
+                pos_vals, neg_vals = C.entries(mat, a1, p), C.entries(mat, a2, n)
+            # PML's margin(): (d - m+) and (m- - d) for distances, flipped for similarities (one temporary each)
+            pos_hinge = F.relu(pos_vals - pos_margin) if sign < 0 else F.relu(pos_margin - pos_vals)
+            neg_hinge = F.relu(neg_margin - neg_vals) if sign < 0 else F.relu(neg_vals - neg_margin)
+            loss_dict = {
+                "pos_loss": _entry(pos_hinge, (a1, p), "pos_pair"),
+                "neg_loss": _entry(neg_hinge, (a2, n), "neg_pair"),
+            }
+            return _reduce(reducer, loss_dict, embeddings, labels)
         if pairs is None:
             pos_mask, neg_mask = C.pair_masks(batch)
             # Positive pairs are few: gather them. Negatives are most of the matrix: stay dense.
             a1, p = torch.nonzero(pos_mask, as_tuple=True)
-            pos_vals = F.relu(-sign * (mat[a1, p] - pos_margin))
+            pos_vals = F.relu(-sign * (C.entries(mat, a1, p) - pos_margin))
             neg_hinge = F.relu(sign * (mat - neg_margin))
             return _avg_nonzero(pos_vals, None) + _avg_nonzero(neg_hinge, neg_mask)
         a1, p, a2, n = pairs
-        pos_vals = F.relu(-sign * (mat[a1, p] - pos_margin))
-        neg_vals = F.relu(sign * (mat[a2, n] - neg_margin))
+        pos_vals = F.relu(-sign * (C.entries(mat, a1, p) - pos_margin))
+        neg_vals = F.relu(sign * (C.entries(mat, a2, n) - neg_margin))
         return _avg_nonzero(pos_vals, None) + _avg_nonzero(neg_vals, None)
 
 
@@ -213,7 +273,10 @@ def triplet_margin_loss(
     ref_labels: torch.Tensor | None = None,
     *,
     margin: float = 0.05,
-    distance: str = "euclidean",
+    distance: Distance = "euclidean",
+    reducer: BaseReducer | None = None,
+    swap: bool = False,
+    smooth_loss: bool = False,
 ) -> torch.Tensor:
     r"""Triplet margin loss :cite:`schroff2015facenet`; see :class:`~dml_bias.losses.TripletMarginLoss`.
 
@@ -229,10 +292,17 @@ def triplet_margin_loss(
         ref_emb: ``(M, D)`` reference embeddings (positives/negatives); ``None`` uses ``embeddings``.
         ref_labels: ``(M,)`` labels of ``ref_emb``.
         margin: :math:`m \ge 0`.
-        distance: ``"euclidean"`` (default, on L2-normalised embeddings) or another metric.
+        distance: ``"euclidean"`` (default, on L2-normalised embeddings), another metric name or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-triplet losses (reduction type ``"triplet"``);
+            ``None``: the mean of the positive ones (PML's ``AvgNonZeroReducer``).
+        swap: replace :math:`d_{an}` by :math:`\min(d_{an}, d_{pn})` (the distance swap of
+            (Balntas et al., BMVC 2016)); not with ``ref_emb``.
+        smooth_loss: use :math:`\operatorname{softplus}` instead of the hinge.
 
     Returns:
-        A scalar tensor: the mean over triplets with a positive loss (0 if there is none).
+        A scalar tensor: the mean over triplets with a positive loss (0 if there is none), or the reducer's
+        result.
 
     Example:
         >>> import torch
@@ -241,15 +311,34 @@ def triplet_margin_loss(
         tensor(0.7934)
     """
     C.check_nonnegative(margin, "margin")
-    C.check_metric(distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
+    C.check_bool(swap, "swap")
+    C.check_bool(smooth_loss, "smooth_loss")
     batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    if swap and batch.y is not None:
+        raise ValueError("swap=True compares positives with negatives of embeddings; it is not supported with ref_emb")
     with C.no_autocast(embeddings.device):
         # A "distance" in both cases: larger = farther.
         dist = -C.similarity_sign(distance) * batch.matrix(distance)
         pairs_or_triplets = batch.indices_tuple
+        if reducer is not None or swap or smooth_loss:
+            # Per-triplet losses (PML's form): every triplet is listed (one entry per triplet).
+            if pairs_or_triplets is not None:
+                a, p, n = C.convert_to_triplets(pairs_or_triplets)
+            else:
+                a, p, n = C.all_triplets(*C.pair_masks(batch))
+            an = C.entries(dist, a, n)
+            if swap:
+                an = torch.minimum(an, C.entries(dist, p, n))
+            violation = C.entries(dist, a, p) - an + margin
+            losses = F.softplus(violation) if smooth_loss else F.relu(violation)
+            if reducer is None:
+                return _avg_nonzero(losses, None)
+            return _reduce(reducer, {"loss": _entry(losses, (a, p, n), "triplet")}, embeddings, labels)
         if pairs_or_triplets is not None:
             a, p, n = C.convert_to_triplets(pairs_or_triplets)
-            return _avg_nonzero(dist[a, p] - dist[a, n] + margin, None)
+            return _avg_nonzero(C.entries(dist, a, p) - C.entries(dist, a, n) + margin, None)
         pos_mask, neg_mask = C.pair_masks(batch)
         big = torch.finfo(dist.dtype).max
         neg_sorted, _ = torch.sort(dist.masked_fill(~neg_mask, big), dim=1)
@@ -272,7 +361,8 @@ def ntxent_loss(
     ref_labels: torch.Tensor | None = None,
     *,
     temperature: float = 0.07,
-    distance: str = "cosine",
+    distance: Distance = "cosine",
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
     r"""NT-Xent / InfoNCE loss :cite:`chen2020simclr`; see :class:`~dml_bias.losses.NTXentLoss`.
 
@@ -286,7 +376,9 @@ def ntxent_loss(
         ref_emb: ``(M, D)`` reference embeddings; ``None`` uses ``embeddings`` without self-pairs.
         ref_labels: ``(M,)`` labels of ``ref_emb``.
         temperature: :math:`\tau > 0`.
-        distance: ``"cosine"`` (default) or another metric (a distance is negated).
+        distance: ``"cosine"`` (default), another metric name or a :mod:`dml_bias.distances` object (a
+            distance is negated).
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-pair losses (``pos_pair``); ``None``: their mean.
 
     Returns:
         A scalar tensor: the mean over positive pairs (0 if there is none).
@@ -298,7 +390,8 @@ def ntxent_loss(
         tensor(0.3133)
     """
     C.check_positive(temperature, "temperature")
-    C.check_metric(distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
     batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
@@ -318,7 +411,9 @@ def ntxent_loss(
             weighted = logits + torch.log(counts.masked_fill(~has, 1.0))
             neg_lse = C.masked_logsumexp(weighted, has, dim=1, add_one=False)
             neg_lse = neg_lse.masked_fill(~has.any(dim=1), torch.finfo(logits.dtype).min)
-        per_pair = F.softplus(neg_lse[a1] - logits[a1, p])
+        per_pair = F.softplus(neg_lse[a1] - C.entries(logits, a1, p))
+        if reducer is not None:
+            return _reduce(reducer, {"loss": _entry(per_pair, (a1, p), "pos_pair")}, embeddings, labels)
         if a1.numel() == 0:
             return C.zero_loss(embeddings, logits.dtype)
         return per_pair.mean()
@@ -332,7 +427,8 @@ def supcon_loss(
     ref_labels: torch.Tensor | None = None,
     *,
     temperature: float = 0.1,
-    distance: str = "cosine",
+    distance: Distance = "cosine",
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
     r"""Supervised contrastive loss :cite:`khosla2020supcon`; see :class:`~dml_bias.losses.SupConLoss`.
 
@@ -343,7 +439,10 @@ def supcon_loss(
         ref_emb: ``(M, D)`` reference embeddings; ``None`` uses ``embeddings`` without self-pairs.
         ref_labels: ``(M,)`` labels of ``ref_emb``.
         temperature: :math:`\tau > 0`.
-        distance: ``"cosine"`` (default) or another metric (a distance is negated).
+        distance: ``"cosine"`` (default), another metric name or a :mod:`dml_bias.distances` object (a
+            distance is negated).
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-anchor losses (``element``); ``None``: the mean
+            of the positive ones.
 
     Returns:
         A scalar tensor: the mean over anchors with a positive loss; 0 if the pairs hold no positive or no
@@ -356,7 +455,8 @@ def supcon_loss(
         tensor(0.3133)
     """
     C.check_positive(temperature, "temperature")
-    C.check_metric(distance)
+    distance = C.resolve_distance(distance)
+    check_reducer(reducer)
     batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with C.no_autocast(embeddings.device):
         logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
@@ -365,8 +465,13 @@ def supcon_loss(
         log_prob = logits - denom.unsqueeze(1)
         num_pos = pos_mask.sum(dim=1)
         per_anchor = -torch.where(pos_mask, log_prob, torch.zeros_like(log_prob)).sum(1) / num_pos.clamp_min(1)
-        loss = _avg_nonzero(per_anchor, num_pos > 0)
         active = pos_mask.any() & neg_mask.any()
+        if reducer is not None:
+            # PML: no positive or no negative pair at all is a zero loss; otherwise one loss per anchor.
+            rows = torch.arange(per_anchor.shape[0], device=per_anchor.device)
+            entry = _entry(per_anchor, rows, "element") if bool(active) else _entry(per_anchor[:0], rows, "element")
+            return _reduce(reducer, {"loss": entry}, embeddings, labels)
+        loss = _avg_nonzero(per_anchor, num_pos > 0)
         return torch.where(active, loss, loss * 0)
 
 
@@ -378,8 +483,11 @@ def arcface_loss(
     *,
     margin: float = 0.5,
     scale: float = 64.0,
+    reducer: BaseReducer | None = None,
 ) -> torch.Tensor:
-    r"""Additive angular margin (ArcFace) loss :cite:`deng2019arcface`; see :class:`~dml_bias.losses.ArcFaceLoss`.
+    r"""Additive angular margin (ArcFace) loss :cite:`deng2019arcface` (margin in radians, weight ``(C, D)``).
+
+    See :class:`~dml_bias.losses.AdditiveAngularMarginLoss` (and :class:`~dml_bias.losses.ArcFaceLoss`, PML's form).
 
     Args:
         embeddings: ``(N, D)`` floating-point embeddings.
@@ -388,6 +496,7 @@ def arcface_loss(
         indices_tuple: optional miner output; each sample's loss is multiplied by ``count / max count``.
         margin: the angular margin :math:`m` in **radians**, in ``[0, pi)``.
         scale: :math:`s > 0`.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-sample losses (``element``); ``None``: their mean.
 
     Returns:
         A scalar tensor: the mean over the batch.
@@ -400,6 +509,7 @@ def arcface_loss(
     """
     C.check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
     C.check_positive(scale, "scale")
+    check_reducer(reducer)
     batch = C.prepare_batch(
         embeddings, labels, indices_tuple, None, None, distance="cosine", labels_required=True, extra={"weight": weight}
     )
@@ -421,6 +531,9 @@ def arcface_loss(
         logits = scale * (cos + onehot * (new_target - target).unsqueeze(1))
         per_sample = F.cross_entropy(logits, batch.labels, reduction="none")
         w = C.miner_weights(batch.indices_tuple, batch.x.shape[0], batch.x.dtype)
+        if reducer is not None:
+            rows = torch.arange(per_sample.shape[0], device=per_sample.device)
+            return _reduce(reducer, {"loss": _entry(per_sample * w, rows, "element")}, embeddings, labels)
         return (per_sample * w).mean()
 
 

@@ -2,9 +2,11 @@ r"""Multi-Similarity loss :cite:`wang2019multi`."""
 
 from __future__ import annotations
 
+from dml_bias.distances import BaseDistance
 from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
 from dml_bias.losses.functional import multi_similarity_loss
+from dml_bias.reducers import BaseReducer, check_reducer
 
 __all__ = ["MultiSimilarityLoss"]
 
@@ -35,7 +37,10 @@ class MultiSimilarityLoss(PairLossModule):
         alpha: :math:`\alpha > 0`, the scale of the positive term.
         beta: :math:`\beta > 0`, the scale of the negative term.
         base: :math:`\lambda`, the similarity offset.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"`` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-anchor losses (``element``); ``None``: their
+            mean (PML's ``MeanReducer``).
 
     Shape:
         ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer, ``ref_emb`` ``(M, D)``,
@@ -54,9 +59,17 @@ class MultiSimilarityLoss(PairLossModule):
     """
 
     _functional = staticmethod(multi_similarity_loss)
-    _hyper = ("alpha", "beta", "base", "distance")
+    _hyper = ("alpha", "beta", "base", "distance", "reducer")
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, *, distance: str = "cosine") -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        *,
+        distance: str | BaseDistance = "cosine",
+        reducer: BaseReducer | None = None,
+    ) -> None:
         super().__init__()
         C.check_positive(alpha, "alpha")
         C.check_positive(beta, "beta")
@@ -66,3 +79,5 @@ class MultiSimilarityLoss(PairLossModule):
         self.beta = float(beta)
         self.base = float(base)
         self.distance = distance
+        check_reducer(reducer)
+        self.reducer = reducer

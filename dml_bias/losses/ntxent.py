@@ -2,9 +2,11 @@ r"""NT-Xent / InfoNCE loss :cite:`chen2020simclr`."""
 
 from __future__ import annotations
 
+from dml_bias.distances import BaseDistance
 from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
 from dml_bias.losses.functional import ntxent_loss
+from dml_bias.reducers import BaseReducer, check_reducer
 
 __all__ = ["NTXentLoss"]
 
@@ -31,7 +33,10 @@ class NTXentLoss(PairLossModule):
 
     Args:
         temperature: :math:`\tau > 0` (0.07 as MoCo; SimCLR uses 0.5).
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"`` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-pair losses
+            (``pos_pair``); ``None``: their mean (PML's ``MeanReducer``).
 
     Shape:
         ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
@@ -47,11 +52,15 @@ class NTXentLoss(PairLossModule):
     """
 
     _functional = staticmethod(ntxent_loss)
-    _hyper = ("temperature", "distance")
+    _hyper = ("temperature", "distance", "reducer")
 
-    def __init__(self, temperature: float = 0.07, *, distance: str = "cosine") -> None:
+    def __init__(
+        self, temperature: float = 0.07, *, distance: str | BaseDistance = "cosine", reducer: BaseReducer | None = None
+    ) -> None:
         super().__init__()
         C.check_positive(temperature, "temperature")
         C.check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
+        check_reducer(reducer)
+        self.reducer = reducer

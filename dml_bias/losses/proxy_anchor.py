@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml_bias.distances import BaseDistance
 from dml_bias.losses import _common as C
 from dml_bias.losses.functional import Indices, proxy_anchor_loss
+from dml_bias.reducers import BaseReducer, check_reducer
 
 __all__ = ["ProxyAnchorLoss"]
 
@@ -45,7 +47,11 @@ class ProxyAnchorLoss(nn.Module):
         embedding_size: the embedding size :math:`D`.
         margin: :math:`\delta \ge 0`.
         alpha: :math:`\alpha > 0`.
-        distance: ``"cosine"`` (default) or another metric of :func:`dml_bias.similarity.pairwise`.
+        distance: ``"cosine"`` (default), another metric of :func:`dml_bias.similarity.pairwise` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-class terms (sub-losses ``pos_loss`` and
+            ``neg_loss``, ``element``, summed); ``None``: each term summed and divided by its number of classes
+            (PML's ``DivisorReducer``).
         device: device of the proxies.
         dtype: dtype of the proxies (float32 by default).
 
@@ -77,7 +83,8 @@ class ProxyAnchorLoss(nn.Module):
         margin: float = 0.1,
         alpha: float = 32.0,
         *,
-        distance: str = "cosine",
+        distance: str | BaseDistance = "cosine",
+        reducer: BaseReducer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -92,6 +99,8 @@ class ProxyAnchorLoss(nn.Module):
         self.margin = float(margin)
         self.alpha = float(alpha)
         self.distance = distance
+        check_reducer(reducer)
+        self.reducer = reducer
         self.proxies = C.class_parameter(self.num_classes, self.embedding_size, device, dtype)
         self.reset_parameters()
 
@@ -138,6 +147,7 @@ class ProxyAnchorLoss(nn.Module):
             margin=self.margin,
             alpha=self.alpha,
             distance=self.distance,
+            reducer=self.reducer,
         )
 
     def extra_repr(self) -> str:

@@ -2,9 +2,11 @@ r"""Supervised contrastive loss :cite:`khosla2020supcon`."""
 
 from __future__ import annotations
 
+from dml_bias.distances import BaseDistance
 from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
 from dml_bias.losses.functional import supcon_loss
+from dml_bias.reducers import BaseReducer, check_reducer
 
 __all__ = ["SupConLoss"]
 
@@ -25,7 +27,10 @@ class SupConLoss(PairLossModule):
 
     Args:
         temperature: :math:`\tau > 0`.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"`` or a
+            :mod:`dml_bias.distances` object.
+        reducer: a :mod:`dml_bias.reducers` reducer of the per-anchor losses
+            (``element``); ``None``: PML's ``AvgNonZeroReducer``.
 
     Shape:
         ``embeddings`` ``(N, D)`` floating, ``labels`` ``(N,)`` integer (or ``None`` with ``indices_tuple``),
@@ -41,11 +46,15 @@ class SupConLoss(PairLossModule):
     """
 
     _functional = staticmethod(supcon_loss)
-    _hyper = ("temperature", "distance")
+    _hyper = ("temperature", "distance", "reducer")
 
-    def __init__(self, temperature: float = 0.1, *, distance: str = "cosine") -> None:
+    def __init__(
+        self, temperature: float = 0.1, *, distance: str | BaseDistance = "cosine", reducer: BaseReducer | None = None
+    ) -> None:
         super().__init__()
         C.check_positive(temperature, "temperature")
         C.check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
+        check_reducer(reducer)
+        self.reducer = reducer

@@ -3,21 +3,20 @@
 Every label metric follows from the ranks of the relevant items (see :mod:`dml_bias.metrics.retrieval`). Here:
 the exact keys of each query's relevant items (:class:`ClassLayout`), lookup tables that place a bulk score
 among them (:func:`make_bins`), the counting of a block of bulk scores (:func:`count_rows`), the symmetric
-tiling of a self-retrieval (:func:`per_query_self`) and the metrics from the counts (:func:`ranks_to_metrics`).
-:mod:`~dml_bias.metrics.retrieval` and :mod:`~dml_bias.metrics.sharded` share these, so their names carry no
-underscore.
+tiling of a self-retrieval (:func:`per_query_self`). The engine (:mod:`dml_bias.metrics._engine`) turns the
+counts into metrics; it and :mod:`~dml_bias.metrics.sharded` share these, so their names carry no underscore.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dml_bias._compat import ieee_fp32_matmul
 from dml_bias.metrics._exact import (
+    MEMORY_BUDGET,
     TILE,
     Prepared,
     block_product,
@@ -32,32 +31,18 @@ __all__ = [
     "Bins",
     "Bulk",
     "ClassLayout",
-    "PerQuery",
+    "bins_for",
     "bulk_block",
     "bulk_inputs",
     "choose_bulk",
     "count_above",
     "count_rows",
     "make_bins",
-    "per_class_means",
     "per_query_self",
-    "ranks_to_metrics",
     "row_bound",
     "row_sum",
     "sort_relevant",
 ]
-
-
-@dataclass
-class PerQuery:
-    """Per-query metric values (NaN-free on ``evaluated`` rows) and bookkeeping."""
-
-    recall: torch.Tensor  # (len(ks), Nq) float64
-    map_at_r: torch.Tensor  # (Nq,)
-    r_precision: torch.Tensor  # (Nq,)
-    average_precision: torch.Tensor  # (Nq,)
-    evaluated: torch.Tensor  # (Nq,) bool: the query has at least one relevant item
-    labels: torch.Tensor  # (Nq,) query labels
 
 
 def row_sum(x: torch.Tensor) -> torch.Tensor:
@@ -210,6 +195,7 @@ def count_rows(
     cstart: int,
     col_offset: int,
     budget: int,
+    junk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""How many irrelevant items rank above exactly ``t`` relevant items, per query: ``(R, T + 1)`` int64.
 
@@ -217,7 +203,9 @@ def count_rows(
     keys of queries ``qstart .. qstart + R`` (labels ``query_labels``) against the local reference items
     ``cstart .. cstart + C`` (labels ``column_labels``; global index ``col_offset +`` local index). ``skip``
     (``(R,)``, or ``None``) is a column of ``src`` per query that is not counted (the query itself, or the item
-    left out in a sharded evaluation; ``-1``: none). ``bins`` are the rows' tables (:func:`make_bins`).
+    left out in a sharded evaluation; ``-1``: none). ``junk`` (``(rows, columns)`` of ``src``, or ``None``) are
+    further pairs that are not counted (items of the query's label removed from its list by a re-identification
+    protocol). ``bins`` are the rows' tables (:func:`make_bins`).
 
     An item with bulk key :math:`v` has its exact key in :math:`[v - w, v + w]` (:func:`row_bound`): it is
     certainly above every relevant key below :math:`v - w` and below every key above :math:`v + w`. Its bin gives
@@ -245,29 +233,40 @@ def count_rows(
     if skip is not None:
         has = skip >= 0
         cnt[rows_b[has], skip[has]] = 0
+    if junk is not None:
+        cnt[junk[0], junk[1]] = 0  # counted in column 0, which no metric reads
     flat = (flat_cnt < 0).nonzero().squeeze(1)
-    er, ec = flat // nc, flat % nc
-    relevant = query_labels[er] == column_labels[ec]
-    flat_cnt[flat[relevant]] = 0
-    flat, er, ec = flat[~relevant], er[~relevant], ec[~relevant]
     if flat.numel() > 0:
-        v = src[er, ec].to(torch.float64)
-        k = code.view(-1)[flat].long() - er * nbins  # the item's bin
-        j0 = -1 - flat_cnt[flat].long()  # keys whose window ended before the bin: certainly below the item
+        # Items of the query's label are relevant (or junk): they are compared with the keys like the others (a
+        # small share of these items) and given count 0 at the end, which spares a compaction of the list.
+        # 1-D index_select throughout: much cheaper than advanced indexing on the CPU.
+        er, ec = flat.div(nc, rounding_mode="floor"), flat.remainder(nc)
+        relevant = query_labels.index_select(0, er) == column_labels.index_select(0, ec)
+        v = _gather2d(src, er, ec).to(torch.float64)
+        k = code.view(-1).index_select(0, flat).long() - er * nbins  # the item's bin
+        j0 = -1 - flat_cnt.index_select(0, flat).long()  # keys whose window ended before the bin: below the item
         count = j0.clone()
-        near = torch.zeros_like(er, dtype=torch.bool)
-        w = bins.w[er]
+        near = torch.zeros_like(relevant)
+        w = bins.w.index_select(0, er)
         lo_v, hi_v = v - w, v + w
-        active = torch.ones_like(near)
+        # The next keys, as long as their window reaches the item's bin (the keys reaching a bin are consecutive,
+        # about one or two per bin), through flat indices into the row-major tables.
+        first_flat, keys_flat = bins.first.reshape(-1), bins.keys.reshape(-1)
+        base = er * width
+        active = torch.ones_like(relevant)
         t = 0
-        while bool(active.any()):  # the next keys, as long as their window reaches the item's bin
-            j = (j0 + t).clamp_max(width - 1)
-            active &= (j0 + t < width) & (bins.first[er, j] <= k)
-            bj = bins.keys[er, j]
+        while bool(active.any()):
+            j = j0 + t
+            active &= j < width
+            at = base + j.clamp_max(width - 1)
+            active &= first_flat.index_select(0, at) <= k
+            bj = keys_flat.index_select(0, at)
             count += active & (bj < lo_v)
             near |= active & (bj >= lo_v) & (bj <= hi_v)
             t += 1
-        flat_cnt[flat] = count.to(index)
+        count.masked_fill_(relevant, 0)
+        near &= ~relevant
+        flat_cnt.index_copy_(0, flat, count.to(index))
         br, bc, bflat = er[near], ec[near], flat[near]
         if br.numel() > 0:
             # Near-ties: the exact key of the item against the exact relevant keys, with the tie rule.
@@ -282,6 +281,14 @@ def count_rows(
     cnt.add_((rows_b * (width + 1)).to(index)[:, None])
     hist = torch.bincount(flat_cnt, minlength=nb * (width + 1))
     return hist.view(nb, width + 1)
+
+
+def _gather2d(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``src[rows, cols]`` by a 1-D ``index_select`` (``src`` a dense block or its transpose, as count_rows gets)."""
+    if not (src.is_contiguous() or src.T.is_contiguous()):
+        src = src.contiguous()
+    flat = torch.as_strided(src, (src.numel(),), (1,))
+    return flat.index_select(0, rows * src.stride(0) + cols * src.stride(1))
 
 
 def bulk_block(prep: Prepared, bulk: Bulk, start: int, stop: int, cols: slice | None = None) -> torch.Tensor:
@@ -308,9 +315,24 @@ def _slices(n: int, step: int) -> list[tuple[int, int]]:
     return [(s0, min(n, s0 + step)) for s0 in range(0, n, step)]
 
 
-def _nbins(num_rows: int, num_cols: int, budget: int) -> int:
-    """Bins per row: up to ``_BINS``, at most a quarter of the row's items, tables within a quarter of the budget."""
-    return int(max(64, min(_BINS, num_cols // 4, budget // (4 * 4 * max(num_rows, 1)))))
+#: Bins per relevant key that :func:`bins_for` aims at, and the most bins per row.
+_BINS_PER_KEY = 64
+_MAX_BINS = 2**16
+
+
+def bins_for(num_rows: int, num_cols: int, width: int, budget: int) -> int:
+    """Bins per row of the lookup tables for ``num_rows`` queries with up to ``width`` relevant keys each.
+
+    The cost model: an item whose bin a window reaches is compared one by one (tens of nanoseconds), the others
+    cost a table lookup. A key's window spans about a bin and a half, so when the relevant items spread like
+    the others (random labels, weak models, large classes) about ``1.5 width / nbins`` of the items land in a
+    reached bin. Hence ``_BINS_PER_KEY`` bins per key (about 2.5 %, so that the sample of :func:`choose_bulk`,
+    which counts a wider reach, stays below its 5 % for float32), at least ``_BINS`` (a table that stays in
+    the first-level cache), at most ``_MAX_BINS`` and a quarter of the row's items, tables within a quarter of
+    the budget.
+    """
+    want = max(_BINS, _BINS_PER_KEY * width)
+    return int(max(64, min(want, _MAX_BINS, num_cols // 4, budget // (4 * 4 * max(num_rows, 1)))))
 
 
 def count_above(
@@ -325,12 +347,14 @@ def count_above(
     skip: torch.Tensor | None,
     col_offset: int,
     budget: int,
+    junk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`count_rows` for queries ``start:stop`` against every local reference item (one bulk GEMM)."""
     w = row_bound(prep, bulk, slice(start, stop))
-    bins = make_bins(rel_keys, rel_cols, w, _nbins(stop - start, prep.num_reference, budget))
+    nbins = bins_for(stop - start, prep.num_reference, int(rel_keys.shape[1]), budget)
+    bins = make_bins(rel_keys, rel_cols, w, nbins)
     src = bulk_block(prep, bulk, start, stop)
-    return count_rows(prep, bins, start, src, query_labels, reference_labels, skip, 0, col_offset, budget)
+    return count_rows(prep, bins, start, src, query_labels, reference_labels, skip, 0, col_offset, budget, junk)
 
 
 def sort_relevant(keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,34 +365,6 @@ def sort_relevant(keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -
     keys, cols = keys.gather(1, by_col), cols.gather(1, by_col)
     by_key = torch.argsort(keys, dim=1, stable=True)
     return keys.gather(1, by_key), cols.gather(1, by_key)
-
-
-def ranks_to_metrics(
-    hist: torch.Tensor, num_rel: torch.Tensor, ks: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recall@k ``(len(ks), R)``, MAP@R, R-precision and AP ``(R,)`` from :func:`count_above`'s histograms.
-
-    The relevant item at position ``d`` (0-based) of the best-first relevant list has ``d`` relevant items above
-    it, and an irrelevant item ranks above it iff it is above at least ``num_rel - d`` relevant items.
-    """
-    device = hist.device
-    nb, width = hist.shape[0], hist.shape[1] - 1
-    above_from = hist.flip(1).cumsum(1).flip(1)  # above_from[:, t] = #items above >= t relevant ones
-    d = torch.arange(width, device=device)[None, :].expand(nb, width)
-    t = (num_rel[:, None] - d).clamp(0, width)
-    irrelevant_above = torch.gather(above_from, 1, t)
-    ranks = (1 + d + irrelevant_above).to(torch.float64)
-    live = d < num_rel[:, None]
-    r_f = num_rel.to(torch.float64).clamp_min(1.0)
-    prec = (d + 1).to(torch.float64) / ranks
-    in_r = live & (ranks <= num_rel[:, None])
-    best = torch.where(live[:, 0], ranks[:, 0], torch.inf) if width > 0 else torch.full((nb,), torch.inf)
-    kt = torch.tensor(ks, dtype=torch.float64, device=device)
-    recall = (best[None, :].to(device) <= kt[:, None]).to(torch.float64)
-    rprec = in_r.sum(1) / r_f
-    map_r = row_sum(torch.where(in_r, prec, 0.0)) / r_f
-    ap = row_sum(torch.where(live, prec, 0.0)) / r_f
-    return recall, map_r, rprec, ap
 
 
 def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
@@ -405,7 +401,8 @@ def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
     def near_fraction(scores: torch.Tensor, mode: str) -> float:
         # Items that count_rows must compare one by one: a relevant score within the bound plus a bin or so.
         w = row_bound(prep, bulk_inputs(prep, mode), rows)[:, 0]
-        reach = (w + 1.25 * (bmax - bmin + 2 * w) / (_BINS - 8))[:, None]
+        nbins = bins_for(_SAMPLE_ROWS, prep.num_reference, int(nvalid.max()), MEMORY_BUDGET)
+        reach = (w + 1.25 * (bmax - bmin + 2 * w) / (nbins - 8))[:, None]
         lo = torch.searchsorted(keys, scores - reach)
         hi = torch.searchsorted(keys, scores + reach, right=True)
         near = (hi > lo) & ~rel
@@ -422,39 +419,69 @@ def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
 
 @dataclass
 class ClassLayout:
-    """Where each query's relevant items sit: the reference sorted by label (stable: indices ascend in a class)."""
+    """Where each query's relevant items sit: the reference sorted by label (stable: indices ascend in a class).
+
+    With ``groups`` (re-identification: ``(query_groups, reference_groups)``) a reference item of the query's
+    label *and* group is not relevant: it is "junk", removed from the query's list (as the query itself is).
+    """
 
     order: torch.Tensor  # (M,) reference indices sorted by label
     starts: torch.Tensor  # (C,) first position of each class in ``order``
     pos: torch.Tensor  # (Nq,) the query's class
     n_class: torch.Tensor  # (Nq,) reference items of the query's label
-    num_rel: torch.Tensor  # (Nq,) relevant items (the query itself left out)
+    num_rel: torch.Tensor  # (Nq,) relevant items (the query itself and junk left out)
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
-    def of(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> ClassLayout:
+    def of(
+        prep: Prepared,
+        qlab: torch.Tensor,
+        rlab: torch.Tensor,
+        groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> ClassLayout:
         nq = prep.num_query
         order = torch.argsort(rlab, stable=True)
         classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
         n_class = torch.where(classes[pos] == qlab, counts[pos], torch.zeros_like(pos))
+        if groups is not None:
+            return ClassLayout(order, starts, pos, n_class, n_class - pair_counts(qlab, rlab, *groups), groups)
         self_rel = torch.zeros(nq, dtype=torch.bool, device=qlab.device)
         if prep.exclude_self:
             self_rel = rlab[:nq] == qlab
         return ClassLayout(order, starts, pos, n_class, n_class - self_rel.long())
 
+    @property
+    def num_junk(self) -> torch.Tensor:
+        """``(Nq,)`` items of the query's label that are not relevant (the query itself, same-group items)."""
+        return self.n_class - self.num_rel
+
+    def members(self, start: int, stop: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, width)`` reference items of the label of queries ``start:stop`` and which are real (not padding)."""
+        m = int(self.order.shape[0])
+        ar = torch.arange(width, device=self.order.device)
+        idx = (self.starts[self.pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
+        return self.order[idx], ar[None, :] < self.n_class[start:stop, None]
+
     def columns(self, prep: Prepared, start: int, stop: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R, width)`` reference items of the label of queries ``start:stop`` and which of them are relevant."""
-        device = self.order.device
-        m = int(self.order.shape[0])
-        rows_b = torch.arange(stop - start, device=device)
-        ar = torch.arange(width, device=device)
-        idx = (self.starts[self.pos[start:stop]][:, None] + ar[None, :]).clamp_max(m - 1)
-        relcols = self.order[idx]
-        valid = ar[None, :] < self.n_class[start:stop, None]
+        relcols, valid = self.members(start, stop, width)
         if prep.exclude_self:
-            valid &= relcols != (rows_b + start)[:, None]
+            valid &= relcols != torch.arange(start, stop, device=relcols.device)[:, None]
+        if self.groups is not None:
+            qg, rg = self.groups
+            valid &= rg[relcols] != qg[start:stop, None]
         return relcols, valid
+
+    def junk(self, prep: Prepared, start: int, stop: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, columns)`` of the items of queries ``start:stop``'s label that are not relevant, or ``None``."""
+        if self.groups is None:
+            return None
+        relcols, valid = self.columns(prep, start, stop, width)
+        _, member = self.members(start, stop, width)
+        jr, jc = (member & ~valid).nonzero(as_tuple=True)
+        return jr, relcols[jr, jc]
 
     def relevant(self, prep: Prepared, start: int, stop: int, width: int, budget: int) -> tuple[torch.Tensor, ...]:
         """Exact keys of the relevant items of queries ``start:stop``, sorted as :func:`count_rows` needs them."""
@@ -466,18 +493,31 @@ class ClassLayout:
         return sort_relevant(keys, relcols, valid)
 
 
+def pair_counts(
+    qlab: torch.Tensor, rlab: torch.Tensor, query_groups: torch.Tensor, reference_groups: torch.Tensor
+) -> torch.Tensor:
+    """``(Nq,)`` reference items with the query's label *and* group (int64)."""
+    nq = int(qlab.shape[0])
+    pairs = torch.stack([torch.cat([qlab, rlab]), torch.cat([query_groups, reference_groups])], 1)
+    _, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    counts = torch.bincount(inverse[nq:], minlength=int(inverse.max()) + 1 if inverse.numel() else 0)
+    return counts[inverse[:nq]]
+
+
 def per_query_self(
-    prep: Prepared, bulk: Bulk, layout: ClassLayout, labels: torch.Tensor, ks: tuple[int, ...], budget: int
-) -> PerQuery | None:
-    """:func:`_per_query` when the queries are the reference (self excluded): half the GEMM work.
+    prep: Prepared, bulk: Bulk, layout: ClassLayout, labels: torch.Tensor, budget: int
+) -> torch.Tensor | None:
+    """The ``(N, max R + 1)`` counts of :func:`count_rows` when the queries are the reference (self excluded).
 
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed; each tile is
-    counted for its rows and, transposed, for its columns' rows. This needs every query's relevant keys and
-    lookup tables at once, so it runs only when they fit a third of the budget (``None`` otherwise) and for
-    cosine/dot.
+    counted for its rows and, transposed, for its columns' rows: half the GEMM work. This needs every query's
+    relevant keys and lookup tables at once, so it runs only when they fit a third of the budget (``None``
+    otherwise), for cosine/dot and without groups.
     """
     n = prep.num_query
-    if prep.distance or not prep.exclude_self or prep.query is not prep.reference or n != prep.num_reference:
+    if layout.groups is not None or prep.distance or not prep.exclude_self:
+        return None
+    if prep.query is not prep.reference or n != prep.num_reference:
         return None
     if bulk.query is not bulk.reference:
         return None
@@ -485,7 +525,7 @@ def per_query_self(
     # Every query's relevant keys (about 48 bytes each with the index work) and table (4 bytes a bin) at once,
     # within a third of the budget; the tiles of the pass take little.
     per_row = budget // 3 // max(n, 1) - rm * 48
-    nbins = min(_nbins(n, n, budget * 2), per_row // 4)
+    nbins = min(bins_for(n, n, rm, budget * 2), per_row // 4)
     if rm == 0 or nbins < 256:
         return None
     device = prep.query.device
@@ -514,28 +554,4 @@ def per_query_self(
             if a0 != b0:  # the same tile, transposed (a strided view: one pass reads it)
                 hist[b0:b1] += count_rows(prep, bins.rows(b0, b1), b0, src.T, lb, la, None, a0, 0, budget)
     del bins
-    recall, map_r, rprec, ap = ranks_to_metrics(hist, layout.num_rel, ks)
-    return PerQuery(recall, map_r, rprec, ap, layout.num_rel > 0, labels)
-
-
-def per_class_means(res: PerQuery, ks: tuple[int, ...]) -> dict[int, dict[str, Any]]:
-    ev = res.evaluated
-    labels = res.labels[ev]
-    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    n = classes.numel()
-
-    def class_mean(v: torch.Tensor) -> list[float]:
-        s = torch.zeros(n, dtype=torch.float64, device=v.device).index_add_(0, inverse, v[ev])
-        return (s / counts.to(torch.float64)).tolist()
-
-    cols: dict[str, list[float]] = {f"recall@{k}": class_mean(res.recall[i]) for i, k in enumerate(ks)}
-    cols["map@r"] = class_mean(res.map_at_r)
-    cols["r_precision"] = class_mean(res.r_precision)
-    if not bool(res.average_precision.isnan().any()):
-        cols["map"] = class_mean(res.average_precision)
-    out: dict[int, dict[str, Any]] = {}
-    for j, c in enumerate(classes.tolist()):
-        entry: dict[str, Any] = {name: vals[j] for name, vals in cols.items()}
-        entry["count"] = int(counts[j])
-        out[int(c)] = entry
-    return out
+    return hist

@@ -17,6 +17,7 @@ from dml_bias._checks import (
     describe,
 )
 from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, world_size
+from dml_bias.metrics._engine import check_device_arg, check_not_meta, parse_metrics
 from dml_bias.similarity import METRICS
 
 __all__ = ["RetrievalEvaluator"]
@@ -26,8 +27,9 @@ class RetrievalEvaluator:
     """Accumulate embeddings batch by batch, then compute :func:`~dml_bias.metrics.retrieval_metrics` on all.
 
     By default every sample is both a query and a reference item (the CUB/Cars/SOP protocol): ``compute()`` calls
-    ``retrieval_metrics(embeddings, labels, ks=ks, metric=metric, exclude_self=exclude_self, per_class=per_class)``
-    on everything accumulated since the last :meth:`reset` (plus ``normalize_embeddings`` and ``chunk_size``).
+    ``retrieval_metrics(embeddings, labels, ks=ks, metrics=metrics, metric=metric, exclude_self=exclude_self,
+    per_class=per_class)`` on everything accumulated since the last :meth:`reset` (plus ``normalize_embeddings``
+    and ``chunk_size``), so it computes only the requested keys, each at the cost of its own pass.
     With ``separate_reference=True`` (the In-Shop protocol: a query set searched against a gallery) batches
     passed with ``update(..., reference=True)`` form the gallery, the others the queries, and ``compute()`` calls
     ``retrieval_metrics(queries, query_labels, gallery, gallery_labels, exclude_self=False, ...)``.
@@ -48,6 +50,8 @@ class RetrievalEvaluator:
 
     Args:
         ks: The cut-offs of Recall@k.
+        metrics: The keys to compute (see :func:`~dml_bias.metrics.retrieval_metrics`); ``None``: Recall@k,
+            MAP@R and R-precision.
         metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"`` (see
             :func:`dml_bias.similarity.pairwise`).
         exclude_self: Leave each query out of its own neighbours (the usual DML protocol). With ``False`` the
@@ -58,7 +62,8 @@ class RetrievalEvaluator:
             default).
         chunk_size: Passed to :func:`~dml_bias.metrics.retrieval_metrics` (query rows per block; ``None``: from
             the memory budget).
-        device: Where :meth:`update` stores its copies; ``None`` keeps the device of the inputs.
+        device: Where :meth:`update` stores its copies (a :class:`torch.device` or a string such as ``"cpu"``);
+            ``None`` keeps the device of the inputs.
         group: The :mod:`torch.distributed` process group to gather over; ``None`` is the default group.
 
     Example:
@@ -84,6 +89,7 @@ class RetrievalEvaluator:
         self,
         *,
         ks: Sequence[int] = (1, 2, 4, 8),
+        metrics: Sequence[str] | None = None,
         metric: str = "cosine",
         exclude_self: bool = True,
         per_class: bool = False,
@@ -110,13 +116,14 @@ class RetrievalEvaluator:
         if chunk_size is not None:
             check_number(chunk_size, "chunk_size", low=1, integer=True)
         self.ks = tuple(int(k) for k in ks)
+        self.metrics = parse_metrics(metrics)
         self.metric = metric
         self.exclude_self = exclude_self
         self.per_class = per_class
         self.separate_reference = separate_reference
         self.normalize_embeddings = normalize_embeddings
         self.chunk_size = chunk_size
-        self.device = None if device is None else torch.device(device)
+        self.device = check_device_arg(device, "device")
         self.group = group
         self._parts: dict[bool, _Part] = {False: _Part(), True: _Part()}
 
@@ -127,7 +134,8 @@ class RetrievalEvaluator:
     def __repr__(self) -> str:
         """Show the configuration and how many samples are held."""
         return (
-            f"{type(self).__name__}(ks={self.ks}, metric={self.metric!r}, exclude_self={self.exclude_self}, "
+            f"{type(self).__name__}(ks={self.ks}, metrics={self.metrics}, metric={self.metric!r}, "
+            f"exclude_self={self.exclude_self}, "
             f"per_class={self.per_class}, separate_reference={self.separate_reference}, device={self.device}, "
             f"samples={len(self)})"
         )
@@ -157,6 +165,7 @@ class RetrievalEvaluator:
             raise TypeError(f"reference must be a bool, got {describe(reference)}")
         if reference and not self.separate_reference:
             raise ValueError("reference=True needs RetrievalEvaluator(separate_reference=True)")
+        check_not_meta(embeddings=embeddings, labels=labels, indices=indices)
         check_embeddings(embeddings, "embeddings", allow_empty=True)
         check_labels(labels, "labels", length=embeddings.shape[0], length_source="embeddings.shape[0]")
         check_same_device(embeddings=embeddings, labels=labels, indices=indices)
@@ -217,6 +226,7 @@ class RetrievalEvaluator:
             raise ValueError("RetrievalEvaluator.compute() needs at least one query sample; call update() first")
         options: dict[str, Any] = {
             "ks": self.ks,
+            "metrics": self.metrics,
             "per_class": self.per_class,
             "metric": self.metric,
             "normalize_embeddings": self.normalize_embeddings,

@@ -1,18 +1,30 @@
-r"""Exact label-based retrieval metrics: Recall@k (DML meaning), R-precision, MAP@R and full mAP.
+r"""Exact label-based retrieval metrics: Recall@k (DML meaning), Precision@k, R-precision, MAP@R, full mAP, MRR.
 
 Every metric here follows from the *ranks of the relevant items*: for a query :math:`q` with label
 :math:`y_q`, the relevant items are the reference items labelled :math:`y_q` (the query itself left out when
-it is part of the reference), and the rank of a relevant item :math:`j` is
+it is part of the reference, and with groups the items of the query's group too), and the rank of a relevant
+item :math:`j` is
 
 .. math::
 
-    \operatorname{rank}_q(j) = 1 + \#\{m \ne q : s(q, m) > s(q, j)
+    \operatorname{rank}_q(j) = 1 + \#\{m \in L_q : s(q, m) > s(q, j)
     \text{ or } (s(q, m) = s(q, j) \text{ and } m < j)\},
 
-i.e. its 1-based position in the neighbour list sorted by decreasing similarity (increasing distance), ties
-by lower reference index.
+i.e. its 1-based position in the query's list :math:`L_q` (the reference without the removed items) sorted by
+decreasing similarity (increasing distance), ties by lower reference index.
 
-**The default pass (every key, full mAP included)** builds no neighbour list. Per block of queries:
+**Each key costs what it needs** (``metrics=``; the default is Recall@k, MAP@R and R-precision):
+
+* Recall@k and Precision@k read exact lists of the first :math:`\max(ks)` neighbours;
+* MAP@R and R-precision read exact lists of the first :math:`R_q` neighbours (:math:`\max R_q` per block);
+* the full ``"map"`` needs the rank of every relevant item: the *counting pass* below, which also gives every
+  other key;
+* ``"mrr"`` (without ``"map"``) is the counting pass against each query's best relevant item alone.
+
+The lists come from :func:`~dml_bias.metrics.knn`'s candidate pass (a bulk GEMM, a selection, float64 re-scoring
+of near-ties).
+
+**The counting pass** builds no neighbour list. Per block of queries:
 
 1. the exact float64 keys :math:`b_1 \le \dots \le b_R` of the query's relevant items (element-wise dot
    products, :math:`\sum_q R_q \cdot D` work, the same arithmetic for every pair so duplicated rows tie);
@@ -24,69 +36,82 @@ by lower reference index.
    :math:`v + w`. A per-query lookup table over equal bins of bulk keys gives that count for every item whose
    bin no window :math:`[b_j - w, b_j + w]` reaches; the other items are compared with the few keys whose
    window reaches their bin, and an item with a key inside :math:`[v - w, v + w]` is re-scored exactly and
-   placed by the tie rule. No sort of any row, extra memory within the budget. When the sample shows that the
-   tables would be crowded (hundreds of relevant items per query over the bulk of the scores), the pass is a
-   float64 GEMM instead, each score placed among the relevant ones by a sorted search;
+   placed by the tie rule. No sort of any row, extra memory within the budget. The number of bins follows a
+   cost model: about 64 per relevant key (up to 65,536), so that when relevant items spread over the whole
+   list (random labels, weak models, large classes) only a few percent of the items are compared one by one.
+   When the sample shows that the tables would still be crowded (hundreds of relevant items per query over a
+   narrow range of scores), the pass is a float64 GEMM instead, each score placed among the relevant ones by
+   a sorted search;
 3. the rank of the :math:`i`-th best relevant item is :math:`i` plus the number of items above it, which gives
-   Recall@k, R-precision, MAP@R and AP at once.
+   every key at once.
 
 When the queries are the reference (leave-one-out), only the tiles on and above the diagonal of the symmetric
-score matrix are computed. ``full_map=False`` takes the top-:math:`K` pass instead (exact top-:math:`K` lists
-from :func:`~dml_bias.metrics.knn`'s candidate pass, :math:`K = \max R_q`), which has no full mAP but is faster
-when relevant items rank deep. See :doc:`/api/metrics` for the definitions.
+score matrix are computed. Every path gives identical values (the same float64 arithmetic on the same ranks).
+See :doc:`/api/metrics` for the definitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dml_bias._checks import check_labels, check_number, check_same_device, describe
-from dml_bias.metrics._counting import (
-    ClassLayout,
+from dml_bias._checks import check_labels, check_same_device, describe
+from dml_bias.metrics._engine import (
     PerQuery,
-    bulk_inputs,
-    choose_bulk,
-    count_above,
-    per_class_means,
-    per_query_self,
-    ranks_to_metrics,
-    row_sum,
+    check_ks,
+    check_not_meta,
+    parse_metrics,
+    per_query,
+    require_evaluated,
+    summarize,
 )
-from dml_bias.metrics._exact import (
-    MEMORY_BUDGET,
-    Prepared,
-    block_product,
-    block_rows,
-    exact_keys,
-    prepare,
-    rows_of,
-    scratch,
-    self_candidates_grouped,
-    target_block,
-    topk_block,
-    validate_chunk_size,
-)
+from dml_bias.metrics._exact import Prepared, prepare, validate_chunk_size
 
 __all__ = ["map_at_r", "mean_average_precision", "r_precision", "recall_at_k", "retrieval_metrics"]
 
 
-def _check_ks(ks: Any, available: int, name: str = "ks") -> tuple[int, ...]:
-    """``ks`` as a tuple of distinct ints in ``[1, available]``; ``name`` is the caller's argument (``k`` or ``ks``)."""
-    if isinstance(ks, int) and not isinstance(ks, bool):
-        ks = (ks,)
-    if not isinstance(ks, Sequence) or isinstance(ks, str):
-        raise TypeError(f"{name} must be a sequence of integers, got {describe(ks)}")
-    out: list[int] = []
-    for k in ks:
-        check_number(k, name, low=1, high=max(available, 1), integer=True)
-        if k > available:
-            raise ValueError(f"{name} must be in [1, {available}] (reference size after self exclusion), got {k}")
-        if k not in out:
-            out.append(int(k))
-    return tuple(out)
+def _check_same_rows(
+    query: torch.Tensor, query_labels: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor
+) -> None:
+    """``exclude_self=True`` with a reference: the first ``Nq`` reference rows and labels must be the queries'."""
+    nq = int(query.shape[0])
+    q, r = query.detach(), reference.detach()[:nq]
+    if q.dtype != r.dtype:
+        q, r = q.to(torch.float64), r.to(torch.float64)
+    same = (q == r).all(1) & (query_labels.detach().long() == reference_labels.detach()[:nq].long())
+    if not bool(same.all()):
+        row = int((~same).nonzero()[0, 0])
+        raise ValueError(
+            "exclude_self=True with a reference means query i is reference item i, so the first "
+            f"{nq} rows of reference and reference_labels must equal query and query_labels; row {row} differs "
+            "(pass exclude_self=False, or put the queries first in the reference)"
+        )
+
+
+def _check_groups(
+    query_groups: Any, reference_groups: Any, reference: torch.Tensor | None, prep: Prepared, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(query_groups, reference_groups)`` pair as int64 tensors, or ``None`` without groups."""
+    if query_groups is None and reference_groups is None:
+        return None
+    if reference is None:
+        if reference_groups is not None:
+            raise ValueError("reference_groups must be None when reference is None (the query set is the reference)")
+    elif query_groups is None or reference_groups is None:
+        missing = "query_groups" if query_groups is None else "reference_groups"
+        raise ValueError(f"{missing} must be given with the other groups argument (a group id per item), got None")
+    check_labels(query_groups, "query_groups", length=prep.num_query, length_source="query.shape[0]")
+    check_not_meta(query_groups=query_groups)
+    check_same_device(query=query, query_groups=query_groups)
+    qg = query_groups.detach().long()
+    if reference is None:
+        return qg, qg
+    check_labels(reference_groups, "reference_groups", length=prep.num_reference, length_source="reference.shape[0]")
+    check_not_meta(reference_groups=reference_groups)
+    check_same_device(query=query, reference_groups=reference_groups)
+    return qg, reference_groups.detach().long()
 
 
 def _setup(
@@ -104,9 +129,11 @@ def _setup(
         raise ValueError("reference_labels must be None when reference is None (the query set is the reference)")
     if reference is not None and reference_labels is None:
         raise ValueError(f"reference_labels must be given with reference (of {describe(reference)}), got None")
+    check_not_meta(query=query, reference=reference)
     prep = prepare(query, reference, metric, exclude_self, normalize_embeddings)
     check_labels(query_labels, "query_labels", length=prep.num_query, length_source="query.shape[0]")
     check_same_device(query=query, query_labels=query_labels)
+    check_not_meta(query_labels=query_labels)
     if reference_labels is None:
         reference_labels = query_labels
     else:
@@ -114,192 +141,9 @@ def _setup(
             reference_labels, "reference_labels", length=prep.num_reference, length_source="reference.shape[0]"
         )
         check_same_device(query=query, reference_labels=reference_labels)
+        if reference is not None and prep.exclude_self:
+            _check_same_rows(query, query_labels, reference, reference_labels)
     return prep, query_labels.detach().long(), reference_labels.detach().long()
-
-
-def _per_query(
-    prep: Prepared,
-    qlab: torch.Tensor,
-    rlab: torch.Tensor,
-    ks: tuple[int, ...],
-    chunk_size: int | None,
-    budget: int = MEMORY_BUDGET,
-) -> PerQuery:
-    """Exact per-query metrics, full AP included, from the ranks of the relevant items, a block of queries at a time.
-
-    Per block: exact float64 keys of every query's relevant items (element-wise, ``sum(R_q) * D`` work), then one
-    bulk GEMM (float32, the 16-bit pass or float64, as :func:`choose_bulk` decides) whose scores only *count*,
-    per query, the irrelevant items above each relevant item (:func:`count_above`).
-    """
-    device = prep.query.device
-    nq, m = prep.num_query, prep.num_reference
-    mode = choose_bulk(prep, qlab, rlab)
-    if mode == "float64":
-        return _per_query_float64(prep, qlab, rlab, ks, chunk_size, budget)
-    layout = ClassLayout.of(prep, qlab, rlab)
-    n_class, num_rel = layout.n_class, layout.num_rel
-    bulk = bulk_inputs(prep, mode)
-    if chunk_size is None:
-        res = per_query_self(prep, bulk, layout, qlab, ks, budget)
-        if res is not None:
-            return res
-    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
-    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
-    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
-    ap = torch.zeros(nq, dtype=torch.float64, device=device)
-
-    max_rel = int(n_class.max()) if nq > 0 else 0
-    per_row = (12 if bulk.unit == 0.0 else 20) * m + 25 * m + 64 * max_rel
-    step = block_rows(nq, per_row, chunk_size, budget, width=m)
-    for start in range(0, nq, step):
-        stop = min(nq, start + step)
-        nb = stop - start
-        rows_b = torch.arange(nb, device=device)
-        rm = int(n_class[start:stop].max())
-        if rm == 0:
-            continue
-        rel_keys, rel_cols = layout.relevant(prep, start, stop, rm, budget)
-        skip = rows_b + start if prep.exclude_self else None  # the query itself
-        hist = count_above(prep, bulk, start, stop, rel_keys, rel_cols, qlab[start:stop], rlab, skip, 0, budget)
-        vals = ranks_to_metrics(hist, num_rel[start:stop], ks)
-        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
-    return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
-
-
-def _per_query_float64(
-    prep: Prepared,
-    qlab: torch.Tensor,
-    rlab: torch.Tensor,
-    ks: tuple[int, ...],
-    chunk_size: int | None,
-    budget: int = MEMORY_BUDGET,
-) -> PerQuery:
-    """The counting pass on a float64 GEMM with a sorted search of every score (bound about 1e-13 per score).
-
-    Taken when a sample shows that too many items would fall in the float32 bound of a relevant score (many
-    relevant items per query over a narrow range of scores), where re-scoring them one by one would cost more
-    than a float64 GEMM: per block, every item is placed among the sorted relevant scores with a sorted search
-    and items within the float64 bound of one are re-scored exactly and compared with the tie rule.
-    """
-    device = prep.query.device
-    nq, m = prep.num_query, prep.num_reference
-    layout = ClassLayout.of(prep, qlab, rlab)
-    n_class, num_rel = layout.n_class, layout.num_rel
-    bulk = bulk_inputs(prep, "float64")  # the float64 GEMM's bound (and the exact keys') per query
-    eps = bulk.eps
-    ref_sq = bulk.ref_sqnorm if prep.distance else None
-
-    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
-    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
-    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
-    ap = torch.zeros(nq, dtype=torch.float64, device=device)
-
-    max_rel = int(n_class.max()) if nq > 0 else 0
-    step = block_rows(nq, 56 * m + 64 * max_rel, chunk_size, budget, width=m)
-    for start in range(0, nq, step):
-        stop = min(nq, start + step)
-        nb = stop - start
-        rows_b = torch.arange(nb, device=device)
-        rm = int(n_class[start:stop].max())
-        if rm == 0:
-            continue
-        # Bulk keys in float64 (larger is closer), self and relevant columns set to -inf.
-        a = block_product(prep, prep.query[start:stop], prep.reference)
-        if ref_sq is not None:
-            a.mul_(2.0).sub_(ref_sq).sub_(prep.query_sqnorm[start:stop, None])
-        if prep.exclude_self:
-            a[rows_b, rows_b + start] = -torch.inf
-        relcols, valid = layout.columns(prep, start, stop, rm)  # (nb, rm)
-        # Relevant keys from the same GEMM (each within eps of its exact value), then masked out of `a`.
-        relkeys = torch.gather(a, 1, relcols).masked_fill_(~valid, torch.inf)
-        vr, vc = valid.nonzero(as_tuple=True)
-        a[vr, relcols[vr, vc]] = -torch.inf
-        # Place every other item among the sorted relevant keys: both sides carry an error <= eps, so an
-        # item more than 2 eps away from a relevant key is on the right side of it for sure.
-        b = torch.sort(relkeys, dim=1).values  # ascending, invalid (+inf) last
-        e = 2 * eps[start:stop][:, None]
-        # Block-sized temporaries go to buffers reused across blocks (fresh ones are page-faulted in each time).
-        shifted = scratch(prep, "shifted", a.shape, a.dtype)
-        cnt = scratch(prep, "count", a.shape, torch.long)
-        torch.searchsorted(b, torch.sub(a, e, out=shifted), out=cnt)  # relevant keys certainly below the item
-        b_ext = torch.cat([b, torch.full((nb, 1), torch.inf, dtype=b.dtype, device=device)], 1)
-        nearest = torch.gather(b_ext, 1, cnt, out=shifted)  # the next relevant key above (or +inf)
-        band = scratch(prep, "band", a.shape, torch.bool)
-        torch.le(nearest, a.add_(e), out=band)
-        band &= a > -torch.inf
-        br, bc = band.nonzero(as_tuple=True)
-        del band, a, nearest, shifted
-        if br.numel() > 0:
-            # Near-ties: exact keys for the item and for the relevant items of its row, then the tie rule.
-            bkeys = exact_keys(prep, br + start, bc, budget)
-            band_rows = torch.unique(br)
-            vr, vc = valid[band_rows].nonzero(as_tuple=True)
-            exact_rel = torch.full((band_rows.numel(), rm), torch.inf, dtype=torch.float64, device=device)
-            exact_rel[vr, vc] = exact_keys(prep, band_rows[vr] + start, relcols[band_rows[vr], vc], budget)
-            slot = torch.searchsorted(band_rows, br)
-            bstep = max(1, budget // (16 * rm))
-            for s in range(0, br.numel(), bstep):
-                r_, c_, k_, t_ = br[s : s + bstep], bc[s : s + bstep], bkeys[s : s + bstep], slot[s : s + bstep]
-                rk, rc = exact_rel[t_], relcols[r_]
-                above = (rk < k_[:, None]) | ((rk == k_[:, None]) & (c_[:, None] < rc))
-                cnt[r_, c_] = (above & valid[r_]).sum(1)
-        hist = torch.bincount(cnt.add_(rows_b[:, None] * (rm + 1)).view(-1), minlength=nb * (rm + 1))
-        del cnt
-        vals = ranks_to_metrics(hist.view(nb, rm + 1), num_rel[start:stop], ks)
-        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
-    return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
-
-
-def _per_query_topk(
-    prep: Prepared,
-    qlab: torch.Tensor,
-    rlab: torch.Tensor,
-    ks: tuple[int, ...],
-    chunk_size: int | None,
-    budget: int = MEMORY_BUDGET,
-) -> PerQuery:
-    """Recall@k, R-precision and MAP@R from the exact top-K lists, K = max(R_q, max ks) per block.
-
-    Faster than :func:`_per_query` (a float32 bulk GEMM, no search among the relevant scores) but without the
-    full mAP, which needs the rank of every relevant item (``average_precision`` is left at NaN).
-    """
-    device = prep.query.device
-    nq, m = prep.num_query, prep.num_reference
-    order = torch.argsort(rlab, stable=True)
-    classes, counts = torch.unique_consecutive(rlab[order], return_counts=True)
-    pos = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
-    n_class = torch.where(classes[pos] == qlab, counts[pos], torch.zeros_like(pos))
-    if prep.exclude_self:
-        n_class = n_class - (rlab[:nq] == qlab).long()
-    available = m - (1 if prep.exclude_self else 0)
-    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
-    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
-    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
-    kmax = min(available, max([1, int(n_class.max()), *ks]))  # >= 1: every query may be lone
-    step = block_rows(nq, 16 * m + 64 * kmax, chunk_size, budget, width=m, target=target_block(prep))
-    pre = self_candidates_grouped(prep, kmax, budget) if chunk_size is None else None
-    for start in range(0, nq, step):
-        stop = min(nq, start + step)
-        nr = n_class[start:stop]
-        kb = min(available, max([1, int(nr.max()), *ks]))
-        found = rows_of(pre, start, stop)
-        labels = (qlab[start:stop], rlab)
-        _, cols = topk_block(prep, start, stop, kb, budget, need_keys=False, labels=labels, found=found)
-        rel = rlab[cols] == qlab[start:stop, None]
-        for i, k in enumerate(ks):
-            recall[i, start:stop] = rel[:, :k].any(1).to(torch.float64)
-        position = torch.arange(1, kb + 1, device=device, dtype=torch.float64)
-        in_r = rel & (position[None, :] <= nr[:, None])
-        hits = torch.cumsum(in_r, 1).to(torch.float64)
-        r_f = nr.to(torch.float64).clamp_min(1.0)
-        rprec[start:stop] = in_r.sum(1) / r_f
-        map_r[start:stop] = row_sum(torch.where(in_r, hits / position, 0.0)) / r_f
-    ap = torch.full((nq,), torch.nan, dtype=torch.float64, device=device)
-    return PerQuery(recall, map_r, rprec, ap, n_class > 0, qlab)
-
-
-def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(values[mask].mean()) if bool(mask.any()) else float("nan")
 
 
 def _run(
@@ -308,16 +152,21 @@ def _run(
     reference: torch.Tensor | None,
     reference_labels: torch.Tensor | None,
     ks: Any,
+    keys: tuple[str, ...],
+    *,
     exclude_self: bool | None,
     metric: str,
     normalize_embeddings: bool | None,
     chunk_size: int | None,
-    full_map: bool = True,
+    query_groups: Any = None,
+    reference_groups: Any = None,
     ks_name: str = "ks",
 ) -> tuple[PerQuery, tuple[int, ...]]:
+    """Check the arguments, run the engine for ``keys`` and apply the lone-query policy."""
     prep, qlab, rlab = _setup(
         query, query_labels, reference, reference_labels, metric, exclude_self, normalize_embeddings, chunk_size
     )
+    groups = _check_groups(query_groups, reference_groups, reference, prep, query)
     available = prep.num_reference - (1 if prep.exclude_self else 0)
     if available < 1:
         name = "query" if reference is None else "reference"
@@ -325,19 +174,14 @@ def _run(
             f"{name} must hold at least 2 rows with self exclusion (no other item is left to rank), got "
             f"{describe(query if reference is None else reference)}"
         )
-    ks_t = _check_ks(ks, available, ks_name)
-    compute = _per_query if full_map else _per_query_topk
-    res = compute(prep, qlab, rlab, ks_t, chunk_size)
-    if not bool(res.evaluated.any()):
-        raise ValueError(
-            "query_labels must share a label with at least one other reference item for some query: every "
-            f"query is lone (no other item of its label in the reference; {prep.num_query} queries)"
-        )
+    ks_t = check_ks(ks, available, ks_name)
+    res = per_query(prep, qlab, rlab, ks_t, keys, chunk_size, groups)
+    require_evaluated(res.evaluated, grouped=groups is not None)
     return res, ks_t
 
 
 def _single_metric(
-    pick: Callable[[PerQuery], torch.Tensor],
+    key: str,
     query: torch.Tensor,
     query_labels: torch.Tensor,
     reference: torch.Tensor | None,
@@ -347,29 +191,23 @@ def _single_metric(
     metric: str,
     normalize_embeddings: bool | None,
     chunk_size: int | None,
-    ks: tuple[int, ...] = (),
-    full_map: bool = False,
-    ks_name: str = "ks",
+    ks: tuple[int, ...] = (1,),
 ) -> float:
-    """The body of the single-metric functions: one pass, the mean of the ``pick``-ed per-query values.
-
-    ``full_map=True`` takes the pass that ranks every relevant item (needed for the full mAP); the others use
-    the faster top-``K`` pass, which gives identical values for the metrics it computes.
-    """
-    res, _ = _run(
+    """The body of the single-metric functions: only ``key``'s pass, the mean of its per-query values."""
+    res, ks_t = _run(
         query,
         query_labels,
         reference,
         reference_labels,
         ks,
-        exclude_self,
-        metric,
-        normalize_embeddings,
-        chunk_size,
-        full_map=full_map,
-        ks_name=ks_name,
+        (key,),
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
+        ks_name="k",
     )
-    return _mean(pick(res), res.evaluated)
+    return float(next(iter(summarize(res, ks_t, (key,), False).values())))
 
 
 def retrieval_metrics(
@@ -379,14 +217,17 @@ def retrieval_metrics(
     reference_labels: torch.Tensor | None = None,
     *,
     ks: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] | None = None,
     exclude_self: bool | None = None,
+    query_groups: torch.Tensor | None = None,
+    reference_groups: torch.Tensor | None = None,
     per_class: bool = False,
     metric: str = "cosine",
     normalize_embeddings: bool | None = None,
     chunk_size: int | None = None,
-    full_map: bool = True,
+    full_map: bool | None = None,
 ) -> dict[str, Any]:
-    r"""Recall@k, MAP@R, R-precision and full mAP of a retrieval, exactly, in one pass.
+    r"""Recall@k, MAP@R and R-precision of a retrieval (full mAP, MRR and Precision@k on request), exactly.
 
     For query :math:`q` with :math:`R_q` relevant items whose ranks (see the module notes) are
     :math:`r_1 < r_2 < \dots < r_{R_q}`:
@@ -394,44 +235,63 @@ def retrieval_metrics(
     .. math::
 
         \text{Recall@}k(q) = [r_1 \le k], \qquad
+        \text{Precision@}k(q) = \frac{\#\{i : r_i \le k\}}{k}, \qquad
         \text{R-precision}(q) = \frac{\#\{i : r_i \le R_q\}}{R_q},
 
         \text{MAP@R}(q) = \frac{1}{R_q} \sum_{i : r_i \le R_q} \frac{i}{r_i}, \qquad
-        \text{AP}(q) = \frac{1}{R_q} \sum_{i=1}^{R_q} \frac{i}{r_i}.
+        \text{AP}(q) = \frac{1}{R_q} \sum_{i=1}^{R_q} \frac{i}{r_i}, \qquad
+        \text{RR}(q) = \frac{1}{r_1}.
 
-    Each value is the mean over the evaluated queries: queries whose label has no other item in the
-    reference ("lone" queries) are left out and counted in ``"num_lone_queries"``. Recall@k is the DML hit
-    rate (1 if any of the first ``k`` neighbours shares the query's label), MAP@R and R-precision follow
-    :cite:`musgrave2020reality`, and ``"map"`` is the average precision over the whole reference.
+    Each value is the mean over the evaluated queries: queries with no relevant item ("lone" queries) are left
+    out and counted in ``"num_lone_queries"``; when every query is lone a ``ValueError`` is raised (the policy of
+    every label metric here). Recall@k is the DML hit rate (1 if any of the first ``k`` neighbours is relevant),
+    MAP@R and R-precision follow :cite:`musgrave2020reality`, ``"map"`` is the average precision over the whole
+    reference and ``"mrr"`` the mean reciprocal rank of the best relevant item.
+
+    **Cost.** Only the requested keys are computed, each by the cheapest exact pass (module notes): Recall@k and
+    Precision@k need the first :math:`\max(ks)` neighbours, MAP@R and R-precision the first :math:`R_q`, the full
+    mAP ranks every relevant item (about 2-4x the default's time on the CPU, see :doc:`/benchmarks`). All paths
+    give identical values.
+
+    **Re-identification** (``query_groups`` / ``reference_groups``, e.g. camera or sequence ids): a reference
+    item with the query's label *and* the query's group is removed from that query's list before anything is
+    counted (the Market-1501 / DukeMTMC protocol, OML's ``sequence_ids``). Recall@k is then the CMC@k curve and
+    ``"map"`` the re-ID mAP. Items of other labels from the query's group stay as negatives.
 
     Args:
         query: ``(Nq, D)`` floating-point embeddings.
         query_labels: ``(Nq,)`` integer labels.
         reference: ``(M, D)`` embeddings; ``None`` evaluates the query set against itself (leave-one-out).
         reference_labels: ``(M,)`` integer labels; required with ``reference``, ``None`` without.
-        ks: The ``k`` of the Recall@k values, each in ``[1, M]`` (``M - 1`` with self exclusion).
+        ks: The ``k`` of the Recall@k (and Precision@k) values, each in ``[1, M]`` (``M - 1`` with self
+            exclusion).
+        metrics: The keys to compute, from ``"recall@k"``, ``"precision@k"`` (one value per ``k``),
+            ``"map@r"``, ``"r_precision"``, ``"map"`` and ``"mrr"``. ``None``: ``("recall@k", "map@r",
+            "r_precision")``, the set that deep-metric-learning papers and pytorch-metric-learning report.
         exclude_self: As in :func:`~dml_bias.metrics.knn`: defaults to ``True`` without a reference; with a
-            reference, ``True`` means query ``i`` is reference item ``i``.
+            reference, ``True`` means query ``i`` is reference item ``i``, and a ``ValueError`` is raised unless
+            the first ``Nq`` rows of ``reference`` and ``reference_labels`` equal ``query`` and ``query_labels``.
+        query_groups: Optional ``(Nq,)`` integer group (camera, sequence) of each query.
+        reference_groups: ``(M,)`` integer groups of the reference; required with ``reference`` when
+            ``query_groups`` is given, ``None`` without a reference.
         per_class: Also return the metrics averaged per query label.
         metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
         normalize_embeddings: As in :func:`~dml_bias.metrics.knn`.
         chunk_size: Query rows per block; ``None`` picks it from a 2 GiB budget for the extra memory.
-        full_map: Compute the full ``"map"`` (default): the counting pass of the module notes, which ranks every
-            relevant item. ``False`` leaves ``"map"`` out and takes the path of :func:`recall_at_k`,
-            :func:`map_at_r` and :func:`r_precision`: exact top-``K`` lists from the candidate pass, ``K`` the
-            largest of the ``ks`` and of the :math:`R_q`; it is faster when relevant items rank deep (about 4x
-            on the CPU at N = 8,000 to 20,000 with classes of 50, see :doc:`/benchmarks`). Both paths give
-            identical values.
+        full_map: Deprecated (a :class:`DeprecationWarning`): ``True`` is ``metrics=("recall@k", "map@r",
+            "r_precision", "map")``, ``False`` the default set.
 
     Returns:
-        A dict with floats ``"recall@{k}"`` for each ``k``, ``"map@r"``, ``"r_precision"``, ``"map"`` and ints
-        ``"num_queries"`` (evaluated) and ``"num_lone_queries"``. With ``per_class=True`` also ``"per_class"``:
-        ``{label: {"recall@1": ..., "map@r": ..., "r_precision": ..., "map": ..., "count": n}}`` for every
-        label with at least one evaluated query (``count`` = its evaluated queries).
+        A dict with floats ``"recall@{k}"`` / ``"precision@{k}"`` for each ``k``, ``"map@r"``,
+        ``"r_precision"``, ``"map"``, ``"mrr"`` (those requested, in this order) and ints ``"num_queries"``
+        (evaluated) and ``"num_lone_queries"``. With ``per_class=True`` also ``"per_class"``:
+        ``{label: {"recall@1": ..., ..., "count": n}}`` for every label with at least one evaluated query
+        (``count`` = its evaluated queries).
 
     Raises:
-        ValueError: Bad shapes, values or devices (the argument is named), or every query lone.
-        TypeError: Non-tensor inputs, floating-point labels.
+        ValueError: Bad shapes, values or devices (the argument is named), unknown metric names, a reference
+            whose first rows are not the queries with ``exclude_self=True``, or every query lone.
+        TypeError: Non-tensor inputs, floating-point labels or groups.
 
     Example:
         >>> import torch
@@ -440,13 +300,27 @@ def retrieval_metrics(
         >>> res = retrieval_metrics(x, y, ks=(1, 2))
         >>> res["recall@1"], res["map@r"], res["num_queries"], res["num_lone_queries"]
         (1.0, 1.0, 4, 1)
-        >>> retrieval_metrics(x, y, ks=(1,), per_class=True)["per_class"][0]
-        {'recall@1': 1.0, 'map@r': 1.0, 'r_precision': 1.0, 'map': 1.0, 'count': 2}
+        >>> retrieval_metrics(x, y, ks=(1,), metrics=("recall@k", "map"), per_class=True)["per_class"][0]
+        {'recall@1': 1.0, 'map': 1.0, 'count': 2}
+
+        Re-identification: item 1 shares query 0's label and camera, so it leaves query 0's list.
+
+        >>> cams = torch.tensor([0, 0, 1, 1, 0])
+        >>> q, g = x[:1], x[1:]
+        >>> retrieval_metrics(q, y[:1], x, y, query_groups=cams[:1], reference_groups=cams, ks=(1,))
+        Traceback (most recent call last):
+        ...
+        ValueError: query_labels must share a label with at least one other reference item for some query: ...
+        >>> gl, gc = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 0])
+        >>> res = retrieval_metrics(
+        ...     q, y[:1], g, gl, query_groups=cams[:1], reference_groups=gc, ks=(1,), metrics=("recall@k", "map")
+        ... )
+        >>> res["recall@1"], res["map"]  # the list is g[3], g[2], g[1]: the true match ranks third
+        (0.0, 0.3333333333333333)
     """
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
-    if not isinstance(full_map, bool):
-        raise TypeError(f"full_map must be a bool, got {describe(full_map)}")
+    keys = parse_metrics(metrics, full_map)
     if isinstance(ks, Sequence) and not isinstance(ks, str) and len(ks) == 0:
         raise ValueError("ks must hold at least one k (an empty ks would return no Recall@k), got an empty sequence")
     res, ks_t = _run(
@@ -455,25 +329,15 @@ def retrieval_metrics(
         reference,
         reference_labels,
         ks,
-        exclude_self,
-        metric,
-        normalize_embeddings,
-        chunk_size,
-        full_map=full_map,
+        keys,
+        exclude_self=exclude_self,
+        metric=metric,
+        normalize_embeddings=normalize_embeddings,
+        chunk_size=chunk_size,
+        query_groups=query_groups,
+        reference_groups=reference_groups,
     )
-    ev = res.evaluated
-    out: dict[str, Any] = {}
-    for i, k in enumerate(ks_t):
-        out[f"recall@{k}"] = _mean(res.recall[i], ev)
-    out["map@r"] = _mean(res.map_at_r, ev)
-    out["r_precision"] = _mean(res.r_precision, ev)
-    if full_map:
-        out["map"] = _mean(res.average_precision, ev)
-    out["num_queries"] = int(ev.sum())
-    out["num_lone_queries"] = int((~ev).sum())
-    if per_class:
-        out["per_class"] = per_class_means(res, ks_t)
-    return out
+    return summarize(res, ks_t, keys, per_class)
 
 
 def recall_at_k(
@@ -502,13 +366,12 @@ def recall_at_k(
         (0.75, 1.0)
     """
     return _single_metric(
-        lambda res: res.recall[0],
+        "recall@k",
         query,
         query_labels,
         reference,
         reference_labels,
         ks=(k,),
-        ks_name="k",
         exclude_self=exclude_self,
         metric=metric,
         normalize_embeddings=normalize_embeddings,
@@ -542,7 +405,7 @@ def map_at_r(
         0.75
     """
     return _single_metric(
-        lambda res: res.map_at_r,
+        "map@r",
         query,
         query_labels,
         reference,
@@ -579,7 +442,7 @@ def r_precision(
         0.75
     """
     return _single_metric(
-        lambda res: res.r_precision,
+        "r_precision",
         query,
         query_labels,
         reference,
@@ -618,7 +481,7 @@ def mean_average_precision(
         0.8333
     """
     return _single_metric(
-        lambda res: res.average_precision,
+        "map",
         query,
         query_labels,
         reference,
@@ -627,5 +490,4 @@ def mean_average_precision(
         metric=metric,
         normalize_embeddings=normalize_embeddings,
         chunk_size=chunk_size,
-        full_map=True,
     )

@@ -38,14 +38,16 @@ from dml_bias._checks import (
     describe,
 )
 from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
-from dml_bias.metrics._counting import (
+from dml_bias.metrics._counting import bulk_inputs, choose_bulk, count_above, sort_relevant
+from dml_bias.metrics._engine import (
     PerQuery,
-    bulk_inputs,
-    choose_bulk,
-    count_above,
-    per_class_means,
-    ranks_to_metrics,
-    sort_relevant,
+    check_not_meta,
+    hist_metrics,
+    list_depth,
+    list_metrics,
+    parse_metrics,
+    require_evaluated,
+    summarize,
 )
 from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare
 from dml_bias.similarity import METRICS
@@ -249,6 +251,7 @@ def sharded_retrieval_metrics(
     reference_shard_labels: torch.Tensor,
     *,
     ks: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] | None = None,
     shard_offset: int | None = None,
     query_indices: torch.Tensor | None = None,
     per_class: bool = False,
@@ -256,13 +259,18 @@ def sharded_retrieval_metrics(
     chunk_size: int | None = None,
     group: Any = None,
 ) -> dict[str, Any]:
-    r"""Recall@k, R-precision, MAP@R and full mAP of a retrieval whose reference set is sharded across ranks, exactly.
+    r"""Recall@k, R-precision, MAP@R (full mAP, MRR, Precision@k on request) over a sharded reference set, exactly.
 
-    The values equal those of :func:`~dml_bias.metrics.retrieval_metrics` on the whole reference set (keys
-    ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``, ``"map"``, ``"num_queries"``, ``"num_lone_queries"`` and,
-    with ``per_class=True``, ``"per_class"``). Every rank passes the same queries and its own shard. All of them
-    follow from the ranks of the relevant items (see :func:`~dml_bias.metrics.retrieval_metrics`), found without moving
-    any embedding between ranks: per block of queries,
+    The values equal those of :func:`~dml_bias.metrics.retrieval_metrics` on the whole reference set, with the
+    same keys (``metrics=``, default ``("recall@k", "map@r", "r_precision")``), the same ``"num_queries"``,
+    ``"num_lone_queries"``, ``"per_class"`` and the same lone-query policy (a ``ValueError`` when every query is
+    lone, on every rank). Every rank passes the same queries and its own shard.
+
+    Without ``"map"`` and ``"mrr"`` the keys come from exact neighbour lists as long as they need (``max(ks)``
+    for Recall@k / Precision@k, :math:`R_q` for MAP@R / R-precision): the merge of :func:`sharded_knn`, which
+    gathers ``(Q, K)`` candidates from every rank. With ``"map"`` or ``"mrr"`` every key follows from the ranks of
+    the relevant items (see :func:`~dml_bias.metrics.retrieval_metrics`), found without moving any embedding
+    between ranks: per block of queries,
 
     1. each rank computes the exact float64 keys of the relevant items in its shard (same label, the query's own
        item left out), and all ranks gather them: :math:`\sum_q R_q` keys with their global indices;
@@ -290,9 +298,11 @@ def sharded_retrieval_metrics(
         reference_shard: ``(M_r, D)`` this rank's part of the reference set.
         reference_shard_labels: ``(M_r,)`` integer labels of the shard.
         ks: The ``k`` of Recall@k, each at most the reference size (minus one with ``query_indices``).
+        metrics: The keys to compute, as for :func:`~dml_bias.metrics.retrieval_metrics`.
         shard_offset: Global index of the shard's first row (``None``: consecutive shards in rank order).
-        query_indices: Optional ``(Q,)`` global reference index of each query (``-1``: not in the reference):
-            that item is left out of the query's neighbours and relevant items (leave-one-out evaluation).
+        query_indices: Optional ``(Q,)`` global reference index of each query (``-1``: not in the reference),
+            below the total reference size: that item is left out of the query's neighbours and relevant items
+            (leave-one-out evaluation).
         per_class: Also return the metrics averaged per query label, as
             :func:`~dml_bias.metrics.retrieval_metrics` does.
         metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
@@ -301,6 +311,10 @@ def sharded_retrieval_metrics(
 
     Returns:
         A dict of floats (and the two integer counts, and ``"per_class"`` if asked), the same on every rank.
+
+    Raises:
+        ValueError: Bad shapes, values, devices or indices (the argument is named), or every query lone.
+        TypeError: Non-tensor inputs, floating-point labels, non-integer ``ks`` or ``chunk_size``.
 
     Example:
         >>> import torch
@@ -313,8 +327,16 @@ def sharded_retrieval_metrics(
     check_choice(metric, "metric", METRICS)
     if not isinstance(per_class, bool):
         raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
-    if not isinstance(per_class, bool):
-        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
+    keys = parse_metrics(metrics)
+    if chunk_size is not None:
+        check_number(chunk_size, "chunk_size", low=1, integer=True)
+    check_not_meta(
+        query=query,
+        query_labels=query_labels,
+        reference_shard=reference_shard,
+        reference_shard_labels=reference_shard_labels,
+        query_indices=query_indices,
+    )
     check_embeddings(query, "query")
     check_embeddings(reference_shard, "reference_shard", dim=query.shape[1], allow_empty=True)
     num_queries = int(query.shape[0])
@@ -350,6 +372,11 @@ def sharded_retrieval_metrics(
     layout = _shard_layout(reference_shard, shard_offset, same, group)
     for k in ks:
         _check_k(k, layout.total, excluding, "ks")
+    if query_indices is not None and query_indices.numel() and int(query_indices.max()) >= layout.total:
+        raise ValueError(
+            f"query_indices must be global reference indices below {layout.total} (the reference rows over all "
+            f"ranks) or -1, got maximum {int(query_indices.max())}"
+        )
     device = query.device
     qlab = query_labels.detach().long()
     rlab = reference_shard_labels.detach().long()
@@ -373,30 +400,41 @@ def sharded_retrieval_metrics(
         own_rel = torch.zeros(num_queries, dtype=torch.long, device=device)
         own_rel[inside] = (rlab[qi[inside] - layout.offset] == qlab[inside]).long()
         num_rel = num_rel - torch.stack(all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
-    evaluated = num_rel > 0
-
-    if bool(evaluated.any()):
+    require_evaluated(num_rel > 0)
+    if "map" in keys or "mrr" in keys:
         res = _count_sharded(
-            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, chunk_size, group
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
         )
     else:
-        zeros = torch.zeros(num_queries, dtype=torch.float64, device=device)
-        res = PerQuery(zeros[None].expand(len(ks), -1), zeros, zeros, zeros, evaluated, qlab)
-    recall, map_r, r_prec, ap = res.recall, res.map_at_r, res.r_precision, res.average_precision
+        res = _list_sharded(
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
+        )
+    return summarize(res, ks, keys, per_class)
 
-    count = int(evaluated.sum())
-    denominator = max(count, 1)
-    result: dict[str, Any] = {}
-    for i, k in enumerate(ks):
-        result[f"recall@{k}"] = float(recall[i][evaluated].sum()) / denominator
-    result["map@r"] = float(map_r[evaluated].sum()) / denominator
-    result["r_precision"] = float(r_prec[evaluated].sum()) / denominator
-    result["map"] = float(ap[evaluated].sum()) / denominator
-    result["num_queries"] = count
-    result["num_lone_queries"] = num_queries - count
-    if per_class:
-        result["per_class"] = per_class_means(res, ks) if count > 0 else {}
-    return result
+
+def _list_sharded(
+    query: torch.Tensor,
+    qlab: torch.Tensor,
+    reference_shard: torch.Tensor,
+    rlab: torch.Tensor,
+    layout: _Layout,
+    metric: str,
+    query_indices: torch.Tensor | None,
+    num_rel: torch.Tensor,
+    ks: tuple[int, ...],
+    keys: tuple[str, ...],
+    chunk_size: int | None,
+    group: Any,
+) -> PerQuery:
+    """The list keys from the exact merged top-``K`` (:func:`sharded_knn`'s merge, labels as payload)."""
+    excluding = query_indices is not None
+    depth = min(layout.total - int(excluding), list_depth(keys, ks, num_rel))
+    _, _, labels = _search_and_merge(
+        query, reference_shard, depth, layout, metric, query_indices, chunk_size, group, payload=rlab
+    )
+    assert labels is not None
+    values = list_metrics(labels == qlab[:, None], num_rel, ks, keys)
+    return PerQuery(values, num_rel > 0, qlab)
 
 
 def _count_sharded(
@@ -409,6 +447,7 @@ def _count_sharded(
     query_indices: torch.Tensor | None,
     num_rel: torch.Tensor,
     ks: tuple[int, ...],
+    names: tuple[str, ...],
     chunk_size: int | None,
     group: Any,
 ) -> PerQuery:
@@ -425,10 +464,7 @@ def _count_sharded(
     nranks = len(layout.sizes)
     prep = prepare(query, reference_shard, metric, False, None) if m > 0 else None
     bulk = bulk_inputs(prep, choose_bulk(prep, qlab, rlab)) if prep is not None else None
-    recall = torch.zeros(len(ks), nq, dtype=torch.float64, device=device)
-    map_r = torch.zeros(nq, dtype=torch.float64, device=device)
-    rprec = torch.zeros(nq, dtype=torch.float64, device=device)
-    ap = torch.zeros(nq, dtype=torch.float64, device=device)
+    values: dict[str, torch.Tensor] = {}
     widest = max(layout.sizes)
     max_rel = int(num_rel.max())
     step = block_rows(nq, 45 * widest + 64 * max_rel * nranks, chunk_size, MEMORY_BUDGET, width=widest)
@@ -472,6 +508,8 @@ def _count_sharded(
         else:
             hist = torch.zeros(nb, width + 1, dtype=torch.long, device=device)
         hist = all_reduce_sum(hist, group)
-        vals = ranks_to_metrics(hist, num_rel[start:stop], ks)
-        recall[:, start:stop], map_r[start:stop], rprec[start:stop], ap[start:stop] = vals
-    return PerQuery(recall, map_r, rprec, ap, num_rel > 0, qlab)
+        for key, v in hist_metrics(hist, num_rel[start:stop], ks, names).items():
+            if key not in values:
+                values[key] = torch.zeros((*v.shape[:-1], nq), dtype=torch.float64, device=device)
+            values[key][..., start:stop] = v
+    return PerQuery(values, num_rel > 0, qlab)

@@ -1,4 +1,4 @@
-"""Tests of MPerClassSampler: batch composition, determinism, epochs, DDP ranks, replacement, coverage."""
+"""Tests of MPerClassBatchSampler: batch composition, determinism, epochs, DDP ranks, replacement, coverage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dml_bias.datasets import MPerClassSampler
+from dml_bias.datasets import MPerClassBatchSampler
 
 
 def _labels(counts: list[int]) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _check_composition(batch: list[int], labels: torch.Tensor, m: int, batch_siz
 
 def test_every_batch_has_k_classes_times_m_samples() -> None:
     labels = _labels([7, 3, 12, 5, 9, 2, 8, 6])
-    sampler = MPerClassSampler(labels, 3, 12, generator=_gen())
+    sampler = MPerClassBatchSampler(labels, 3, 12, generator=_gen())
     batches = list(sampler)
     assert len(batches) == len(sampler) > 0
     for batch in batches:
@@ -48,9 +48,9 @@ def test_composition_property(counts: list[int], m: int, k: int, drop_last: bool
     labels = _labels(counts)
     if len(counts) < k:
         with pytest.raises(ValueError, match="distinct classes"):
-            MPerClassSampler(labels, m, m * k, generator=_gen(seed), drop_last=drop_last)
+            MPerClassBatchSampler(labels, m, m * k, generator=_gen(seed), drop_last=drop_last)
         return
-    sampler = MPerClassSampler(labels, m, m * k, generator=_gen(seed), drop_last=drop_last)
+    sampler = MPerClassBatchSampler(labels, m, m * k, generator=_gen(seed), drop_last=drop_last)
     batches = list(sampler)
     assert len(batches) == len(sampler)
     chunks = sum(max(1, -(-c // m)) for c in counts)
@@ -68,7 +68,7 @@ def test_composition_property(counts: list[int], m: int, k: int, drop_last: bool
 
 def test_replacement_only_for_small_classes() -> None:
     labels = _labels([2, 10, 10, 10])  # class 0 is smaller than m
-    sampler = MPerClassSampler(labels, 4, 8, generator=_gen(3))
+    sampler = MPerClassBatchSampler(labels, 4, 8, generator=_gen(3))
     saw_small = False
     for epoch in range(5):
         sampler.set_epoch(epoch)
@@ -87,9 +87,9 @@ def test_replacement_only_for_small_classes() -> None:
 
 def test_deterministic_from_generator_and_epoch() -> None:
     labels = _labels([6] * 10)
-    a = MPerClassSampler(labels, 2, 8, generator=_gen(5))
-    b = MPerClassSampler(labels, 2, 8, generator=_gen(5))
-    c = MPerClassSampler(labels, 2, 8, generator=_gen(6))
+    a = MPerClassBatchSampler(labels, 2, 8, generator=_gen(5))
+    b = MPerClassBatchSampler(labels, 2, 8, generator=_gen(5))
+    c = MPerClassBatchSampler(labels, 2, 8, generator=_gen(6))
     assert list(a) == list(b)
     assert list(a) == list(a)  # iterating twice in one epoch repeats the order
     assert list(a) != list(c)
@@ -104,8 +104,8 @@ def test_deterministic_from_generator_and_epoch() -> None:
 
 def test_ranks_get_disjoint_batches_of_equal_count() -> None:
     labels = _labels([5] * 16)  # every class exactly fills chunks of m=5 -> no repeated index at all
-    per_rank = [list(MPerClassSampler(labels, 5, 10, generator=_gen(2), num_replicas=3, rank=r)) for r in range(3)]
-    single = list(MPerClassSampler(labels, 5, 10, generator=_gen(2)))
+    per_rank = [list(MPerClassBatchSampler(labels, 5, 10, generator=_gen(2), num_replicas=3, rank=r)) for r in range(3)]
+    single = list(MPerClassBatchSampler(labels, 5, 10, generator=_gen(2)))
     assert len(single) == 8
     assert [len(b) for b in per_rank] == [2, 2, 2]  # 8 batches // 3 ranks
     seen = [i for batches in per_rank for b in batches for i in b]
@@ -113,13 +113,13 @@ def test_ranks_get_disjoint_batches_of_equal_count() -> None:
     # the ranks take every num_replicas-th batch of the same global order
     for r in range(3):
         assert per_rank[r] == single[r:6:3]
-    padded = [len(MPerClassSampler(labels, 5, 10, num_replicas=3, rank=r, drop_last=False)) for r in range(3)]
+    padded = [len(MPerClassBatchSampler(labels, 5, 10, num_replicas=3, rank=r, drop_last=False)) for r in range(3)]
     assert padded == [3, 3, 3]
 
 
 def test_coverage_over_an_epoch() -> None:
     labels = _labels([20] * 30)
-    sampler = MPerClassSampler(labels, 4, 32, generator=_gen(0))
+    sampler = MPerClassBatchSampler(labels, 4, 32, generator=_gen(0))
     visits = torch.zeros(len(labels))
     for batch in sampler:
         visits[batch] += 1
@@ -132,17 +132,17 @@ def test_coverage_over_an_epoch() -> None:
 def test_default_seed_and_distributed_default_seed() -> None:
     labels = _labels([4] * 6)
     torch.manual_seed(0)
-    a = list(MPerClassSampler(labels, 2, 4))
+    a = list(MPerClassBatchSampler(labels, 2, 4))
     torch.manual_seed(0)
-    assert list(MPerClassSampler(labels, 2, 4)) == a
+    assert list(MPerClassBatchSampler(labels, 2, 4)) == a
     # with several replicas and no generator all ranks agree on seed 0
-    assert MPerClassSampler(labels, 2, 4, num_replicas=2, rank=1).seed == 0
+    assert MPerClassBatchSampler(labels, 2, 4, num_replicas=2, rank=1).seed == 0
 
 
 def test_works_as_dataloader_batch_sampler() -> None:
     labels = _labels([4] * 6)
     data = torch.utils.data.TensorDataset(torch.arange(len(labels)), labels)
-    sampler = MPerClassSampler(labels, 2, 6, generator=_gen(1))
+    sampler = MPerClassBatchSampler(labels, 2, 6, generator=_gen(1))
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
     out = list(loader)
     assert len(out) == len(sampler)
@@ -150,7 +150,7 @@ def test_works_as_dataloader_batch_sampler() -> None:
 
 
 def test_accepts_sequences_and_arbitrary_label_values() -> None:
-    sampler = MPerClassSampler([10, 10, -3, -3, 7, 7], 2, 4, generator=_gen(0))
+    sampler = MPerClassBatchSampler([10, 10, -3, -3, 7, 7], 2, 4, generator=_gen(0))
     for batch in sampler:
         assert len(batch) == 4
 
@@ -172,7 +172,7 @@ def test_accepts_sequences_and_arbitrary_label_values() -> None:
 )
 def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
-        MPerClassSampler(_labels([2, 2, 2, 2]), **kwargs)
+        MPerClassBatchSampler(_labels([2, 2, 2, 2]), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -181,11 +181,11 @@ def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None
 )
 def test_bad_labels(labels: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="labels"):
-        MPerClassSampler(labels, 2, 4)
+        MPerClassBatchSampler(labels, 2, 4)
 
 
 def test_set_epoch_rejects_negative() -> None:
-    sampler = MPerClassSampler(_labels([2, 2]), 2, 4)
+    sampler = MPerClassBatchSampler(_labels([2, 2]), 2, 4)
     with pytest.raises(ValueError, match="epoch"):
         sampler.set_epoch(-1)
 
@@ -194,14 +194,14 @@ def test_consecutive_batches_cycle_through_classes() -> None:
     # balanced classes: the first ceil(30 / 8) = 3 batches never repeat a class (largest-first scheduling)
     labels = _labels([20] * 30)
     for seed in range(5):
-        batches = list(MPerClassSampler(labels, 4, 32, generator=_gen(seed)))
+        batches = list(MPerClassBatchSampler(labels, 4, 32, generator=_gen(seed)))
         first = [c for b in batches[:3] for c in set(labels[b].tolist())]
         assert len(first) == len(set(first)) == 24
 
 
 def test_iteration_does_not_consume_the_users_generator() -> None:
     g = _gen(4)
-    sampler = MPerClassSampler(_labels([4] * 6), 2, 4, generator=g)
+    sampler = MPerClassBatchSampler(_labels([4] * 6), 2, 4, generator=g)
     state = g.get_state()
     list(sampler)
     assert torch.equal(g.get_state(), state)
@@ -216,11 +216,11 @@ def test_rank_and_world_size_default_from_torch_distributed(monkeypatch: pytest.
     got = []
     for r in range(3):
         monkeypatch.setattr(torch.distributed, "get_rank", lambda r=r: r)
-        sampler = MPerClassSampler(labels, 5, 10, generator=_gen(2))
+        sampler = MPerClassBatchSampler(labels, 5, 10, generator=_gen(2))
         assert (sampler.rank, sampler.num_replicas) == (r, 3)
-        assert list(sampler) == list(MPerClassSampler(labels, 5, 10, generator=_gen(2), num_replicas=3, rank=r))
+        assert list(sampler) == list(MPerClassBatchSampler(labels, 5, 10, generator=_gen(2), num_replicas=3, rank=r))
         got.append(list(sampler))
     seen = [i for batches in got for b in batches for i in b]
     assert len(seen) == len(set(seen)) == 60
     # without a generator all ranks still agree (seed 0)
-    assert MPerClassSampler(labels, 5, 10).seed == 0
+    assert MPerClassBatchSampler(labels, 5, 10).seed == 0

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dml_bias.datasets import VARIANTS, MPerClassSampler, SyntheticBackgrounds
+from dml_bias.datasets import VARIANTS, MPerClassBatchSampler, SyntheticBackgrounds
 
 SMALL = {"num_classes": 6, "images_per_class": 5, "image_size": 24}
 
@@ -303,7 +303,7 @@ def test_pickle_round_trip(ds: SyntheticBackgrounds) -> None:
 def test_dataloader_with_workers_and_sampler(ds: SyntheticBackgrounds) -> None:
     data = ds.with_variant("mixed_same", seed=1)
     data.transform = v2.Compose([v2.RandomHorizontalFlip(p=0.0), v2.ToDtype(torch.float32, scale=True)])
-    sampler = MPerClassSampler(data.labels, 2, 6, generator=torch.Generator().manual_seed(0))
+    sampler = MPerClassBatchSampler(data.labels, 2, 6, generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=2)
     batches = list(loader)
     assert len(batches) == len(sampler)

@@ -24,7 +24,7 @@ from dml_bias.heads import (
     ReceptiveField,
     gem,
 )
-from dml_bias.losses import ArcFaceLoss
+from dml_bias.losses import AdditiveAngularMarginLoss
 from dml_bias.losses.functional import arcface_loss
 
 
@@ -67,7 +67,7 @@ def test_global_head_trains_with_arcface() -> None:
     # class k lifts channel k: separable after pooling
     x = torch.rand(16, channels, 3, 3) + 2.0 * F.one_hot(labels, channels).float()[:, :, None, None]
     head = DELGGlobalHead(channels, 8)
-    loss_fn = ArcFaceLoss(num_classes, 8, margin=0.1, scale=math.sqrt(8))
+    loss_fn = AdditiveAngularMarginLoss(num_classes, 8, margin=0.1, scale=math.sqrt(8))
     optimizer = torch.optim.SGD([*head.parameters(), *loss_fn.parameters()], lr=0.5, momentum=0.9)
     losses = []
     for _ in range(40):

@@ -22,7 +22,7 @@ CALLERS: dict[str, Callable[..., object]] = {
     "ntxent": L.NTXentLoss(),
     "supcon": L.SupConLoss(),
     "proxy_anchor": L.ProxyAnchorLoss(3, 4),
-    "arcface": L.ArcFaceLoss(3, 4),
+    "arcface": L.AdditiveAngularMarginLoss(3, 4),
     "ms_miner": MultiSimilarityMiner(),
     "batch_hard_miner": BatchHardMiner(),
 }
@@ -107,10 +107,10 @@ def test_width_mismatch_names_the_class_matrix() -> None:
     with pytest.raises(ValueError, match=r"embeddings must have size D=4 \(embedding_size\)"):
         L.ProxyAnchorLoss(3, 4)(torch.randn(6, 5), LABELS)
     with pytest.raises(ValueError, match=r"embeddings must have size D=4 \(embedding_size\)"):
-        L.ArcFaceLoss(3, 4)(torch.randn(6, 5), LABELS)
+        L.AdditiveAngularMarginLoss(3, 4)(torch.randn(6, 5), LABELS)
 
 
-@pytest.mark.parametrize("cls", [L.ProxyAnchorLoss, L.ArcFaceLoss])
+@pytest.mark.parametrize("cls", [L.ProxyAnchorLoss, L.AdditiveAngularMarginLoss])
 def test_parameter_device_and_dtype(cls: type[torch.nn.Module]) -> None:
     # Before: raw torch RuntimeErrors ("Expected one of cpu, cuda, ...", "Only Tensors of floating point ...").
     with pytest.raises(TypeError, match=r"dtype must be None or a floating-point torch\.dtype, got torch\.int64"):

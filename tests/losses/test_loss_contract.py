@@ -37,7 +37,7 @@ def make(name: str, dim: int, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     if name == "proxy_anchor":
         return L.ProxyAnchorLoss(NUM_CLASSES, dim, margin=0.1, alpha=8.0, dtype=dtype)
     if name == "arcface":
-        return L.ArcFaceLoss(NUM_CLASSES, dim, margin=0.3, scale=4.0, dtype=dtype)
+        return L.AdditiveAngularMarginLoss(NUM_CLASSES, dim, margin=0.3, scale=4.0, dtype=dtype)
     raise KeyError(name)
 
 
@@ -197,7 +197,10 @@ def test_half_precision_is_finite_and_close(name: str, case: str, precision: str
     emb32, labels = extreme_batches()[case]
     module = make(name, 8)
     if name in CLASS_LOSSES:
-        module = L.ProxyAnchorLoss(NUM_CLASSES, 8) if name == "proxy_anchor" else L.ArcFaceLoss(NUM_CLASSES, 8)
+        if name == "proxy_anchor":
+            module = L.ProxyAnchorLoss(NUM_CLASSES, 8)
+        else:
+            module = L.AdditiveAngularMarginLoss(NUM_CLASSES, 8)
         class_weights_on_samples(name, module, emb32, labels)
     expected = module(emb32.double(), labels)
     if precision == "autocast-bf16":
@@ -227,7 +230,7 @@ def test_half_precision_is_finite_and_close(name: str, case: str, precision: str
 def test_arcface_grad_finite_and_bounded_at_cosine_one() -> None:
     # PML's acos form: NaN gradient at cos = 1 with torch 2.13 (pml_reference.txt section 5), and an unbounded
     # one just below 1. Ours is finite at cos = +-1 and bounded everywhere.
-    module = L.ArcFaceLoss(4, 16, scale=1.0)
+    module = L.AdditiveAngularMarginLoss(4, 16, scale=1.0)
     with torch.no_grad():
         module.weight.copy_(torch.eye(4, 16) * 3.0)
     for tilt in (0.0, 1e-4, 1e-3):
@@ -340,9 +343,9 @@ def test_bad_hyper_parameters() -> None:
         with pytest.raises(ValueError, match=msg):
             cls(**kw)
     with pytest.raises(ValueError, match="scale must be a number in"):
-        L.ArcFaceLoss(3, 4, scale=0.0)
+        L.AdditiveAngularMarginLoss(3, 4, scale=0.0)
     with pytest.raises(ValueError, match="margin must be a number in"):
-        L.ArcFaceLoss(3, 4, margin=4.0)
+        L.AdditiveAngularMarginLoss(3, 4, margin=4.0)
     L.ContrastiveLoss(pos_margin=1.0, neg_margin=-0.5, distance="cosine")  # meaningful for a similarity
 
 

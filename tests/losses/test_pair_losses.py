@@ -58,7 +58,7 @@ def test_ntxent_and_supcon_hand_computed() -> None:
 
 
 def test_arcface_hand_computed() -> None:
-    module = L.ArcFaceLoss(2, 2, margin=0.5, scale=2.0, dtype=F64)
+    module = L.AdditiveAngularMarginLoss(2, 2, margin=0.5, scale=2.0, dtype=F64)
     with torch.no_grad():
         module.weight.copy_(torch.eye(2))
     # cos(target) = 1 -> theta = 0 -> logit cos(0.5); the other logit is cos = 0.
@@ -99,7 +99,7 @@ def test_pml_reference_arcface() -> None:
     torch.manual_seed(0)
     emb = torch.randn(32, 16)
     labels = torch.randint(0, 4, (32,))
-    module = L.ArcFaceLoss(4, 16, margin=math.radians(28.6))
+    module = L.AdditiveAngularMarginLoss(4, 16, margin=math.radians(28.6))
     with torch.no_grad():
         module.weight.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(2)).t())
     assert_close(module(emb, labels), 45.70742416)

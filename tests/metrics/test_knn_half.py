@@ -47,7 +47,7 @@ def spies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> di
     rows, self_pass = Spy(ENGINE.candidates_grouped), Spy(ENGINE.self_candidates_grouped)
     monkeypatch.setattr(ENGINE, "candidates_grouped", rows)
     monkeypatch.setattr(ENGINE, "self_candidates_grouped", self_pass)
-    retrieval = sys.modules["dml_bias.metrics.retrieval"]
+    retrieval = sys.modules["dml_bias.metrics._engine"]
     monkeypatch.setattr(retrieval, "self_candidates_grouped", self_pass)
     return {"rows": rows, "self": self_pass}
 
@@ -136,11 +136,11 @@ def test_retrieval_metrics_through_both_bf16_passes(spies: dict[str, Spy], monke
     x = with_duplicates(x, seed=2)
     ks = (1, 2, 4, 8)
     expected, _, _ = ref_metrics(x, y, None, None, ks)
-    got = retrieval_metrics(x, y, ks=ks, full_map=False)
+    got = retrieval_metrics(x, y, ks=ks)
     assert spies["self"].used == 1
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"):
         assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
-    got_rows = retrieval_metrics(x[:150], y[:150], x, y, ks=ks, exclude_self=True, full_map=False)
+    got_rows = retrieval_metrics(x[:150], y[:150], x, y, ks=ks, exclude_self=True)
     assert spies["rows"].used > 0
     exp_rows, _, _ = ref_metrics(x[:150], y[:150], x, y, ks, exclude_self=True)
     for key in ("recall@1", "map@r", "r_precision"):
@@ -253,7 +253,7 @@ def test_cuda_float16_passes_match_float64_loop(monkeypatch: pytest.MonkeyPatch)
     np.testing.assert_array_equal(indices.cpu().numpy(), ref_knn(x, None, 6)[1])
     _, rows = knn(xc[:50], xc, k=6, exclude_self=True, chunk_size=16)
     np.testing.assert_array_equal(rows.cpu().numpy(), ref_knn(x[:50], x, 6, exclude_self=True)[1])
-    got = retrieval_metrics(xc, yc, full_map=False)
+    got = retrieval_metrics(xc, yc)
     expected, _, _ = ref_metrics(x, y, None, None, (1, 2, 4, 8))
     for key in ("recall@1", "recall@8", "map@r", "r_precision"):
         assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_retrieval_reference import clustered, ref_metrics
 
 ENGINE = sys.modules["dml_bias.metrics._exact"]
+#: The keys of the old default call (full mAP included), which the reference computes.
+FULL = ("recall@k", "map@r", "r_precision", "map")
 
 
 @pytest.fixture(params=["bf16", "fp32"])
@@ -42,7 +44,7 @@ def test_methods_md_hand_case() -> None:
     query = torch.tensor([[1.0]])
     reference = torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.5]])
     res = retrieval_metrics(
-        query, torch.tensor([0]), reference, torch.tensor([0, 1, 0, 1, 0]), ks=(1, 2, 5), metric="dot"
+        query, torch.tensor([0]), reference, torch.tensor([0, 1, 0, 1, 0]), ks=(1, 2, 5), metric="dot", metrics=FULL
     )
     assert res["map@r"] == pytest.approx((1 + 2 / 3) / 3)
     assert round(res["map@r"], 4) == 0.5556
@@ -60,6 +62,7 @@ def test_tie_rule_lower_index_first() -> None:
         torch.tensor([[1.0, 0.0], [2.0, 0.0]]),
         torch.tensor([1, 0]),
         ks=(1, 2),
+        metrics=FULL,
     )
     assert (res["recall@1"], res["recall@2"], res["map"]) == (0.0, 1.0, 0.5)
     swapped = retrieval_metrics(
@@ -86,9 +89,9 @@ def test_matches_reference(metric: str, mode: str, bulk: str) -> None:
         args, kw = (x[:45], lx[:45], x, lx), {"exclude_self": True}
     ks = (1, 2, 4, 8, 16)
     overall, per_class, _ = ref_metrics(*args, ks, metric=metric, exclude_self=kw.get("exclude_self"))
-    got = retrieval_metrics(*args, ks=ks, metric=metric, per_class=True, chunk_size=9, **kw)
+    got = retrieval_metrics(*args, ks=ks, metric=metric, per_class=True, chunk_size=9, metrics=FULL, **kw)
     assert_same(got, {**overall, "per_class": per_class})
-    fast = retrieval_metrics(*args, ks=ks, metric=metric, per_class=True, full_map=False, **kw)
+    fast = retrieval_metrics(*args, ks=ks, metric=metric, per_class=True, **kw)
     overall.pop("map")
     for entry in per_class.values():
         entry.pop("map")
@@ -125,8 +128,8 @@ def test_pml_accuracy_calculator_cross_check(bulk: str) -> None:
         device=torch.device("cpu"),
     )
     pml = calc.get_accuracy(xn, lx, xn, lx, ref_includes_query=True)
-    ours = retrieval_metrics(x, lx, ks=(1,), full_map=False)
-    assert {k: v for k, v in retrieval_metrics(x, lx, ks=(1,)).items() if k != "map"} == ours
+    ours = retrieval_metrics(x, lx, ks=(1,))
+    assert {k: v for k, v in retrieval_metrics(x, lx, ks=(1,), metrics=FULL).items() if k != "map"} == ours
     assert ours["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(pml["r_precision"], abs=1e-6)
     assert ours["recall@1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
@@ -156,9 +159,10 @@ def test_integer_data_with_ties_lone_labels_and_one_class(
         normalize_embeddings=False,
         per_class=True,
         chunk_size=data.draw(st.integers(1, 4)),
+        metrics=FULL,
     )
     assert_same(got, {**overall, "per_class": per_class})
-    fast = retrieval_metrics(x, labels, ks=ks, metric=metric, normalize_embeddings=False, full_map=False)
+    fast = retrieval_metrics(x, labels, ks=ks, metric=metric, normalize_embeddings=False)
     got.pop("map")
     got.pop("per_class")
     assert_same(fast, got)
@@ -171,9 +175,9 @@ def test_reference_permutation_and_duplicates(seed: int, dup: bool) -> None:
     r, lr = clustered(40, 6, 5, seed=seed + 1, spread=2.0)
     if dup:  # duplicated reference rows: ties between copies, which are permuted together
         r, lr = torch.cat([r, r[:10]]), torch.cat([lr, lr[:10]])
-    base = retrieval_metrics(q, lq, r, lr, ks=(1, 3, 9), per_class=True)
+    base = retrieval_metrics(q, lq, r, lr, ks=(1, 3, 9), per_class=True, metrics=FULL)
     perm = torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(seed))
-    permuted = retrieval_metrics(q, lq, r[perm], lr[perm], ks=(1, 3, 9), per_class=True)
+    permuted = retrieval_metrics(q, lq, r[perm], lr[perm], ks=(1, 3, 9), per_class=True, metrics=FULL)
     # Ties between copies share a label, so the tie order cannot change any metric.
     assert_same(permuted, base)
     overall, _, _ = ref_metrics(q, lq, r, lr, (1, 3, 9))
@@ -183,7 +187,7 @@ def test_reference_permutation_and_duplicates(seed: int, dup: bool) -> None:
 
 def test_one_class_and_k_larger_than_class() -> None:
     x, _ = clustered(12, 4, 1, seed=15)
-    res = retrieval_metrics(x, torch.zeros(12, dtype=torch.long), ks=(1, 11))
+    res = retrieval_metrics(x, torch.zeros(12, dtype=torch.long), ks=(1, 11), metrics=FULL)
     assert {k: v for k, v in res.items() if k.startswith(("recall", "map", "r_"))} == {
         "recall@1": 1.0,
         "recall@11": 1.0,
@@ -193,7 +197,7 @@ def test_one_class_and_k_larger_than_class() -> None:
     }
     y = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2])  # class 0 has R = 1 < k = 8; label 2 is lone
     overall, per_class, _ = ref_metrics(x, y, None, None, (1, 8))
-    got = retrieval_metrics(x, y, ks=(1, 8), per_class=True)
+    got = retrieval_metrics(x, y, ks=(1, 8), per_class=True, metrics=FULL)
     assert_same(got, {**overall, "per_class": per_class})
     assert got["num_lone_queries"] == 1
     assert 2 not in got["per_class"]
@@ -202,11 +206,11 @@ def test_one_class_and_k_larger_than_class() -> None:
 @pytest.mark.parametrize("precision", ["medium", "high"])
 def test_matmul_precision_and_chunks_do_not_change_result(precision: str) -> None:
     x, lx = clustered(200, 32, 10, seed=16, spread=3.0)
-    expected = retrieval_metrics(x, lx, per_class=True)
+    expected = retrieval_metrics(x, lx, per_class=True, metrics=FULL)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        got = retrieval_metrics(x, lx, per_class=True, chunk_size=17)
+        got = retrieval_metrics(x, lx, per_class=True, chunk_size=17, metrics=FULL)
     finally:
         torch.set_float32_matmul_precision(before)
     assert got == expected
@@ -253,13 +257,18 @@ def test_bad_inputs() -> None:
 
 
 def test_tiny_memory_budget_gives_the_same_result() -> None:
-    retrieval = sys.modules["dml_bias.metrics.retrieval"]
+    engine = sys.modules["dml_bias.metrics._engine"]
+    counting = sys.modules["dml_bias.metrics._counting"]
     x, lx = clustered(40, 8, 4, seed=19, spread=2.0)
     prep = ENGINE.prepare(x, None, "cosine", None, None)
-    full = retrieval._per_query(prep, lx, lx, (1, 2), None)
-    tiny = retrieval._per_query(prep, lx, lx, (1, 2), None, budget=64)
-    fast = retrieval._per_query_topk(prep, lx, lx, (1, 2), None, budget=64)
-    for name in ("recall", "map_at_r", "r_precision", "average_precision"):
-        assert torch.equal(getattr(full, name), getattr(tiny, name))
-    for name in ("recall", "map_at_r", "r_precision"):
-        assert torch.equal(getattr(full, name), getattr(fast, name))
+    layout = counting.ClassLayout.of(prep, lx, lx)
+    keys = ("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr")
+    full = engine.counted(prep, lx, lx, (1, 2), keys, None, layout).values
+    tiny = engine.counted(prep, lx, lx, (1, 2), keys, None, layout, budget=64).values
+    fast = engine.listed(prep, lx, lx, (1, 2), keys[:4], None, layout, budget=64)
+    best = engine.best_rank(prep, lx, lx, None, layout, budget=64)
+    for name in keys:
+        assert torch.equal(full[name], tiny[name])
+    for name in keys[:4]:
+        assert torch.equal(full[name], fast[name])
+    assert torch.equal(torch.where(layout.num_rel > 0, full["mrr"], 0.0), best)

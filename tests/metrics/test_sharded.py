@@ -79,12 +79,13 @@ def run(rank, port, out_dir):
         retrieval_module.COUNT_BULK = mode
         engine.FORCE_HALF = torch.bfloat16 if mode == "half" else None  # bf16 even on CPUs without native bf16
         out[f"per_class/{mode}"] = sharded_retrieval_metrics(
-            dataset, labels, dataset[mine], labels[mine], ks=(1, 4), query_indices=rows, per_class=True
+            dataset, labels, dataset[mine], labels[mine], ks=(1, 4), query_indices=rows, per_class=True,
+            metrics=("recall@k", "map@r", "r_precision", "map"),
         )
         empty = dataset if rank == 0 else dataset[:0]
         empty_labels = labels if rank == 0 else labels[:0]
         out[f"empty_shard/{mode}"] = sharded_retrieval_metrics(
-            dataset, labels, empty, empty_labels, ks=(2,), query_indices=rows, per_class=True
+            dataset, labels, empty, empty_labels, ks=(2,), query_indices=rows, per_class=True, metrics=("map", "mrr")
         )
         g = torch.Generator().manual_seed(11)
         big_labels = torch.arange(240) % 24
@@ -94,6 +95,7 @@ def run(rank, port, out_dir):
         out[f"clustered/{mode}"] = sharded_retrieval_metrics(
             big, big_labels, big[part], big_labels[part], ks=(1, 8), shard_offset=part.start,
             query_indices=torch.arange(240), per_class=True, chunk_size=50,
+            metrics=("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr"),
         )
     retrieval_module.COUNT_BULK = None
     engine.FORCE_HALF = None
@@ -237,10 +239,15 @@ def test_sharded_full_map_and_per_class_equal_single_process(gloo_results: list[
     big = torch.randn(24, 16, generator=g)[big_labels] + 2.0 * torch.randn(240, 16, generator=g)
     big[7] = big[100]
     expected = {
-        "per_class": retrieval_metrics(dataset, labels, ks=(1, 4), per_class=True),
-        "empty_shard": retrieval_metrics(dataset, labels, ks=(2,), per_class=True),
-        "clustered": retrieval_metrics(big, big_labels, ks=(1, 8), per_class=True),
-    }
+        "per_class": retrieval_metrics(
+            dataset, labels, ks=(1, 4), per_class=True, metrics=("recall@k", "map@r", "r_precision", "map")
+        ),
+        "empty_shard": retrieval_metrics(dataset, labels, ks=(2,), per_class=True, metrics=("map", "mrr")),
+        "clustered": retrieval_metrics(
+            big, big_labels, ks=(1, 8), per_class=True,
+            metrics=("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr"),
+        ),
+    }  # fmt: skip
     assert 0.0 < expected["clustered"]["map"] < 0.9  # relevant items rank deep: the bands are exercised
     for rank in range(2):
         for mode in ("float32", "half", "float64"):
@@ -291,7 +298,18 @@ def test_retrieval_metrics_single_process_and_bad_input() -> None:
     got = sharded_retrieval_metrics(dataset, labels, dataset, labels, ks=(1, 4), query_indices=torch.arange(23))
     expected = retrieval_metrics(dataset, labels, ks=(1, 4))
     assert got == expected
-    assert "map" in got
+    assert "map" not in got  # asked for only
+    keys = ("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr")
+    got = sharded_retrieval_metrics(
+        dataset, labels, dataset, labels, ks=(1, 4), query_indices=torch.arange(23), metrics=keys, per_class=True
+    )
+    assert got == retrieval_metrics(dataset, labels, ks=(1, 4), metrics=keys, per_class=True)
+    with pytest.raises(ValueError, match="query_labels must share a label"):  # every query lone: as retrieval_metrics
+        sharded_retrieval_metrics(dataset, torch.arange(23), dataset, torch.arange(23), query_indices=torch.arange(23))
+    with pytest.raises(ValueError, match="query_indices must be global reference indices below 23"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, query_indices=torch.arange(23) + 1)
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, chunk_size=0)
     with pytest.raises(TypeError, match="per_class must be a bool"):
         sharded_retrieval_metrics(dataset, labels, dataset, labels, per_class=1)
     with pytest.raises(ValueError, match="reference_shard_labels must be a 1-D integer tensor of length 23"):
