@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +26,16 @@ FEWSHOT_ROW = re.compile(
     r"\s+(?P<attr>-|(?P<attr_acc>[0-9.]+) \[(?P<majority>[0-9.]+)\])$"
 )
 METHODS = ["cosine", "cosine_margin", "pan_unsupervised", "pan_supervised", "pan_wrong_gate"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads() -> Iterator[None]:
+    """``main(["--threads", ...])`` sets torch's thread count for the process, as a script should; undo it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_example() -> ModuleType:
@@ -111,7 +122,7 @@ def test_quick_run_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_quick_run_with_fewshot_part(capsys: pytest.CaptureFixture[str]) -> None:
     module = load_example()
     argv = ["--quick", "--fewshot", "--steps", "5", "--rule", "xnor", "--noise", "0.1", "--head-steps", "10"]
-    argv += ["--episodes", "10", "--encoder-epochs", "1"]
+    argv += ["--episodes", "10", "--encoder-epochs", "1", "--threads", "1"]
     assert module.main(argv) == 0
     out = capsys.readouterr().out
     assert "rule 'xnor' over ['colour', 'shape'], noise 0.1" in out
@@ -183,7 +194,7 @@ def test_quick_cub_run_on_a_tiny_folder(tmp_path: Path, capsys: pytest.CaptureFi
     module = load_example()
     argv = ["--quick", "--root", str(tmp_path), "--weights", str(weights), "--image-size", "32"]
     argv += ["--encoder-epochs", "1", "--num-workers", "0", "--n-query", "1", "--episodes", "5", "--head-steps", "20"]
-    argv += ["--out", str(tmp_path / "out")]
+    argv += ["--out", str(tmp_path / "out"), "--threads", "1"]
     assert module.main(argv) == 0
     out = capsys.readouterr().out
     assert "Part 1" not in out  # CUB: the few-shot protocol only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -252,6 +254,18 @@ def _features(task: AttributeCompatibility, generator: torch.Generator) -> torch
     return task.attributes.float() + 0.2 * torch.randn(len(task), 20, generator=generator)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: small tensors run thousands of times faster on a busy machine (no spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_pan_with_the_matching_gate_beats_cosine_on_the_or_task() -> None:
     from dml_bias.heads import ConditionalSimilarity, PANLoss
     from dml_bias.metrics import compatibility_auc
@@ -272,7 +286,7 @@ def test_pan_with_the_matching_gate_beats_cosine_on_the_or_task() -> None:
     head = ConditionalSimilarity(20, 2)
     loss_fn = PANLoss(lam=1.0, gate=train.match_gate)
     optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
-    a1, a2 = train.attributes[pairs.first], train.attributes[pairs.second]
+    a1, a2 = train.attributes[pairs.first].bool(), train.attributes[pairs.second].bool()
     x1, x2 = train_features[pairs.first], train_features[pairs.second]
     for _ in range(150):  # full-batch steps, as PAN's CUB code
         loss = loss_fn(head(x1, x2), pairs.target, a1, a2)
@@ -290,3 +304,23 @@ def test_pan_with_the_matching_gate_beats_cosine_on_the_or_task() -> None:
     assert bool((condition_accuracy.mean(dim=0) > majority + 0.1).all())
     assert pan_auc > 0.95  # measured 0.978 (cosine 0.777)
     assert pan_auc > cosine_auc + 0.1, (pan_auc, cosine_auc)
+
+
+def test_one_embedding_ranks_or_pairs_perfectly_but_not_xnor_pairs() -> None:
+    """The guide's claim: "same colour or same shape" is monotone in the matches, so one embedding represents it."""
+    from dml_bias.metrics import compatibility_auc
+
+    task = AttributeCompatibility(num_classes=48, images_per_class=2, image_size=8)
+    colour = torch.nn.functional.one_hot(task.values[:, 1], 6).float()
+    shape = torch.nn.functional.one_hot(task.values[:, 0], 4).float()
+    embedding = torch.cat([colour, shape], dim=1) / 2**0.5  # unit rows
+    first, second = torch.triu_indices(len(task), len(task), 1)
+    cosine = (embedding[first] * embedding[second]).sum(dim=1)
+    matches = task.matches(first, second).float()
+    torch.testing.assert_close(cosine, matches.mean(dim=1))  # (same colour + same shape) / 2
+    columns = task.values[:, task.attribute_index]
+    or_labels = compatibility_labels(columns[first], columns[second], "or")
+    xnor_labels = compatibility_labels(columns[first], columns[second], "xnor")
+    assert compatibility_auc(cosine, or_labels.long()) == 1.0
+    # xnor positives are mostly "neither matches" (cosine 0), below the "one matches" negatives (cosine 0.5)
+    assert compatibility_auc(cosine, xnor_labels.long()) < 0.5
