@@ -3,6 +3,7 @@
 Run from the repository root after changing the study or its attribution measures, and commit the PNG::
 
     python docs/make_attribution_figures.py [--out docs/_static/figures/study_attribution.png]
+    python docs/make_attribution_figures.py --method gradcam --out docs/_static/figures/study_attribution_gradcam.png
 
 It trains the default study's Proxy-Anchor models for the modes ``none``, ``hard`` and ``bg_augment`` (the default
 configuration restricted to those runs, seed 0, one torch thread: the same models as in the default study, up to
@@ -26,7 +27,21 @@ def main() -> None:
     """Train the three models and write the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--method",
+        default="decomposition",
+        choices=["decomposition", "gradcam"],
+        help="attribution method of the maps (gradcam: the earlier default, for the comparison in the guide)",
+    )
     args = parser.parse_args()
+    if args.method != "decomposition":
+        import functools
+
+        import dml_bias.bias.attribution as attribution
+
+        attribution.similarity_attribution = functools.partial(  # the study calls it from this module
+            attribution.similarity_attribution, method=args.method
+        )
     config = StudyConfig(
         losses=("proxy_anchor",),
         modes=("none", "hard", "bg_augment"),
@@ -36,7 +51,10 @@ def main() -> None:
     )
     result = run_study(config)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot_attribution(result, args.out)
+    if args.method == "decomposition":
+        plot_attribution(result, args.out)
+    else:
+        plot_attribution(result, args.out, method=f"{args.method} of the cosine similarity")
     for run in result.runs:
         a = run["attribution"]
         print(

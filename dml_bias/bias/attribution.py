@@ -930,6 +930,7 @@ def background_sensitivity(
     fill: Literal["tile", "black", "inpaint"] = "tile",
     dilation: int = 4,
     batch_size: int = 256,
+    embeddings: torch.Tensor | None = None,
 ) -> BackgroundSensitivity:
     r"""How far each embedding moves when only its background is replaced, against when only its object is.
 
@@ -962,6 +963,9 @@ def background_sensitivity(
             :func:`~dml_bias.transforms.functional.swap_background`).
         dilation: Pixels added around an object's box before it is filled (``>= 0``).
         batch_size: Images embedded per forward pass (``>= 1``).
+        embeddings: ``(N, D)`` embeddings of ``images`` (through ``input_fn``) that the caller already has, to
+            save one forward pass; ``None``: computed here. Pass embeddings computed in the same batches, or an
+            unmoved embedding may differ from its swap by round-off.
 
     Returns:
         A :class:`BackgroundSensitivity` with the per-image ``background`` and ``object`` shifts and ``score``
@@ -1005,6 +1009,9 @@ def background_sensitivity(
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"input_fn must be a callable (images, masks) -> model input or None, got {describe(input_fn)}")
     check_number(batch_size, "batch_size", low=1, integer=True)
+    if embeddings is not None:
+        check_embeddings(embeddings, "embeddings")
+        check_shape(embeddings, "embeddings", ("N", None), {"N": n}, sources={"N": "images.shape[0]"})
     background_swapped = torch.empty_like(images)
     object_swapped = torch.empty_like(images)
     for i in range(n):
@@ -1039,7 +1046,7 @@ def background_sensitivity(
 
     # The three sets are embedded in identical batches, so equal inputs give bit-identical embeddings.
     with torch.no_grad(), _eval_mode(model):
-        original = embed(images, masks)
+        original = embed(images, masks) if embeddings is None else embeddings.detach().cpu()
         moved_background = _embedding_shift(original, embed(background_swapped, masks))
         moved_object = _embedding_shift(original, embed(object_swapped, donor_masks))
     total = moved_background + moved_object

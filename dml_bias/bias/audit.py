@@ -520,7 +520,13 @@ def audit(
                 embeddings[v].append(_embed(model, model_in(imgs, masks)))
             rand_images, rand_masks = donor_pairs[donor_names.index("mixed_rand")]
             s = background_sensitivity(
-                model, images, masks, donors=(rand_images, rand_masks), input_fn=model_in, batch_size=images.shape[0]
+                model,
+                images,
+                masks,
+                donors=(rand_images, rand_masks),
+                input_fn=model_in,
+                batch_size=images.shape[0],
+                embeddings=embeddings["original"][-1],  # the same batch: one forward pass saved
             )
             for key in shifts:
                 shifts[key].append(getattr(s, key).cpu())

@@ -181,7 +181,12 @@ def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def plot_attribution(result: StudyResult, path: Path, count: int = 3) -> Path:
+def plot_attribution(
+    result: StudyResult,
+    path: Path,
+    count: int = 3,
+    method: str = "decomposition of the cosine similarity; red adds, blue takes away",
+) -> Path:
     """Rows: the models of the first loss; columns: query/neighbour pairs with their similarity attribution maps.
 
     Each map (:func:`~dml_bias.bias.similarity_attribution`, the decomposition, divided by its largest absolute value;
@@ -218,7 +223,7 @@ def plot_attribution(result: StudyResult, path: Path, count: int = 3) -> Path:
         axes[row][0].set_ylabel(model["name"], fontsize=7)
     fig.suptitle(
         f"{LOSS_TITLES.get(data['loss'], data['loss'])}: what makes a query similar to its nearest neighbour "
-        "(decomposition of the cosine similarity; red adds, blue takes away); neighbour framed red = wrong class",
+        f"({method}); neighbour framed red = wrong class",
         fontsize=7,
     )
     fig.tight_layout()

@@ -275,3 +275,22 @@ def test_energy_and_sensitivity_bad_input() -> None:
         background_sensitivity(model, images, scene_masks[:2], donors=donors)
     with pytest.raises(ValueError, match="batch_size must be an integer in"):
         background_sensitivity(model, images, scene_masks, donors=donors, batch_size=0)
+
+
+def test_background_sensitivity_reuses_given_embeddings() -> None:
+    torch.manual_seed(0)
+    model = RegionNet("background")
+    images, masks = _scenes(6)
+    donors = _scenes(6, seed=2)
+    fresh = background_sensitivity(model, images, masks, donors=donors, dilation=0)
+    with torch.no_grad():
+        given = model(images)
+    calls = []
+    handle = model.conv.register_forward_hook(lambda *args: calls.append(1))
+    reused = background_sensitivity(model, images, masks, donors=donors, dilation=0, embeddings=given)
+    handle.remove()
+    assert len(calls) == 2  # the two swaps only: the originals' pass is saved
+    for name in ("background", "object", "score"):
+        assert torch.equal(getattr(reused, name), getattr(fresh, name)), name
+    with pytest.raises(ValueError, match="embeddings must have size N=6"):
+        background_sensitivity(model, images, masks, donors=donors, embeddings=given[:5])
