@@ -167,7 +167,7 @@ def test_ranking_follows_home_background_distinctiveness() -> None:
 
 def test_swap_queries_keeps_the_original_gallery() -> None:
     """Both protocols against a hand-made evaluation of the same (untrained) model."""
-    from dml_bias.metrics import retrieval_metrics
+    from dml_bias.metrics import retrieval_metrics, sharded_retrieval_metrics
 
     base = {**TINY, "losses": ("proxy_anchor",), "modes": ("none",), "variants": ("original", "mixed_rand")}
     spec = {"loss": "proxy_anchor", "mode": "none", "sigma": None}
@@ -182,11 +182,18 @@ def test_swap_queries_keeps_the_original_gallery() -> None:
     mixed = embed(model, data.variant("mixed_rand"), "none", None, False, data, torch.device("cpu"))
     labels = data.test.labels
     ks = [1, 2, 4, 8]
-    swapped_gallery = retrieval_metrics(mixed, labels, ks=ks, full_map=False)
-    original_gallery = retrieval_metrics(mixed, labels, orig, labels, ks=ks, exclude_self=True, full_map=False)
+    swapped_gallery = retrieval_metrics(mixed, labels, ks=ks)
+    # query i is original item i: left out by its index (the reference's rows are other images than the queries)
+    own = torch.arange(labels.numel())
+    original_gallery = sharded_retrieval_metrics(mixed, labels, orig, labels, ks=ks, query_indices=own)
     for k in ("recall@1", "recall@8", "map@r"):
         assert results["both"]["metrics"]["mixed_rand"][k] == pytest.approx(float(swapped_gallery[k]))
         assert results["queries"]["metrics"]["mixed_rand"][k] == pytest.approx(float(original_gallery[k]))
+    # Recall@1 by hand: each swapped query's nearest original image other than its own
+    sim = torch.nn.functional.normalize(mixed.double(), dim=1) @ torch.nn.functional.normalize(orig.double(), dim=1).T
+    sim[own, own] = -torch.inf
+    hits = (labels[sim.argmax(dim=1)] == labels).double().mean()
+    assert results["queries"]["metrics"]["mixed_rand"]["recall@1"] == pytest.approx(float(hits))
     # on the original images the two protocols coincide
     assert results["queries"]["metrics"]["original"] == pytest.approx(results["both"]["metrics"]["original"])
 
@@ -344,6 +351,7 @@ ATTRIBUTION_KEYS = {
     "layer",
     "num_images",
     "foreground_energy",
+    "foreground_empty",
     "foreground_chance",
     "background_shift",
     "object_shift",
