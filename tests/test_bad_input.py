@@ -2168,6 +2168,29 @@ CASES[f"{B}.attribution:foreground_energy"] = [
 ]
 CASES[f"{B}.attribution:background_sensitivity"] = [
     Bad(
+        "NaN images",
+        lambda: api(f"{B}:background_sensitivity")(
+            nn.Flatten(),
+            with_value(torch.rand(2, 3, 8, 8), NAN),
+            mask().expand(2, 1, 8, 8),
+            donors=(torch.rand(2, 3, 8, 8), mask().expand(2, 1, 8, 8)),
+        ),
+        ValueError,
+        "images must be finite",
+    ),
+    Bad(
+        "a model that gives NaN",
+        lambda: api(f"{B}:background_sensitivity")(
+            nn.Sequential(nn.Flatten(), nn.Linear(192, 4), nn.Dropout(p=1.0).train(), nn.LogSoftmax(dim=1)),
+            torch.rand(2, 3, 8, 8),
+            mask().expand(2, 1, 8, 8),
+            donors=(torch.rand(2, 3, 8, 8), mask().expand(2, 1, 8, 8)),
+            input_fn=lambda x, m: x * float("inf"),
+        ),
+        ValueError,
+        "NaN or infinite embeddings",
+    ),
+    Bad(
         "donors of another length",
         lambda: api(f"{B}:background_sensitivity")(
             nn.Flatten(),

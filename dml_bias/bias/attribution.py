@@ -1006,6 +1006,9 @@ def background_sensitivity(
     if donor_masks.shape != masks.shape:
         raise ValueError(f"donors[1] must have the shape of masks ({describe(masks)}), got {describe(donor_masks)}")
     check_same_device(images=images, masks=masks, **{"donors[0]": donor_images, "donors[1]": donor_masks})
+    if images.is_floating_point():
+        check_finite(images, "images")
+        check_finite(donor_images, "donors[0]")
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"input_fn must be a callable (images, masks) -> model input or None, got {describe(input_fn)}")
     check_number(batch_size, "batch_size", low=1, integer=True)
@@ -1041,6 +1044,8 @@ def background_sensitivity(
                 raise ValueError(
                     f"model must map a batch of {xb.shape[0]} inputs to (N, D) embeddings, got {describe(e)}"
                 )
+            if not bool(torch.isfinite(e).all()):
+                raise ValueError("model gave NaN or infinite embeddings; check the images and the model")
             out.append(e.detach().cpu())
         return torch.cat(out)
 
