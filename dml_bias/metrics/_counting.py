@@ -10,6 +10,7 @@ counts into metrics; it and :mod:`~dml_bias.metrics.sharded` share these, so the
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "count_above",
     "count_rows",
     "make_bins",
+    "pass_costs",
     "per_query_self",
     "row_bound",
     "row_sum",
@@ -58,12 +60,6 @@ COUNT_BULK: str | None = None
 
 #: The 16-bit counting pass is taken when at most this fraction of a sample's scores falls in an error band.
 _HALF_BAND_FRACTION = 0.004
-
-#: The float32 counting pass is taken when at most this fraction of a sample's items lies near a relevant score
-#: (within the bound and a bin or so: compared one by one); else the float64 pass, a float64 GEMM and a sorted
-#: search of every score, which has no such items. Measured on a 2-core CPU at D = 512: float32 is 1.4x faster
-#: at 2.5 %, even at 8 % and 2.3x slower at 17 %.
-_FLOAT32_BAND_FRACTION = 0.05
 
 #: Query rows of the sample that decides between the 16-bit and the float32 counting pass.
 _SAMPLE_ROWS = 64
@@ -373,11 +369,12 @@ def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
     A pass costs its GEMM plus the items it must compare one by one: those with a relevant score within its
     bound (and about a bin of its lookup table). On up to 64 evenly spaced query rows, the fraction of such
     items is measured for the 16-bit pass (where the device has one) and for float32, with float32 scores
-    standing in for the exact ones; the cheapest pass whose fraction is at most ``_HALF_BAND_FRACTION``
-    (16-bit) or ``_FLOAT32_BAND_FRACTION`` (float32) is taken, else float64 (a float64 GEMM and a sorted
-    search of every score, whose bound of about 1e-13 leaves no such items). Where the relevant items spread
-    over the bulk of the scores (typical of real embeddings) the 16-bit bound puts most items near one; with
-    hundreds of relevant items per query the float32 bound and the bins do too.
+    standing in for the exact ones. The 16-bit pass is taken when its fraction is at most
+    ``_HALF_BAND_FRACTION``; otherwise the cost model of :func:`pass_costs` picks float32 or float64 (a float64
+    GEMM and a sorted search of every score, whose bound of about 1e-13 leaves no such items) from the float32
+    fraction and the number of relevant items. Where the relevant items spread over the bulk of the scores
+    (typical of real embeddings) the 16-bit bound puts most items near one; with many items near a relevant
+    key (random labels, large classes, hundreds of relevant items crowding the bins) the float64 pass wins.
     """
     if COUNT_BULK is not None:
         return COUNT_BULK
@@ -398,10 +395,11 @@ def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
     bmin = torch.where(nvalid > 0, keys[:, 0], 0.0)
     bmax = torch.where(nvalid > 0, keys.gather(1, (nvalid - 1).clamp_min(0)[:, None])[:, 0], 0.0)
 
+    nbins = bins_for(_SAMPLE_ROWS, prep.num_reference, int(nvalid.max()), MEMORY_BUDGET)
+
     def near_fraction(scores: torch.Tensor, mode: str) -> float:
         # Items that count_rows must compare one by one: a relevant score within the bound plus a bin or so.
         w = row_bound(prep, bulk_inputs(prep, mode), rows)[:, 0]
-        nbins = bins_for(_SAMPLE_ROWS, prep.num_reference, int(nvalid.max()), MEMORY_BUDGET)
         reach = (w + 1.25 * (bmax - bmin + 2 * w) / (nbins - 8))[:, None]
         lo = torch.searchsorted(keys, scores - reach)
         hi = torch.searchsorted(keys, scores + reach, right=True)
@@ -414,7 +412,21 @@ def choose_bulk(prep: Prepared, qlab: torch.Tensor, rlab: torch.Tensor) -> str:
             s16 = torch.mm(grouped.query[rows], grouped.reference.T).to(torch.float64)
         if near_fraction(s16, "half") <= _HALF_BAND_FRACTION:
             return "half"
-    return "float32" if near_fraction(s32, "float32") <= _FLOAT32_BAND_FRACTION else "float64"
+    cost32, cost64 = pass_costs(near_fraction(s32, "float32"), int(nvalid.max()))
+    return "float32" if cost32 <= cost64 else "float64"
+
+
+def pass_costs(near: float, width: int) -> tuple[float, float]:
+    """Estimated cost per item of the float32 and the float64 counting pass (units of one table lookup).
+
+    The float32 pass costs a lookup per item plus, for the fraction ``near`` of the items that lie near a
+    relevant key (the sample's estimate), a comparison one by one and often an exact re-scoring; the float64
+    pass costs a wider GEMM and a sorted search of every score among ``width`` keys. Calibrated on the 2-core
+    CPU (CPU time, one process, random labels, D = 128): N = 20,000 in classes of 200 (15 % near) float64 is
+    2.9x faster; N = 10,000 in classes of 80 (10 % near) float32 is 1.8x faster, which this model misses
+    (it takes float64 there); clustered data (about 1 % near) takes float32.
+    """
+    return 1.0 + 60.0 * near, 1.8 + 0.25 * math.log2(width + 1)
 
 
 @dataclass
