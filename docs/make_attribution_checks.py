@@ -22,9 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "bias"))
-from _windowed import WindowNet, scenes  # noqa: E402 - the test models, shared with the tests
+from _windowed import WindowNet, scenes, trained_small_cnn  # noqa: E402 - the test models, shared with the tests
 
-from dml_bias.bias import SmallCNN, foreground_energy, similarity_attribution  # noqa: E402
+from dml_bias.bias import foreground_energy, similarity_attribution  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "_static" / "figures" / "attribution_windowed.png"
 METHODS = [
@@ -54,19 +54,7 @@ def windowed_table() -> None:
 def sanity_table() -> None:
     from scipy.stats import spearmanr
 
-    from dml_bias.losses import ProxyAnchorLoss
-
-    torch.manual_seed(0)
-    x, _, y = scenes(32, seed=3)
-    model = SmallCNN(embedding_size=8, width=4)
-    loss_fn = ProxyAnchorLoss(4, 8)
-    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-2)
-    for _ in range(12):
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    q, r = x[:6], x[6:12]
+    model, q, r = trained_small_cnn()
     layers = ("head.linear", "features.8", "features.4", "features.0")
     print("\ncascading randomisation (Spearman's rho of the maps, mean over 6 queries), randomised down to:")
     print(f"{'method':<34}" + "".join(f"{n:>13}" for n in layers))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml_bias.bias._modes import eval_mode
 from dml_bias.bias.config import StudyError
 
 __all__: list[str] = []
@@ -349,15 +350,9 @@ def save_study_model(model: nn.Module, config: Any, data: Any, spec: dict[str, A
     example = model_input(test.images[:2], test.masks[:2], spec["mode"], spec["sigma"], data.mean, data.std).to(
         next(model.parameters()).device
     )
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), _without_normalize():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example, check_trace=False)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(model), warnings.catch_warnings(), torch.no_grad(), _without_normalize():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
     path = folder / f"{name}.pt"
     tmp = folder / f".{name}.pt.tmp{os.getpid()}"
     try:

@@ -45,6 +45,7 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias.bias._modes import eval_mode
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -72,18 +73,6 @@ def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module mapping images to embeddings, got {describe(model)}")
     return model
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and give every sub-module its own training flag back afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _find_layer(model: nn.Module, layer: Any) -> tuple[nn.Module, str]:
@@ -360,7 +349,7 @@ def _check_baseline(baseline: Any, query: torch.Tensor, layer: Any) -> torch.Ten
 def _attribution_mode(model: nn.Module, *, hold_norm: bool) -> Iterator[None]:
     """Eval mode, autograd on whatever the caller's mode, F.normalize with its norm held; all restored after."""
     grad_mode = torch.is_grad_enabled()
-    with torch.inference_mode(False), _eval_mode(model), _norm_held_constant() if hold_norm else nullcontext():
+    with torch.inference_mode(False), eval_mode(model), _norm_held_constant() if hold_norm else nullcontext():
         try:
             yield
         finally:
@@ -1050,7 +1039,7 @@ def background_sensitivity(
         return torch.cat(out)
 
     # The three sets are embedded in identical batches, so equal inputs give bit-identical embeddings.
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         original = embed(images, masks) if embeddings is None else embeddings.detach().cpu()
         moved_background = _embedding_shift(original, embed(background_swapped, masks))
         moved_object = _embedding_shift(original, embed(object_swapped, donor_masks))

@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from dml_bias._checks import check_choice, check_number, describe
 from dml_bias.bias._model_spec import AuditError, ExportedModule
+from dml_bias.bias._modes import eval_mode
 from dml_bias.bias.config import VARIANTS
 from dml_bias.bias.data import IMAGENET_MEAN, IMAGENET_STD, model_input, variant_donors
 
@@ -220,17 +220,6 @@ def _predicted_masks(masks_from: Callable[[torch.Tensor], Any], images: torch.Te
     if not bool(((out >= 0) & (out <= 1)).all()):
         raise AuditError(f"masks_from must return object probabilities in [0, 1], got {describe(out)}")
     return (out[:, None] * 255).round().to(torch.uint8).to(images.device)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # --------------------------------------------------------------------------------------------------- numbers
@@ -505,7 +494,7 @@ def audit(
     empty_masks = 0
     size_seen: tuple[int, ...] | None = None
     layer_used: str | None = None
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         bar = tqdm(total=n, desc="audit: variants", disable=not progress, file=sys.stderr, leave=False)
         for batch in loader(dataset, donors):
             images = batch["images"].to(dev)
@@ -603,7 +592,7 @@ def audit(
                 c = 4 if mask_input == "channel" else 3
                 side = size_seen or (16, 16)
                 example = torch.zeros(2, c, *side, device=dev)
-                with _eval_mode(model):
+                with eval_mode(model):
                     layer_used = find_layer(model, example)
             else:
                 layer_used = "input"
@@ -775,7 +764,7 @@ def _attribution(
     shown: dict[str, list[Any]] = {"images": [], "masks": [], "maps": [], "labels": [], "energy": []}
     bar = tqdm(total=int(idx.numel()), desc="audit: attribution", disable=not progress, file=sys.stderr, leave=False)
     start = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in loader(dataset, None, bs=32, indices=idx.tolist()):
             images = batch["images"].to(dev)
             masks, _ = masks_of(batch)

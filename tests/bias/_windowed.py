@@ -58,3 +58,21 @@ def scenes(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     masks = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
     masks[:, LO:HI, LO:HI] = True
     return images, masks, labels
+
+
+def trained_small_cnn(steps: int = 12) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A SmallCNN briefly trained (Proxy-Anchor, seeded) on 32 scenes, and 6 queries with 6 references."""
+    from dml_bias.bias import SmallCNN
+    from dml_bias.losses import ProxyAnchorLoss
+
+    torch.manual_seed(0)
+    x, _, y = scenes(32, seed=3)
+    model = SmallCNN(embedding_size=8, width=4)
+    loss_fn = ProxyAnchorLoss(4, 8)
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-2)
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x[:6], x[6:12]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _windowed import HI, LO, WindowNet, scenes
+from _windowed import HI, LO, WindowNet, scenes, trained_small_cnn
 
 from dml_bias.bias import (
     SmallCNN,
@@ -265,19 +265,7 @@ def test_gradcam_is_not_faithful_on_windowed_models(windowed: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from dml_bias.losses import ProxyAnchorLoss
-
-    torch.manual_seed(0)
-    x, _, y = scenes(32, seed=3)
-    model = SmallCNN(embedding_size=8, width=4)
-    loss_fn = ProxyAnchorLoss(4, 8)
-    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-2)
-    for _ in range(12):
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model, x[:6], x[6:12]
+    return trained_small_cnn()
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
