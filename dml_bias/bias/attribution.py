@@ -920,6 +920,7 @@ def background_sensitivity(
     dilation: int = 4,
     batch_size: int = 256,
     embeddings: torch.Tensor | None = None,
+    background_embeddings: torch.Tensor | None = None,
 ) -> BackgroundSensitivity:
     r"""How far each embedding moves when only its background is replaced, against when only its object is.
 
@@ -955,6 +956,9 @@ def background_sensitivity(
         embeddings: ``(N, D)`` embeddings of ``images`` (through ``input_fn``) that the caller already has, to
             save one forward pass; ``None``: computed here. Pass embeddings computed in the same batches, or an
             unmoved embedding may differ from its swap by round-off.
+        background_embeddings: ``(N, D)`` embeddings of the background-swapped images (the ImageNet-9
+            ``mixed_*`` variant made with these donors, ``fill`` and ``dilation``: the same images) that the
+            caller already has; ``None``: made and embedded here.
 
     Returns:
         A :class:`BackgroundSensitivity` with the per-image ``background`` and ``object`` shifts and ``score``
@@ -1001,20 +1005,22 @@ def background_sensitivity(
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"input_fn must be a callable (images, masks) -> model input or None, got {describe(input_fn)}")
     check_number(batch_size, "batch_size", low=1, integer=True)
-    if embeddings is not None:
-        check_embeddings(embeddings, "embeddings")
-        check_shape(embeddings, "embeddings", ("N", None), {"N": n}, sources={"N": "images.shape[0]"})
-    background_swapped = torch.empty_like(images)
+    for given, given_name in ((embeddings, "embeddings"), (background_embeddings, "background_embeddings")):
+        if given is not None:
+            check_embeddings(given, given_name)
+            check_shape(given, given_name, ("N", None), {"N": n}, sources={"N": "images.shape[0]"})
+    background_swapped = torch.empty_like(images) if background_embeddings is None else None
     object_swapped = torch.empty_like(images)
     for i in range(n):
-        background_swapped[i] = swap_background(
-            images[i],
-            masks[i],
-            donor_images[i],
-            donor_masks[i],
-            fill=fill,
-            dilation=dilation,
-        )[0]
+        if background_swapped is not None:
+            background_swapped[i] = swap_background(
+                images[i],
+                masks[i],
+                donor_images[i],
+                donor_masks[i],
+                fill=fill,
+                dilation=dilation,
+            )[0]
         object_swapped[i] = swap_background(
             donor_images[i],
             donor_masks[i],
@@ -1041,7 +1047,11 @@ def background_sensitivity(
     # The three sets are embedded in identical batches, so equal inputs give bit-identical embeddings.
     with torch.no_grad(), eval_mode(model):
         original = embed(images, masks) if embeddings is None else embeddings.detach().cpu()
-        moved_background = _embedding_shift(original, embed(background_swapped, masks))
+        if background_embeddings is None:
+            moved = embed(background_swapped, masks)  # type: ignore[arg-type]  # made above when not given
+        else:
+            moved = background_embeddings.detach().cpu()
+        moved_background = _embedding_shift(original, moved)
         moved_object = _embedding_shift(original, embed(object_swapped, donor_masks))
     total = moved_background + moved_object
     score = torch.where(total > 0, moved_background / total.clamp_min(torch.finfo(torch.float64).tiny), math.nan)

@@ -516,6 +516,8 @@ def audit(
                 input_fn=model_in,
                 batch_size=images.shape[0],
                 embeddings=embeddings["original"][-1],  # the same batch: one forward pass saved
+                # its background swap is the mixed_rand variant (same donors, fill and dilation): a second one
+                background_embeddings=None if exact else embeddings["mixed_rand"][-1],
             )
             for key in shifts:
                 shifts[key].append(getattr(s, key).cpu())

@@ -292,5 +292,22 @@ def test_background_sensitivity_reuses_given_embeddings() -> None:
     assert len(calls) == 2  # the two swaps only: the originals' pass is saved
     for name in ("background", "object", "score"):
         assert torch.equal(getattr(reused, name), getattr(fresh, name)), name
+    # the background swap is the ImageNet-9 mixed_rand variant with the same donors: its embeddings can be given too
+    from dml_bias.transforms.functional import make_variant
+
+    mixed = torch.stack(
+        [make_variant("mixed_rand", images[i], masks[i], (donors[0][i], donors[1][i]), dilation=0)[0] for i in range(6)]
+    )
+    with torch.no_grad():
+        mixed_emb = model(mixed)
+    calls.clear()
+    handle = model.conv.register_forward_hook(lambda *args: calls.append(1))
+    both = background_sensitivity(
+        model, images, masks, donors=donors, dilation=0, embeddings=given, background_embeddings=mixed_emb
+    )
+    handle.remove()
+    assert len(calls) == 1  # the object swap only
+    for name in ("background", "object", "score"):
+        assert torch.equal(getattr(both, name), getattr(fresh, name)), name
     with pytest.raises(ValueError, match="embeddings must have size N=6"):
         background_sensitivity(model, images, masks, donors=donors, embeddings=given[:5])
