@@ -1080,6 +1080,12 @@ CASES["dml_bias.metrics.sharded:sharded_knn"] = [
         ValueError,
         "reference_shard must have size D=4",
     ),
+    Bad(
+        "group given as a string outside a run",
+        lambda: M.sharded_knn(emb(), emb(4), 1, group="world"),
+        TypeError,
+        "group must be None or a torch.distributed.ProcessGroup",
+    ),
 ]
 CASES["dml_bias.metrics.sharded:sharded_retrieval_metrics"] = [
     Bad(

@@ -11,11 +11,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "all_gather_rows", "all_reduce_sum", "comm_device", "rank", "world_size"]
+__all__ = [
+    "all_gather_objects",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "check_group",
+    "comm_device",
+    "rank",
+    "world_size",
+]
+
+
+def check_group(group: Any) -> None:
+    """Raise ``TypeError`` unless ``group`` is ``None`` or a process group (also outside a distributed run)."""
+    process_group = getattr(dist, "ProcessGroup", None)
+    if group is not None and (process_group is None or not isinstance(group, process_group)):
+        kind = f"{type(group).__name__} {group!r}" if isinstance(group, (str, int, float)) else type(group).__name__
+        raise TypeError(f"group must be None or a torch.distributed.ProcessGroup, got {kind}")
 
 
 def world_size(group: Any = None) -> int:
     """The number of ranks of ``group`` (1 when torch.distributed is not initialised)."""
+    check_group(group)
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
@@ -23,6 +40,7 @@ def world_size(group: Any = None) -> int:
 
 def rank(group: Any = None) -> int:
     """This process' rank in ``group`` (0 when torch.distributed is not initialised)."""
+    check_group(group)
     if not (dist.is_available() and dist.is_initialized()):
         return 0
     return int(dist.get_rank(group))
