@@ -15,6 +15,14 @@ from dml_bias.reducers import BaseReducer, check_reducer
 __all__ = ["AdditiveAngularMarginLoss", "ArcFaceLoss"]
 
 
+def _cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
+    """``scale * cos(embeddings, weight rows)`` ``(N, C)`` in the compute dtype, outside autocast."""
+    C.check_embeddings(embeddings, "embeddings", dim=dim)
+    dtype = C.compute_dtype(embeddings, weight)
+    with C.no_autocast(embeddings.device):
+        return scale * C.pairwise(embeddings.to(dtype), weight.to(dtype), "cosine")
+
+
 class AdditiveAngularMarginLoss(nn.Module):
     r"""ArcFace :cite:`deng2019arcface` with the margin in radians and ``weight`` laid out as ``nn.Linear``'s.
 
@@ -116,10 +124,7 @@ class AdditiveAngularMarginLoss(nn.Module):
             >>> AdditiveAngularMarginLoss(5, 3).get_logits(torch.randn(4, 3)).shape
             torch.Size([4, 5])
         """
-        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size)
-        dtype = C.compute_dtype(embeddings, self.weight)
-        with C.no_autocast(embeddings.device):
-            return self.scale * C.pairwise(embeddings.to(dtype), self.weight.to(dtype), "cosine")
+        return _cosine_logits(embeddings, self.weight, self.scale, self.embedding_size)
 
     def forward(
         self,
@@ -232,10 +237,7 @@ class ArcFaceLoss(nn.Module):
             >>> ArcFaceLoss(5, 3).get_logits(torch.randn(4, 3)).shape
             torch.Size([4, 5])
         """
-        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size)
-        dtype = C.compute_dtype(embeddings, self.W)
-        with C.no_autocast(embeddings.device):
-            return self.scale * C.pairwise(embeddings.to(dtype), self.W.t().to(dtype), "cosine")
+        return _cosine_logits(embeddings, self.W.t(), self.scale, self.embedding_size)
 
     def forward(
         self,
