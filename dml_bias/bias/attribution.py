@@ -172,7 +172,6 @@ class _Explained(NamedTuple):
     grad: torch.Tensor  # ∂s̃/∂(point) at the point on the path
     score: torch.Tensor  # (N,) s̃ on the path (= the cosine similarity at alpha = 1)
     norm: torch.Tensor  # (N,) ‖f(q)‖ at the real image (held constant)
-    embeddings: torch.Tensor  # (N, D) f(point), work dtype, attached to the graph
 
 
 class _Point:
@@ -208,21 +207,13 @@ class _Point:
             raise ValueError(f"layer must output a floating-point tensor, got {describe(output)} from {self.name!r}")
         return output
 
-    def run(
-        self,
-        query: torch.Tensor,
-        r_hat: torch.Tensor,
-        *,
-        alpha: float = 1.0,
-        baseline: torch.Tensor | None = None,
-        norm: torch.Tensor | None = None,
-        hold_norm: bool = True,
-        keep_graph: bool = False,
-    ) -> _Explained:
-        """Forward ``query`` with the point moved to ``baseline + alpha (point − baseline)``; its gradient.
+    def forward(
+        self, query: torch.Tensor, *, alpha: float = 1.0, baseline: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward ``query`` with the point moved to ``baseline + alpha (point − baseline)`` as a leaf.
 
-        The score is ``⟨f, r̂⟩ / ‖f(q)‖`` with the norm detached (``hold_norm``), or the plain cosine similarity.
-        Autograd records only the graph after the point (the part before it runs without gradients).
+        Returns the ``(N, D)`` embeddings (attached to the graph), the point's value at the real image and the
+        leaf. Autograd records only the graph after the point (the part before it runs without gradients).
         """
         values: list[torch.Tensor] = []
         leaves: list[torch.Tensor] = []
@@ -265,6 +256,23 @@ class _Point:
             )
         if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != n:
             raise ValueError(f"model must map query to ({n}, D) embeddings, got {describe(embeddings)}")
+        return embeddings, values[0], leaves[0]
+
+    def run(
+        self,
+        query: torch.Tensor,
+        r_hat: torch.Tensor,
+        *,
+        alpha: float = 1.0,
+        baseline: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
+        hold_norm: bool = True,
+    ) -> _Explained:
+        """:meth:`forward`, then the gradient of the score with respect to the point.
+
+        The score is ``⟨f, r̂⟩ / ‖f(q)‖`` with the norm detached (``hold_norm``), or the plain cosine similarity.
+        """
+        embeddings, value, leaf = self.forward(query, alpha=alpha, baseline=baseline)
         if embeddings.shape[1] != r_hat.shape[1]:
             raise ValueError(
                 f"reference must have the embedding size D={embeddings.shape[1]} of model's output, "
@@ -280,8 +288,8 @@ class _Point:
             score = F.cosine_similarity(work, r_hat, dim=1)
         if not bool(torch.isfinite(score).all()):
             raise ValueError("model gave non-finite embeddings for query; check the images and the model")
-        (grad,) = torch.autograd.grad(score.sum(), leaves[0], retain_graph=keep_graph)
-        return _Explained(values[0], grad, score.detach(), norm, work)
+        (grad,) = torch.autograd.grad(score.sum(), leaf)
+        return _Explained(value, grad, score.detach(), norm)
 
 
 def _check_embedding_norms(norms: torch.Tensor, name: str) -> None:
@@ -617,44 +625,20 @@ def _position_embeddings(point: _Point, images: torch.Tensor, dims_chunk: int) -
     Taken ``dims_chunk`` embedding dimensions per batched backward pass over one recorded graph (memory
     ``dims_chunk · N · K · P``).
     """
-    module = point.module
-    if module is None:  # pairwise_decomposition always names a layer
+    if point.module is None:  # pairwise_decomposition always names a layer
         raise ValueError("layer must name the layer whose positions are matched; got None")
     work = torch.promote_types(images.dtype, torch.float32)
-    values: list[torch.Tensor] = []
-    leaves: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
-        raw = point.check_output(output).detach()
-        leaf = raw.clone().requires_grad_(True)
-        values.append(raw)
-        leaves.append(leaf)
-        torch.set_grad_enabled(True)
-        return leaf.clone()
-
-    handle = module.register_forward_hook(hook)
-    try:
-        torch.set_grad_enabled(False)
-        out = point.model(images.detach().clone())
-    finally:
-        handle.remove()
-    torch.set_grad_enabled(True)
-    if len(leaves) != 1:
-        raise ValueError(
-            f"layer {point.name!r} ran {len(leaves)} times in one forward pass; choose a layer that runs once"
-        )
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
-        raise ValueError(f"model must map images to ({images.shape[0]}, D) embeddings, got {describe(out)}")
+    out, raw, leaf = point.forward(images)
     out = out.to(work)
     n, dims = out.shape
-    value = values[0].to(work)
+    value = raw.to(work)
     parts: list[torch.Tensor] = []
     for start in range(0, dims, dims_chunk):
         stop = min(start + dims_chunk, dims)
         eye = torch.eye(dims, dtype=work, device=out.device)[start:stop]
         (grads,) = torch.autograd.grad(
             out,
-            leaves[0],
+            leaf,
             grad_outputs=eye[:, None, :].expand(stop - start, n, dims),
             is_grads_batched=True,
             retain_graph=stop < dims,
