@@ -20,6 +20,7 @@ import torch
 
 from dml_bias.bias._model_spec import write_json_atomic
 from dml_bias.bias.config import VARIANTS
+from dml_bias.bias.report import wrap_name
 from dml_bias.bias.result import prepare_out_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +69,26 @@ def _ci(ci: Any) -> str:
     return f"[{_num(ci[0], 3)}, {_num(ci[1], 3)}]"
 
 
+#: The legend under the retrieval table (markdown and HTML).
+VARIANT_LEGEND = (
+    "Variants (ImageNet-9 names): original; only_fg = the object on black; only_bg_t = the background with the "
+    "object's region filled; no_fg = the background with the object blacked out; mixed_same / mixed_rand / "
+    "mixed_next = the object on the background of another image of the same class / of a random other class / of "
+    "the next class. Recall@1 and MAP@R are leave-one-out within each variant; the intervals are 95 % bootstrap "
+    "intervals over the queries."
+)
+#: The legend under the per-class table (markdown and HTML).
+CLASS_LEGEND = (
+    "mixed_rand = the class's Recall@1 with every background swapped for a random other class's; drop = Recall@1 "
+    "− mixed_rand (how much of the class's retrieval the backgrounds carried; the ranking); bg sensitivity = the "
+    "class's mean background sensitivity, bg-shift ÷ (bg-shift + obj-shift), where bg-shift / obj-shift = 1 − cos "
+    "of the embedding before and after replacing only the background / only the object (0: only the object moves "
+    "the embedding, 1: only the background); fg energy = the class's mean share of the positive similarity "
+    "attribution on the object (its chance level, the object's area share, is in the summary). Empty: not defined "
+    "for any image of the class."
+)
+
+
 def report_md(result: AuditResult, figures: dict[str, Path]) -> str:
     lines = [f"# Background-bias audit: {result.model} on {result.data}", ""]
     lines += [f"**{result.verdict()}**", ""]
@@ -91,6 +112,8 @@ def report_md(result: AuditResult, figures: dict[str, Path]) -> str:
         )
     lines += [
         "",
+        VARIANT_LEGEND,
+        "",
         f"BG-gap (mixed_same − mixed_rand): {result.bg_gap['value']:.3f} {_ci(result.bg_gap['ci'])}; "
         f"drop (original − mixed_rand): {result.background_drop['value']:.3f} {_ci(result.background_drop['ci'])}; "
         f"chance Recall@1: {result.chance_recall_at_1:.3f}.",
@@ -106,6 +129,7 @@ def report_md(result: AuditResult, figures: dict[str, Path]) -> str:
             f"{_num(r['recall@1_drop'], 3)} | {_num(r['background_sensitivity'], 3)} | "
             f"{_num(r['foreground_energy'], 3)} |"
         )
+    lines += ["", CLASS_LEGEND]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{name}]({path.name})" for name, path in figures.items()]
@@ -150,12 +174,14 @@ def variants_png(result: AuditResult) -> bytes:
 
 def per_class_png(result: AuditResult, top: int = 20) -> bytes:
     rows = result.per_class[:top]
-    fig, axes = _figure(1, 1, (7.5, 0.3 * len(rows) + 1.2))
+    names = ["\n".join(wrap_name(str(r["name"]), 30)) for r in rows]  # wrapped, never cut
+    lines = max((name.count("\n") + 1 for name in names), default=1)
+    fig, axes = _figure(1, 1, (7.5, (0.15 + 0.15 * lines) * len(rows) + 1.2))
     ax = axes[0, 0]
     ys = list(range(len(rows)))[::-1]
     ax.barh(ys, [r["recall@1"] for r in rows], color="#c9d6ea", label="original")
     ax.barh(ys, [r["mixed_rand_recall@1"] for r in rows], color="#dd8452", height=0.45, label="mixed_rand")
-    ax.set_yticks(ys, [str(r["name"])[:32] for r in rows], fontsize=7)
+    ax.set_yticks(ys, names, fontsize=7)
     ax.set_xlim(0, 1.0)
     ax.set_xlabel("Recall@1")
     ax.legend(loc="lower right", fontsize=7)
@@ -225,23 +251,23 @@ body { font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222;
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 .verdict { font-size: 1.15em; background: #fff4e5; border-left: 5px solid #dd8452; padding: .6em 1em; }
 table { border-collapse: collapse; font-size: .9em; } td, th { border: 1px solid #ccc; padding: .25em .6em; }
-td.n { text-align: right; } img { max-width: 100%; }
+td.n { text-align: right; } td.name { max-width: 24em; overflow-wrap: anywhere; } img { max-width: 100%; }
+p.legend { font-size: .85em; color: #444; max-width: 60em; }
 """
 
 
 def report_html(result: AuditResult, pngs: dict[str, bytes]) -> str:
-    e = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Background-bias audit: {e(result.model)}</title>",
+        f"<title>Background-bias audit: {html.escape(result.model)}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>Background-bias audit: {e(result.model)} on {e(result.data)}</h1>",
-        f'<p class="verdict">{e(result.verdict())}</p>',
-        "<ul>" + "".join(f"<li>{e(d)}</li>" for d in result.details()) + "</ul>",
+        f"<h1>Background-bias audit: {html.escape(result.model)} on {html.escape(result.data)}</h1>",
+        f'<p class="verdict">{html.escape(result.verdict())}</p>',
+        "<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in result.details()) + "</ul>",
         f"<p>{result.num_images} images, {result.num_classes} classes; masks from "
-        f"{e(str(result.settings.get('mask_source', 'dataset')))}; explained layer "
-        f"{e(str(result.settings.get('layer') or '–'))}; 95 % bootstrap intervals over the queries.</p>",
+        f"{html.escape(str(result.settings.get('mask_source', 'dataset')))}; explained layer "
+        f"{html.escape(str(result.settings.get('layer') or '–'))}; 95 % bootstrap intervals over the queries.</p>",
         "<h2>Retrieval per variant</h2>",
         "<table><tr><th>variant</th><th>Recall@1</th><th>95 % CI</th><th>MAP@R</th><th>95 % CI</th></tr>",
     ]
@@ -252,6 +278,7 @@ def report_html(result: AuditResult, pngs: dict[str, bytes]) -> str:
             f'<td class="n">{m["map@r"]:.3f}</td><td>{_ci(m["map@r_ci"])}</td></tr>'
         )
     parts.append("</table>")
+    parts.append(f'<p class="legend">{html.escape(VARIANT_LEGEND)}</p>')
     titles = {
         "variants": "Recall@1 per variant",
         "per_class": "Classes ranked by background reliance",
@@ -262,7 +289,7 @@ def report_html(result: AuditResult, pngs: dict[str, bytes]) -> str:
         if key in pngs:
             data = base64.b64encode(pngs[key]).decode("ascii")
             parts.append(f"<h2>{title}</h2>")
-            parts.append(f'<img alt="{e(title)}" src="data:image/png;base64,{data}">')
+            parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
     parts.append("<h2>Classes</h2>")
     parts.append(
         "<table><tr><th>class</th><th>images</th><th>Recall@1</th><th>mixed_rand</th><th>drop</th>"
@@ -270,7 +297,7 @@ def report_html(result: AuditResult, pngs: dict[str, bytes]) -> str:
     )
     for r in result.per_class:
         parts.append(
-            f'<tr><td>{e(str(r["name"]))}</td><td class="n">{r["count"]}</td>'
+            f'<tr><td class="name">{html.escape(str(r["name"]))}</td><td class="n">{r["count"]}</td>'
             + "".join(
                 f'<td class="n">{_num(r[c], 3)}</td>'
                 for c in (
@@ -283,7 +310,9 @@ def report_html(result: AuditResult, pngs: dict[str, bytes]) -> str:
             )
             + "</tr>"
         )
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    parts.append(f'<p class="legend">{html.escape(CLASS_LEGEND)}</p>')
+    parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 

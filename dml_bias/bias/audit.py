@@ -33,6 +33,7 @@ from torch import nn
 from dml_bias._checks import check_choice, check_number, describe
 from dml_bias.bias._model_spec import AuditError, ExportedModule
 from dml_bias.bias._modes import eval_mode
+from dml_bias.bias.analysis import audit_class_rows, bootstrap_ci, bootstrap_indices, finite_ci
 from dml_bias.bias.config import VARIANTS
 from dml_bias.bias.data import IMAGENET_MEAN, IMAGENET_STD, model_input, variant_donors
 
@@ -241,30 +242,6 @@ def _per_query(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tenso
     return {"recall@1": rel[:, 0].clone(), "map@r": map_r}
 
 
-def bootstrap_indices(n: int, resamples: int, seed: int) -> torch.Tensor:
-    """``(resamples, n)`` indices drawn with replacement from a CPU generator seeded with ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(n, (resamples, n), generator=gen)
-
-
-def bootstrap_ci(values: torch.Tensor, indices: torch.Tensor) -> list[float]:
-    """The 95 % percentile interval (2.5 and 97.5 %, linear interpolation) of the resampled means."""
-    if values.numel() == 0 or indices.numel() == 0:
-        return [math.nan, math.nan]
-    means = values.to(torch.float64)[indices].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [float(lo), float(hi)]
-
-
-def _finite_ci(values: torch.Tensor, resamples: int, seed: int) -> tuple[float, list[float], int]:
-    """Mean and interval of the finite entries (resampled among them) and their count."""
-    finite = values[~torch.isnan(values)].to(torch.float64)
-    if finite.numel() == 0:
-        return math.nan, [math.nan, math.nan], 0
-    idx = bootstrap_indices(finite.numel(), resamples, seed)
-    return float(finite.mean()), bootstrap_ci(finite, idx), int(finite.numel())
-
-
 # ----------------------------------------------------------------------------------------------------- audit
 
 
@@ -415,26 +392,86 @@ def audit(
         >>> sorted(result.variants) == sorted(VARIANTS), result.num_images, result.settings["layer"]
         (True, 12, 'features')
     """
-    from tqdm.auto import tqdm
-
-    from dml_bias.bias.attribution import background_sensitivity
-    from dml_bias.bias.evaluation import chance_recall_at_1, retrieval_summary
-    from dml_bias.transforms.functional import foreground_mask
+    from dml_bias.bias.evaluation import chance_recall_at_1
 
     _check_args(
         model, dataset, image_size, resize, mean, std, mask_input, sigma, layer, masks_from, bootstrap,
         attribution_images, seed, batch_size, num_workers,
     )  # fmt: skip
+    dev = _device(device)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    labels = _labels_of(dataset)
+    counts = _check_classes(dataset, labels)
+    n = labels.numel()
+    inp = _Inputs.create(
+        model, dataset, dev, labels, image_size, resize, mean, std, mask_input, sigma, masks_from, seed,
+        batch_size, num_workers, progress,
+    )  # fmt: skip
+    embedded = _embed_variants(inp)
+    timings["variants_and_sensitivity"] = time.perf_counter() - t0
+    if embedded.empty_masks:
+        warnings.warn(
+            f"{embedded.empty_masks} of {n} images have an all-background mask (no object pixel): their object-only "
+            "variants are black and their background swaps change nothing",
+            UserWarning,
+            stacklevel=2,
+        )
+    t1 = time.perf_counter()
+    emb = {v: torch.cat(parts) for v, parts in embedded.embeddings.items()}
+    retrieval = _retrieval_numbers(emb, labels, bootstrap, seed)
+    sens = {k: torch.cat(v) for k, v in embedded.shifts.items()}
+    sensitivity = _sensitivity_numbers(sens, bootstrap, seed, n)
+    timings["metrics"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    layer_used, energy, energy_values, energy_labels, overlays = _attribution_step(
+        inp, emb["original"], attribution_images, layer, embedded.size_seen, bootstrap
+    )
+    timings["attribution"] = time.perf_counter() - t2
+    per_class = audit_class_rows(
+        labels, _class_names(dataset, labels), retrieval["per_class_recall@1"], sens["score"], energy_values,
+        energy_labels,
+    )  # fmt: skip
+    examples = _neighbour_changes(emb["original"], emb["mixed_rand"], labels)
+    example_images = None if examples is None else _example_images(examples, inp)
+    timings["total"] = time.perf_counter() - t0
+    return AuditResult(
+        model=model_name or type(model).__name__,
+        data=data_name or type(dataset).__name__,
+        num_images=n,
+        num_classes=int((counts > 0).sum()),
+        variants=retrieval["variants"],
+        bg_gap=retrieval["bg_gap"],
+        background_drop=retrieval["drop"],
+        chance_recall_at_1=chance_recall_at_1(labels),
+        background_sensitivity=sensitivity,
+        foreground_energy=energy,
+        per_class=per_class,
+        settings=inp.settings(layer_used, bootstrap, attribution_images, embedded),
+        timings=timings,
+        per_query=retrieval["per_query"],
+        examples=example_images,
+        overlays=overlays,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ audit steps
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """The device argument as a :class:`torch.device` (``ValueError`` if it is none, ``AuditError`` without CUDA)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AuditError(f"device {str(dev)!r} was asked for but CUDA is not available")
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    n = len(dataset)
-    labels = _labels_of(dataset)
+    return dev
+
+
+def _check_classes(dataset: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Images per label; ``AuditError`` unless there are two images or more of every class and two classes."""
+    n = labels.numel()
     if n < 2:
         raise AuditError(f"the dataset must hold at least two images, got {n}")
     counts = torch.bincount(labels)
@@ -447,103 +484,220 @@ def audit(
         )
     if int((counts > 0).sum()) < 2:
         raise AuditError("the dataset must hold at least two classes")
-    class_names = _class_names(dataset, labels)
-    exact = callable(getattr(dataset, "with_variant", None)) and masks_from is None
-    need_masks = masks_from is None
-    mode_sigma = sigma if mask_input == "soft" else None
+    return counts
 
-    def model_in(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return model_input(images.to(dev), masks.to(dev), mask_input, mode_sigma, mean, std)
 
-    if exact:
-        rand = dataset.with_variant("mixed_rand", seed=seed)
-        donor_table = {"mixed_rand": torch.as_tensor(rand.donor_indices).long()}
-    else:
-        donor_table = {v: variant_donors(v, labels, seed) for v in _MIXED}
-    donor_names = ["mixed_rand"] if exact else list(_MIXED)
-    donors = torch.stack([donor_table[v] for v in donor_names], dim=1)
+@dataclass
+class _Inputs:
+    """The audit's validated inputs and what every step shares: how batches are loaded, masked and fed."""
 
-    rendered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    model: nn.Module
+    dataset: Any
+    dev: torch.device
+    labels: torch.Tensor
+    image_size: int | None
+    resize: int | None
+    mean: Sequence[float]
+    std: Sequence[float]
+    mask_input: str
+    mode_sigma: float | None
+    masks_from: Callable[[torch.Tensor], Any] | None
+    seed: int
+    batch_size: int
+    num_workers: int
+    progress: bool
+    exact: bool
+    donors: torch.Tensor
+    donor_names: list[str]
+    rendered: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        dataset: Any,
+        dev: torch.device,
+        labels: torch.Tensor,
+        image_size: int | None,
+        resize: int | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        mask_input: str,
+        sigma: float,
+        masks_from: Callable[[torch.Tensor], Any] | None,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        progress: bool,
+    ) -> _Inputs:
+        """The inputs with the donors of the mixed variants (the dataset's own, for exact variants)."""
+        exact = callable(getattr(dataset, "with_variant", None)) and masks_from is None
+        if exact:
+            rand = dataset.with_variant("mixed_rand", seed=seed)
+            donor_table = {"mixed_rand": torch.as_tensor(rand.donor_indices).long()}
+        else:
+            donor_table = {v: variant_donors(v, labels, seed) for v in _MIXED}
+        donor_names = ["mixed_rand"] if exact else list(_MIXED)
+        donors = torch.stack([donor_table[v] for v in donor_names], dim=1)
+        mode_sigma = sigma if mask_input == "soft" else None
+        return cls(
+            model, dataset, dev, labels, image_size, resize, mean, std, mask_input, mode_sigma, masks_from, seed,
+            batch_size, num_workers, progress, exact, donors, donor_names,
+        )  # fmt: skip
+
+    def settings(
+        self, layer: str | None, bootstrap: int, attribution_images: int, embedded: _Embedded
+    ) -> dict[str, Any]:
+        """The ``settings`` entry of the result: what the audit used."""
+        size = self.image_size
+        return {
+            "image_size": size if size is not None else (list(embedded.size_seen) if embedded.size_seen else None),
+            "resize": self.resize,
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "mask_input": self.mask_input,
+            "sigma": self.mode_sigma,
+            "mask_source": "masks_from" if self.masks_from is not None else "dataset",
+            "layer": layer,
+            "variants_from": "dataset (exact)" if self.exact else "composited on the fly",
+            "bootstrap": bootstrap,
+            "attribution_images": attribution_images,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "device": str(self.dev),
+            "empty_masks": embedded.empty_masks,
+        }
+
+    def model_in(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """uint8 images and masks → the model's input on the device."""
+        return model_input(
+            images.to(self.dev), masks.to(self.dev), self.mask_input, self.mode_sigma, self.mean, self.std
+        )
 
     def loader(
-        ds: Any, don: torch.Tensor | None, bs: int = batch_size, indices: list[int] | None = None, key: str = "original"
+        self,
+        ds: Any,
+        don: torch.Tensor | None,
+        bs: int | None = None,
+        indices: list[int] | None = None,
+        key: str = "original",
     ) -> Any:
-        if exact and callable(getattr(ds, "render_all", None)):
-            return _rendered_batches(ds, don, bs, indices, image_size, resize, rendered, key)
-        prepared: Any = _Prepared(ds, image_size, resize, need_masks, don)
+        """Batches of ``ds`` (with the donors ``don``), rendered at once where the dataset can."""
+        bs = self.batch_size if bs is None else bs
+        if self.exact and callable(getattr(ds, "render_all", None)):
+            return _rendered_batches(ds, don, bs, indices, self.image_size, self.resize, self.rendered, key)
+        prepared: Any = _Prepared(ds, self.image_size, self.resize, self.masks_from is None, don)
         if indices is not None:
             prepared = torch.utils.data.Subset(prepared, indices)
         return torch.utils.data.DataLoader(
-            prepared, batch_size=bs, shuffle=False, num_workers=num_workers, collate_fn=_collate
+            prepared, batch_size=bs, shuffle=False, num_workers=self.num_workers, collate_fn=_collate
         )
 
-    def masks_of(batch: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        images = batch["images"].to(dev)
-        if masks_from is not None:
-            masks = _predicted_masks(masks_from, images)
-            d = [(di.to(dev), _predicted_masks(masks_from, di.to(dev))) for di, _ in batch["donors"]]
+    def masks_of(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The batch's masks and its donor (image, mask) pairs on the device, predicted if ``masks_from`` is set."""
+        images = batch["images"].to(self.dev)
+        if self.masks_from is not None:
+            masks = _predicted_masks(self.masks_from, images)
+            pairs = [(di.to(self.dev), _predicted_masks(self.masks_from, di.to(self.dev))) for di, _ in batch["donors"]]
         else:
-            masks = batch["masks"].to(dev)
-            d = [(di.to(dev), dm.to(dev)) for di, dm in batch["donors"]]
-        return masks, d
+            masks = batch["masks"].to(self.dev)
+            pairs = [(di.to(self.dev), dm.to(self.dev)) for di, dm in batch["donors"]]
+        return masks, pairs
 
-    from dml_bias.bias._variants import make_batch_variants
 
-    embeddings: dict[str, list[torch.Tensor]] = {v: [] for v in VARIANTS}
-    shifts: dict[str, list[torch.Tensor]] = {"background": [], "object": [], "score": []}
-    empty_masks = 0
+@dataclass
+class _Embedded:
+    """The embeddings of every variant (per batch), the background-sensitivity shifts and what was seen."""
+
+    embeddings: dict[str, list[torch.Tensor]]
+    shifts: dict[str, list[torch.Tensor]]
+    empty_masks: int = 0
     size_seen: tuple[int, ...] | None = None
-    layer_used: str | None = None
-    with eval_mode(model), torch.no_grad():
-        bar = tqdm(total=n, desc="audit: variants", disable=not progress, file=sys.stderr, leave=False)
-        for batch in loader(dataset, donors):
-            images = batch["images"].to(dev)
-            masks, donor_pairs = masks_of(batch)
-            size_seen = tuple(images.shape[-2:])
-            empty_masks += int((~foreground_mask(masks).flatten(1).any(dim=1)).sum())
-            if exact:
-                made = {"original": images}
-            else:
-                made = make_batch_variants(VARIANTS, images, masks, dict(zip(donor_names, donor_pairs, strict=True)))
-            for v, imgs in made.items():
-                embeddings[v].append(_embed(model, model_in(imgs, masks)))
-            rand_images, rand_masks = donor_pairs[donor_names.index("mixed_rand")]
-            s = background_sensitivity(
-                model,
-                images,
-                masks,
-                donors=(rand_images, rand_masks),
-                input_fn=model_in,
-                batch_size=images.shape[0],
-                embeddings=embeddings["original"][-1],  # the same batch: one forward pass saved
-                # its background swap is the mixed_rand variant (same donors, fill and dilation): a second one
-                background_embeddings=None if exact else embeddings["mixed_rand"][-1],
-            )
-            for key in shifts:
-                shifts[key].append(getattr(s, key).cpu())
-            bar.update(images.shape[0])
+
+
+def _attribution_step(
+    inp: _Inputs,
+    original: torch.Tensor,
+    attribution_images: int,
+    layer: str | None,
+    size_seen: tuple[int, ...] | None,
+    bootstrap: int,
+) -> tuple[str | None, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+    """The layer explained, the foreground-energy summary, the per-image energies and labels, and the overlays."""
+    layer_used = None
+    energy_values = torch.empty(0, dtype=torch.float64)
+    energy_chance = torch.empty(0, dtype=torch.float64)
+    energy_labels = torch.empty(0, dtype=torch.long)
+    overlays: dict[str, Any] | None = None
+    if attribution_images > 0:
+        layer_used = _resolve_layer(inp.model, layer, inp.mask_input, size_seen, inp.dev)
+        energy_values, energy_chance, energy_labels, overlays = _attribution(
+            inp, original, attribution_images, layer_used
+        )
+    energy = _energy_numbers(energy_values, energy_chance, bootstrap, inp.seed)
+    return layer_used, energy, energy_values, energy_labels, overlays
+
+
+def _embed_variants(inp: _Inputs) -> _Embedded:
+    """Embed every variant of every image and measure its background sensitivity, batch by batch."""
+    from tqdm.auto import tqdm
+
+    out = _Embedded({v: [] for v in VARIANTS}, {"background": [], "object": [], "score": []})
+    n = inp.labels.numel()
+    with eval_mode(inp.model), torch.no_grad():
+        bar = tqdm(total=n, desc="audit: variants", disable=not inp.progress, file=sys.stderr, leave=False)
+        for batch in inp.loader(inp.dataset, inp.donors):
+            _embed_batch(inp, batch, out)
+            bar.update(batch["images"].shape[0])
         bar.close()
-        if exact:
+        if inp.exact:
             for v in VARIANTS[1:]:
-                bar = tqdm(total=n, desc=f"audit: {v}", disable=not progress, file=sys.stderr, leave=False)
-                for batch in loader(dataset.with_variant(v, seed=seed), None, key=v):
-                    masks, _ = masks_of(batch)
-                    embeddings[v].append(_embed(model, model_in(batch["images"].to(dev), masks)))
+                bar = tqdm(total=n, desc=f"audit: {v}", disable=not inp.progress, file=sys.stderr, leave=False)
+                for batch in inp.loader(inp.dataset.with_variant(v, seed=inp.seed), None, key=v):
+                    masks, _ = inp.masks_of(batch)
+                    out.embeddings[v].append(_embed(inp.model, inp.model_in(batch["images"].to(inp.dev), masks)))
                     bar.update(batch["images"].shape[0])
                 bar.close()
-    timings["variants_and_sensitivity"] = time.perf_counter() - t0
-    if empty_masks:
-        warnings.warn(
-            f"{empty_masks} of {n} images have an all-background mask (no object pixel): their object-only "
-            "variants are black and their background swaps change nothing",
-            UserWarning,
-            stacklevel=2,
-        )
+    return out
 
-    # -- retrieval numbers
-    t1 = time.perf_counter()
-    emb = {v: torch.cat(parts) for v, parts in embeddings.items()}
-    idx = bootstrap_indices(n, bootstrap, seed)
+
+def _embed_batch(inp: _Inputs, batch: dict[str, Any], out: _Embedded) -> None:
+    """One batch of :func:`_embed_variants`: its variants (all but the exact ones) and its sensitivity."""
+    from dml_bias.bias._variants import make_batch_variants
+    from dml_bias.bias.attribution import background_sensitivity
+    from dml_bias.transforms.functional import foreground_mask
+
+    images = batch["images"].to(inp.dev)
+    masks, donor_pairs = inp.masks_of(batch)
+    out.size_seen = tuple(images.shape[-2:])
+    out.empty_masks += int((~foreground_mask(masks).flatten(1).any(dim=1)).sum())
+    if inp.exact:
+        made = {"original": images}
+    else:
+        made = make_batch_variants(VARIANTS, images, masks, dict(zip(inp.donor_names, donor_pairs, strict=True)))
+    for v, imgs in made.items():
+        out.embeddings[v].append(_embed(inp.model, inp.model_in(imgs, masks)))
+    rand_images, rand_masks = donor_pairs[inp.donor_names.index("mixed_rand")]
+    s = background_sensitivity(
+        inp.model,
+        images,
+        masks,
+        donors=(rand_images, rand_masks),
+        input_fn=inp.model_in,
+        batch_size=images.shape[0],
+        embeddings=out.embeddings["original"][-1],  # the same batch: one forward pass saved
+        # its background swap is the mixed_rand variant (same donors, fill and dilation): a second one
+        background_embeddings=None if inp.exact else out.embeddings["mixed_rand"][-1],
+    )
+    for key in out.shifts:
+        out.shifts[key].append(getattr(s, key).cpu())
+
+
+def _retrieval_numbers(emb: dict[str, torch.Tensor], labels: torch.Tensor, bootstrap: int, seed: int) -> dict[str, Any]:
+    """Recall@1 and MAP@R per variant with paired bootstrap intervals, the BG-gap, the drop, per class and query."""
+    from dml_bias.bias.evaluation import retrieval_summary
+
+    idx = bootstrap_indices(labels.numel(), bootstrap, seed)
     variants: dict[str, dict[str, Any]] = {}
     per_query: dict[str, dict[str, torch.Tensor]] = {}
     per_class_r1: dict[str, dict[int, float]] = {}
@@ -560,17 +714,25 @@ def audit(
         }
     gap_values = per_query["mixed_same"]["recall@1"] - per_query["mixed_rand"]["recall@1"]
     drop_values = per_query["original"]["recall@1"] - per_query["mixed_rand"]["recall@1"]
-    bg_gap = {
-        "value": variants["mixed_same"]["recall@1"] - variants["mixed_rand"]["recall@1"],
-        "ci": bootstrap_ci(gap_values, idx),
+    return {
+        "variants": variants,
+        "per_query": per_query,
+        "per_class_recall@1": per_class_r1,
+        "bg_gap": {
+            "value": variants["mixed_same"]["recall@1"] - variants["mixed_rand"]["recall@1"],
+            "ci": bootstrap_ci(gap_values, idx),
+        },
+        "drop": {
+            "value": variants["original"]["recall@1"] - variants["mixed_rand"]["recall@1"],
+            "ci": bootstrap_ci(drop_values, idx),
+        },
     }
-    drop = {
-        "value": variants["original"]["recall@1"] - variants["mixed_rand"]["recall@1"],
-        "ci": bootstrap_ci(drop_values, idx),
-    }
-    sens = {k: torch.cat(v) for k, v in shifts.items()}
-    s_mean, s_ci, s_count = _finite_ci(sens["score"], bootstrap, seed + 1)
-    sensitivity = {
+
+
+def _sensitivity_numbers(sens: dict[str, torch.Tensor], bootstrap: int, seed: int, n: int) -> dict[str, Any]:
+    """Mean background sensitivity with its interval (seed + 1), the mean shifts and the undefined count."""
+    s_mean, s_ci, s_count = finite_ci(sens["score"], bootstrap, seed + 1)
+    return {
         "mean": s_mean,
         "ci": s_ci,
         "background_shift": float(sens["background"].mean()),
@@ -578,128 +740,43 @@ def audit(
         "num_images": s_count,
         "num_undefined": n - s_count,
     }
-    timings["metrics"] = time.perf_counter() - t1
 
-    # -- attribution on a subset
-    t2 = time.perf_counter()
-    energy_values = torch.empty(0, dtype=torch.float64)
-    energy_chance = torch.empty(0, dtype=torch.float64)
-    energy_labels = torch.empty(0, dtype=torch.long)
-    overlays: dict[str, Any] | None = None
-    if attribution_images > 0:
-        if layer is None:
-            if _hookable(model):
-                from dml_bias.bias._model_spec import find_layer
 
-                c = 4 if mask_input == "channel" else 3
-                side = size_seen or (16, 16)
-                example = torch.zeros(2, c, *side, device=dev)
-                with eval_mode(model):
-                    layer_used = find_layer(model, example)
-            else:
-                layer_used = "input"
-        else:
-            if layer != "input" and not _hookable(model):
-                raise AuditError(
-                    f"layer {layer!r}: this model (TorchScript or torch.export) cannot be hooked; it is explained at "
-                    "the input (layer='input')"
-                )
-            if layer != "input" and layer not in dict(model.named_modules()):
-                names = [nm for nm, _ in model.named_modules() if nm][-8:]
-                raise AuditError(f"layer {layer!r} is not a sub-module of the model; e.g. {', '.join(names)}")
-            layer_used = layer
-        result_e = _attribution(
-            model,
-            dataset,
-            labels,
-            emb["original"],
-            attribution_images,
-            loader,
-            masks_of,
-            model_in,
-            layer_used,
-            dev,
-            progress,
-            mask_input,
-            mode_sigma,
-        )
-        energy_values, energy_chance, energy_labels, overlays = result_e
-    e_mean, e_ci, e_count = _finite_ci(energy_values, bootstrap, seed + 2)
-    energy = {
+def _energy_numbers(values: torch.Tensor, chance: torch.Tensor, bootstrap: int, seed: int) -> dict[str, Any]:
+    """Mean foreground energy with its interval (seed + 2), its chance level and the count of empty maps."""
+    e_mean, e_ci, e_count = finite_ci(values, bootstrap, seed + 2)
+    return {
         "mean": e_mean,
-        "chance": float(energy_chance.mean()) if energy_chance.numel() else math.nan,
+        "chance": float(chance.mean()) if chance.numel() else math.nan,
         "ci": e_ci,
-        "num_images": int(energy_values.numel()),
-        "num_empty": int(energy_values.numel()) - e_count,
+        "num_images": int(values.numel()),
+        "num_empty": int(values.numel()) - e_count,
     }
-    timings["attribution"] = time.perf_counter() - t2
 
-    # -- per class
-    per_class_rows = []
-    for c in torch.nonzero(counts).flatten().tolist():
-        sel = labels == c
-        sc = sens["score"][sel]
-        sc = sc[~torch.isnan(sc)]
-        ev = energy_values[energy_labels == c]
-        ev = ev[~torch.isnan(ev)]
-        per_class_rows.append(
-            {
-                "label": int(c),
-                "name": class_names[c],
-                "count": int(counts[c]),
-                "recall@1": per_class_r1["original"].get(c, math.nan),
-                "mixed_rand_recall@1": per_class_r1["mixed_rand"].get(c, math.nan),
-                "recall@1_drop": per_class_r1["original"].get(c, math.nan)
-                - per_class_r1["mixed_rand"].get(c, math.nan),
-                "background_sensitivity": float(sc.mean()) if sc.numel() else math.nan,
-                "foreground_energy": float(ev.mean()) if ev.numel() else math.nan,
-            }
+
+def _resolve_layer(
+    model: nn.Module, layer: str | None, mask_input: str, size_seen: tuple[int, ...] | None, dev: torch.device
+) -> str:
+    """The layer the attribution explains: the one asked for (checked), else found by a dry run, else the input."""
+    if layer is None:
+        if not _hookable(model):
+            return "input"
+        from dml_bias.bias._model_spec import find_layer
+
+        c = 4 if mask_input == "channel" else 3
+        side = size_seen or (16, 16)
+        example = torch.zeros(2, c, *side, device=dev)
+        with eval_mode(model):
+            return find_layer(model, example)
+    if layer != "input" and not _hookable(model):
+        raise AuditError(
+            f"layer {layer!r}: this model (TorchScript or torch.export) cannot be hooked; it is explained at "
+            "the input (layer='input')"
         )
-    per_class_rows.sort(key=lambda r: (-r["recall@1_drop"], -_or(r["background_sensitivity"], -1.0), r["label"]))
-
-    examples = _neighbour_changes(emb["original"], emb["mixed_rand"], labels)
-    example_images = None
-    if examples is not None:
-        example_images = _example_images(examples, dataset, exact, seed, donors, donor_names, loader, masks_of, labels)
-    timings["total"] = time.perf_counter() - t0
-    return AuditResult(
-        model=model_name or type(model).__name__,
-        data=data_name or type(dataset).__name__,
-        num_images=n,
-        num_classes=int((counts > 0).sum()),
-        variants=variants,
-        bg_gap=bg_gap,
-        background_drop=drop,
-        chance_recall_at_1=chance_recall_at_1(labels),
-        background_sensitivity=sensitivity,
-        foreground_energy=energy,
-        per_class=per_class_rows,
-        settings={
-            "image_size": image_size if image_size is not None else (list(size_seen) if size_seen else None),
-            "resize": resize,
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "mask_input": mask_input,
-            "sigma": mode_sigma,
-            "mask_source": "masks_from" if masks_from is not None else "dataset",
-            "layer": layer_used,
-            "variants_from": "dataset (exact)" if exact else "composited on the fly",
-            "bootstrap": bootstrap,
-            "attribution_images": attribution_images,
-            "seed": seed,
-            "batch_size": batch_size,
-            "device": str(dev),
-            "empty_masks": empty_masks,
-        },
-        timings=timings,
-        per_query=per_query,
-        examples=example_images,
-        overlays=overlays,
-    )
-
-
-def _or(x: float, default: float) -> float:
-    return default if math.isnan(x) else x
+    if layer != "input" and layer not in dict(model.named_modules()):
+        names = [nm for nm, _ in model.named_modules() if nm][-8:]
+        raise AuditError(f"layer {layer!r} is not a sub-module of the model; e.g. {', '.join(names)}")
+    return layer
 
 
 def _class_names(dataset: Any, labels: torch.Tensor) -> list[str]:
@@ -737,66 +814,69 @@ def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attribution(
-    model: nn.Module,
-    dataset: Any,
-    labels: torch.Tensor,
-    original: torch.Tensor,
-    per_class: int,
-    loader: Callable[..., Any],
-    masks_of: Callable[[dict[str, Any]], Any],
-    model_in: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    layer: str,
-    dev: torch.device,
-    progress: bool,
-    mask_input: str,
-    sigma: float | None,
+    inp: _Inputs, original: torch.Tensor, per_class: int, layer: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Foreground energy of the first ``per_class`` images of every class, and the first maps for the figures."""
     from tqdm.auto import tqdm
 
-    from dml_bias.bias.attribution import foreground_energy, similarity_attribution
     from dml_bias.metrics import knn
-    from dml_bias.transforms.functional import foreground_mask
 
+    labels = inp.labels
     picked = [torch.nonzero(labels == c).flatten()[:per_class] for c in torch.unique(labels)]
     idx = torch.cat(picked).sort().values
     _, nn_idx = knn(original[idx], original, k=2, exclude_self=False)
     neighbours = torch.where(nn_idx[:, 0] == idx, nn_idx[:, 1], nn_idx[:, 0])
     values, chance = [], []
     shown: dict[str, list[Any]] = {"images": [], "masks": [], "maps": [], "labels": [], "energy": []}
-    bar = tqdm(total=int(idx.numel()), desc="audit: attribution", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=int(idx.numel()), desc="audit: attribution", disable=not inp.progress, file=sys.stderr, leave=False
+    )
     start = 0
-    with eval_mode(model):
-        for batch in loader(dataset, None, bs=32, indices=idx.tolist()):
-            images = batch["images"].to(dev)
-            masks, _ = masks_of(batch)
-            b = images.shape[0]
-            ref = original[neighbours[start : start + b]].to(dev)
-            maps = similarity_attribution(
-                model, model_in(images, masks), ref, layer=None if layer == "input" else layer
-            ).detach()
-            fe = foreground_energy(maps.float(), foreground_mask(masks))
-            valid = getattr(fe, "valid", ~torch.isnan(fe.energy))
-            energies = torch.where(valid, fe.energy, torch.nan).double().cpu()
+    with eval_mode(inp.model):
+        for batch in inp.loader(inp.dataset, None, bs=32, indices=idx.tolist()):
+            b = batch["images"].shape[0]
+            energies, energy_chance = _attribution_batch(
+                inp, batch, original[neighbours[start : start + b]], layer, shown
+            )
             values.append(energies)
-            chance.append(fe.chance.double().cpu())
-            room = _SHOWN_MAPS - len(shown["images"])
-            if room > 0:
-                seen = images[:room]
-                if mask_input in ("hard", "soft"):  # the images as the model sees them
-                    from dml_bias.transforms.functional import mask_background
-
-                    how: Any = mask_input
-                    seen = mask_background(seen, masks[:room], how, sigma=0.5 if sigma is None else sigma)
-                shown["images"].extend(seen.cpu())
-                shown["masks"].extend(masks[:room].cpu())
-                shown["maps"].extend(maps[:room].float().cpu())
-                shown["labels"].extend(batch["labels"][:room].tolist())
-                shown["energy"].extend(energies[:room].tolist())
+            chance.append(energy_chance)
             start += b
             bar.update(b)
     bar.close()
     return torch.cat(values), torch.cat(chance), labels[idx], shown
+
+
+def _attribution_batch(
+    inp: _Inputs, batch: dict[str, Any], neighbours: torch.Tensor, layer: str, shown: dict[str, list[Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of :func:`_attribution`: foreground energies and chance levels; the first maps go to ``shown``."""
+    from dml_bias.bias.attribution import foreground_energy, similarity_attribution
+    from dml_bias.transforms.functional import foreground_mask
+
+    images = batch["images"].to(inp.dev)
+    masks, _ = inp.masks_of(batch)
+    ref = neighbours.to(inp.dev)
+    maps = similarity_attribution(
+        inp.model, inp.model_in(images, masks), ref, layer=None if layer == "input" else layer
+    ).detach()
+    fe = foreground_energy(maps.float(), foreground_mask(masks))
+    valid = getattr(fe, "valid", ~torch.isnan(fe.energy))
+    energies = torch.where(valid, fe.energy, torch.nan).double().cpu()
+    room = _SHOWN_MAPS - len(shown["images"])
+    if room > 0:
+        seen = images[:room]
+        if inp.mask_input in ("hard", "soft"):  # the images as the model sees them
+            from dml_bias.transforms.functional import mask_background
+
+            how: Any = inp.mask_input
+            sigma = inp.mode_sigma
+            seen = mask_background(seen, masks[:room], how, sigma=0.5 if sigma is None else sigma)
+        shown["images"].extend(seen.cpu())
+        shown["masks"].extend(masks[:room].cpu())
+        shown["maps"].extend(maps[:room].float().cpu())
+        shown["labels"].extend(batch["labels"][:room].tolist())
+        shown["energy"].extend(energies[:room].tolist())
+    return energies, fe.chance.double().cpu()
 
 
 def _neighbour_changes(
@@ -818,17 +898,7 @@ def _neighbour_changes(
     return {"queries": order, "before": before[order], "after": after[order], "score": score[order]}
 
 
-def _example_images(
-    examples: dict[str, torch.Tensor],
-    dataset: Any,
-    exact: bool,
-    seed: int,
-    donors: torch.Tensor,
-    donor_names: list[str],
-    loader: Callable[..., Any],
-    masks_of: Callable[[dict[str, Any]], Any],
-    labels: torch.Tensor,
-) -> dict[str, Any]:
+def _example_images(examples: dict[str, torch.Tensor], inp: _Inputs) -> dict[str, Any]:
     """uint8 images of the shown queries and neighbours: originals before, ``mixed_rand`` after."""
     from dml_bias.bias._variants import make_batch_variants
 
@@ -837,21 +907,21 @@ def _example_images(
     swap_ids = torch.cat([q, examples["after"].flatten()]).tolist()
 
     def fetch(ids: list[int], swapped: bool) -> torch.Tensor:
-        if swapped and exact:
-            variant = dataset.with_variant("mixed_rand", seed=seed)
-            batch = next(iter(loader(variant, None, bs=len(ids), indices=ids, key="mixed_rand")))
+        if swapped and inp.exact:
+            variant = inp.dataset.with_variant("mixed_rand", seed=inp.seed)
+            batch = next(iter(inp.loader(variant, None, bs=len(ids), indices=ids, key="mixed_rand")))
             return batch["images"]
-        batch = next(iter(loader(dataset, donors if swapped else None, bs=len(ids), indices=ids)))
+        batch = next(iter(inp.loader(inp.dataset, inp.donors if swapped else None, bs=len(ids), indices=ids)))
         if not swapped:
             return batch["images"]
-        masks, pairs = masks_of(batch)
+        masks, pairs = inp.masks_of(batch)
         made = make_batch_variants(
-            ["mixed_rand"], batch["images"].to(masks.device), masks, dict(zip(donor_names, pairs, strict=True))
+            ["mixed_rand"], batch["images"].to(masks.device), masks, dict(zip(inp.donor_names, pairs, strict=True))
         )
         return made["mixed_rand"].cpu()
 
     return {
-        "labels": labels,
+        "labels": inp.labels,
         "queries": q,
         "before": examples["before"],
         "after": examples["after"],

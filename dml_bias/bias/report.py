@@ -13,12 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dml_bias.bias.analysis import (
+    LOSS_TITLES,
+    MIN_CLASSES_FOR_CORRELATION,
+    PER_CLASS_FIELDS,
+    attribution_summary,
+    correlation_readings,
+    is_smoke_run,
+    per_class_rows,
+    per_class_summary,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from dml_bias.bias.result import StudyResult
 
 __all__: list[str] = []
 
-LOSS_TITLES = {"proxy_anchor": "Proxy-Anchor", "multi_similarity": "Multi-Similarity"}
 _SHORT = {
     "original": "original",
     "only_fg": "only_fg",
@@ -28,29 +38,10 @@ _SHORT = {
     "mixed_rand": "mix_rand",
     "mixed_next": "mix_next",
 }
-PER_CLASS_FIELDS = (
-    "loss",
-    "rank",
-    "label",
-    "class_name",
-    "count",
-    "home_background",
-    "background_distinctiveness",
-    "variant",
-    "failures_none",
-    "failures_hard",
-    "difference",
-    "failures_none_original",
-    "failures_hard_original",
-    "difference_original",
-    "reliance",
-    "reliance_share",
-    "background_alone_recall@1",
-    "background_sensitivity_none",
-    "background_sensitivity_hard",
-    "foreground_energy_none",
-    "foreground_energy_hard",
-    "foreground_chance",
+#: The line that labels a smoke run (the ``--quick`` size) at the top of the per-class report and ``report.md``.
+SMOKE_RUN_NOTE = (
+    "Smoke run (the --quick size): it checks that the study runs end to end. Its data and schedule are too small "
+    "for its numbers to be read; run the default study for results."
 )
 #: The attribution measures per run (``run["attribution"]``), with their column titles.
 ATTRIBUTION_COLUMNS = (
@@ -86,13 +77,17 @@ def _swap_text(result: StudyResult) -> str:
     return "queries and gallery swapped" if result.config.swap == "both" else "queries swapped, original gallery"
 
 
-def format_tables(result: StudyResult, *, raw: bool | None = None) -> str:
-    """The study's printed tables (see :meth:`~dml_bias.bias.study.StudyResult.table`)."""
+def format_tables(result: StudyResult, *, raw: bool | None = None, smoke_note: bool = True) -> str:
+    """The study's printed tables (see :meth:`~dml_bias.bias.study.StudyResult.table`).
+
+    A smoke run (:func:`~dml_bias.bias.analysis.is_smoke_run`) starts with :data:`SMOKE_RUN_NOTE` unless
+    ``smoke_note`` is ``False``.
+    """
     if not result.runs:
         return "(no completed runs)"
     chance = result.dataset.get("chance_recall@1")
     variants = [v for v in result.dataset.get("variants", []) if v in result.runs[0]["metrics"]]
-    out: list[str] = []
+    out: list[str] = [*_wrap_text(SMOKE_RUN_NOTE), ""] if smoke_note and is_smoke_run(result.config) else []
     losses = list(dict.fromkeys(r["loss"] for r in result.runs))
     for loss in losses:
         title = LOSS_TITLES.get(loss, loss)
@@ -141,171 +136,8 @@ def format_tables(result: StudyResult, *, raw: bool | None = None) -> str:
             f"bg/chance = only_bg_t Recall@1 ÷ chance Recall@1 ({chance:.3f}); well above 1× means the background "
             "alone identifies the class. Worst class: lowest Recall@1 on the original images (own eval)."
         )
-    out.extend(notes)
+    out.extend(line for note in notes for line in _wrap_text(note))
     return "\n".join(out)
-
-
-def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
-    r"""Per loss and test class: Recall@1 failures of the no-mask and hard-mask models, ranked by background reliance.
-
-    The failures of a class are ``round(count × (1 − Recall@1))`` of its queries, each model evaluated in its
-    own mode (the hard-mask model on masked test images), on ``config.report_variant`` (``failures_none``,
-    ``failures_hard``, ``difference`` = none − hard) and on the original images (``…_original``).
-    ``reliance`` = (no-mask failures added by swapping the backgrounds) − (hard-mask failures added by swapping
-    them) = ``difference − difference_original``, and
-
-    .. math::
-
-        \text{reliance\_share} = \frac{\text{reliance}}{\max(\text{failures\_none}, 1)},
-
-    the share of the no-mask model's failures on the swapped backgrounds that the class's own background had
-    prevented. Rows are ranked per loss by ``reliance_share``, largest first (ties: ``reliance``, ``difference``,
-    label): the classes the no-mask model recognised by their background. The share rather than the count ranks,
-    because the count also grows with how hard the object itself is (classes whose objects resemble others' fail
-    often on any background); the share divides that out. ``background_alone_recall@1`` is the no-mask model's
-    Recall@1 of the class on ``only_bg_t`` (backgrounds without objects; ``None`` if not evaluated). Losses
-    without both a ``"none"`` and a ``"hard"`` run are skipped.
-    """
-    variant = result.config.report_variant
-    names = result.dataset.get("class_names", [])
-    homes = result.dataset.get("home_backgrounds")
-    distinct = result.dataset.get("background_distinctiveness")
-    rows: list[dict[str, Any]] = []
-    losses = list(dict.fromkeys(r["loss"] for r in result.runs))
-    for loss in losses:
-        by_mode = {r["mode"]: r for r in result.runs if r["loss"] == loss}
-        if "none" not in by_mode or "hard" not in by_mode:
-            continue
-        none, hard = by_mode["none"], by_mode["hard"]
-        counts = none["class_counts"]
-
-        def failures(run: dict[str, Any], v: str, c: str, n: int) -> int:
-            return round(n * (1.0 - run["per_class_recall@1"]["metrics"][v][c]))
-
-        loss_rows = []
-        for c, n in counts.items():
-            label = int(c)
-            fn, fh = failures(none, variant, c, n), failures(hard, variant, c, n)
-            fno, fho = failures(none, "original", c, n), failures(hard, "original", c, n)
-            loss_rows.append(
-                {
-                    "loss": loss,
-                    "label": label,
-                    "class_name": names[label] if label < len(names) else str(label),
-                    "count": n,
-                    "home_background": homes[label] if homes is not None else None,
-                    "background_distinctiveness": distinct[label] if distinct is not None else None,
-                    "variant": variant,
-                    "failures_none": fn,
-                    "failures_hard": fh,
-                    "difference": fn - fh,
-                    "failures_none_original": fno,
-                    "failures_hard_original": fho,
-                    "difference_original": fno - fho,
-                    "reliance": (fn - fno) - (fh - fho),
-                    "reliance_share": ((fn - fno) - (fh - fho)) / max(fn, 1),
-                    "background_alone_recall@1": none["per_class_recall@1"]["metrics"].get("only_bg_t", {}).get(c),
-                    "background_sensitivity_none": _attribution_of(none, c, "background_sensitivity"),
-                    "background_sensitivity_hard": _attribution_of(hard, c, "background_sensitivity"),
-                    "foreground_energy_none": _attribution_of(none, c, "foreground_energy"),
-                    "foreground_energy_hard": _attribution_of(hard, c, "foreground_energy"),
-                    "foreground_chance": _attribution_of(none, c, "foreground_chance"),
-                }
-            )
-        loss_rows.sort(key=lambda r: (-r["reliance_share"], -r["reliance"], -r["difference"], r["label"]))
-        for rank, r in enumerate(loss_rows, start=1):
-            r["rank"] = rank
-        rows.extend(loss_rows)
-    return rows
-
-
-def _attribution_of(run: dict[str, Any], label: str, key: str) -> float | None:
-    """A per-class attribution measure of a run (``None`` without attribution or images of that class)."""
-    values = run.get("attribution", {}).get("per_class", {}).get(label)
-    return None if values is None else values[key]
-
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); 0.0 if either input is constant."""
-    from scipy.stats import spearmanr
-
-    if len(set(x)) < 2 or len(set(y)) < 2:
-        return 0.0
-    return float(spearmanr(x, y).statistic)
-
-
-def per_class_summary(result: StudyResult, top: int = 10) -> dict[str, dict[str, Any]]:
-    """Per loss: how well the per-class ranking follows the home backgrounds' distinctiveness (synthetic data).
-
-    For every loss of :func:`per_class_rows`: ``num_classes``, ``top``, the mean distinctiveness of the ``top``
-    first-ranked classes and of all classes (``mean_distinctiveness_top``, ``mean_distinctiveness_all``), and
-    Spearman's rank correlation with distinctiveness of the ranking score (``spearman_reliance_share``), of
-    ``reliance``, of ``difference`` (the no-mask minus hard-mask failures on the report variant) and of the
-    background-alone Recall@1 (``None`` where not evaluated). Empty when the data set has no distinctiveness
-    (CUB) or no loss has both a ``"none"`` and a ``"hard"`` run.
-    """
-    rows = per_class_rows(result)
-    out: dict[str, dict[str, Any]] = {}
-    for loss in dict.fromkeys(r["loss"] for r in rows):
-        lr = [r for r in rows if r["loss"] == loss]
-        dists = [r["background_distinctiveness"] for r in lr]
-        if any(d is None for d in dists):
-            continue
-        k = min(top, len(lr))
-        bg = [r["background_alone_recall@1"] for r in lr]
-        out[loss] = {
-            "num_classes": len(lr),
-            "top": k,
-            "mean_distinctiveness_top": sum(dists[:k]) / k,
-            "mean_distinctiveness_all": sum(dists) / len(dists),
-            "spearman_reliance_share": _spearman([r["reliance_share"] for r in lr], dists),
-            "spearman_reliance": _spearman([r["reliance"] for r in lr], dists),
-            "spearman_difference": _spearman([r["difference"] for r in lr], dists),
-            "spearman_background_alone": None if any(b is None for b in bg) else _spearman(bg, dists),
-        }
-    return out
-
-
-def attribution_summary(result: StudyResult) -> dict[str, dict[str, Any]]:
-    """Per loss: do the retraining-free measures of the no-mask model find the classes the retraining test finds?
-
-    For every loss with a ``"none"`` run that has attribution measures: the number of classes and Spearman's rank
-    correlation, over the test classes, of the no-mask model's per-class background sensitivity
-    (``spearman_sensitivity_reliance_share``) and of its background energy, one minus the foreground energy
-    (``spearman_background_energy_reliance_share``), with the retraining-based reliance share of
-    :func:`per_class_rows` (``None`` without a ``"hard"`` run), and of both with the home backgrounds'
-    distinctiveness (``spearman_sensitivity_distinctiveness``, ``spearman_background_energy_distinctiveness``;
-    ``None`` on data without it). Classes with a NaN measure are left out.
-    """
-    distinct = result.dataset.get("background_distinctiveness")
-    rows = per_class_rows(result)
-    out: dict[str, dict[str, Any]] = {}
-    for loss in dict.fromkeys(r["loss"] for r in result.runs):
-        none = next((r for r in result.runs if r["loss"] == loss and r["mode"] == "none"), None)
-        if none is None or "attribution" not in none:
-            continue
-        per_class = none["attribution"]["per_class"]
-        share = {str(r["label"]): r["reliance_share"] for r in rows if r["loss"] == loss}
-        summary: dict[str, Any] = {"num_classes": len(per_class)}
-        for key, name in (("background_sensitivity", "sensitivity"), ("foreground_energy", "background_energy")):
-            score = {
-                c: (1.0 - v[key] if key == "foreground_energy" else v[key])
-                for c, v in per_class.items()
-                if v[key] == v[key]  # not NaN
-            }
-            targets = {
-                "reliance_share": share or None,
-                "distinctiveness": None if distinct is None else {c: distinct[int(c)] for c in score},
-            }
-            for target_name, target in targets.items():
-                common = [c for c in score if c in (target or {})]
-                summary[f"spearman_{name}_{target_name}"] = (
-                    _spearman([score[c] for c in common], [target[c] for c in common])
-                    if target is not None and len(common) > 2
-                    else None
-                )
-        out[loss] = summary
-    return out
 
 
 def _attribution_lines(result: StudyResult, loss: str) -> list[str]:
@@ -323,69 +155,194 @@ def _attribution_lines(result: StudyResult, loss: str) -> list[str]:
     for run in runs:
         a = run["attribution"]
         out.append(f"  {run['name']:<12} " + " ".join(_fmt(a[key], 9) for key, _ in ATTRIBUTION_COLUMNS))
-    summary = attribution_summary(result).get(loss)
-    if summary is not None:
-        parts = []
-        for name, title in (("sensitivity", "bg-sens"), ("background_energy", "1 − fg-energy")):
-            for target, target_title in (("reliance_share", "reliance share"), ("distinctiveness", "distinctiveness")):
-                value = summary[f"spearman_{name}_{target}"]
-                if value is not None:
-                    parts.append(f"{title} ~ {target_title} {value:+.2f}")
-        if parts:
-            out.append("  no-mask model, Spearman over classes: " + ", ".join(parts))
+    summary = attribution_summary(result).get(loss) or {"num_classes": 0}
+    readings = correlation_readings(summary)
+    if readings:
+        out.append(f"  no-mask model, Spearman over {summary['num_classes']} classes (95 % intervals, Fisher z):")
+        out += _wrap_items([f"{_ATTRIBUTION_TITLES[key]} {_ci_text(r)}" for key, r in readings.items()], indent=4)
+        warning = _correlation_warning(readings, _ATTRIBUTION_TITLES)
+        if warning is not None:
+            out += _wrap_text(warning, indent=2)
     return out
 
 
-def format_per_class(result: StudyResult, top: int = 10) -> str:
-    """The printed per-class bias report (see :meth:`~dml_bias.bias.study.StudyResult.per_class_report`)."""
+_ATTRIBUTION_TITLES = {
+    "spearman_sensitivity_reliance_share": "bg-sens ~ reliance share",
+    "spearman_sensitivity_distinctiveness": "bg-sens ~ distinctiveness",
+    "spearman_background_energy_reliance_share": "1 − fg-energy ~ reliance share",
+    "spearman_background_energy_distinctiveness": "1 − fg-energy ~ distinctiveness",
+}
+
+
+def wrap_name(name: str, width: int) -> list[str]:
+    """A class name broken into lines of at most ``width`` characters, never cut.
+
+    Lines break after a ``/``, space, ``-`` or ``_`` where one falls within the width, else inside a word.
+
+    Args:
+        name: The name.
+        width: The longest line, at least 1.
+
+    Example:
+        >>> wrap_name("ellipse/red/stripes/front/dark", 12)
+        ['ellipse/red/', 'stripes/', 'front/dark']
+    """
+    lines: list[str] = []
+    rest = name
+    while len(rest) > width:
+        cut = max(rest.rfind(sep, 0, width) for sep in "/ -_") + 1
+        if cut <= 0:
+            cut = width
+        lines.append(rest[:cut].rstrip(" "))
+        rest = rest[cut:].lstrip(" ")
+    return [*lines, rest]
+
+
+_TEXT_WIDTH = 110
+
+
+def _wrap_text(text: str, indent: int = 0) -> list[str]:
+    """A paragraph wrapped to the report's text width, every line indented by ``indent`` spaces."""
+    import textwrap
+
+    pad = " " * indent
+    return textwrap.wrap(text, _TEXT_WIDTH, initial_indent=pad, subsequent_indent=pad, break_on_hyphens=False)
+
+
+def _wrap_items(items: list[str], indent: int) -> list[str]:
+    """Comma-separated items on lines of the report's text width; an item is never broken."""
+    lines = [" " * indent]
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if lines[-1].strip() and len(lines[-1]) + 1 + len(piece) > _TEXT_WIDTH:
+            lines.append(" " * indent)
+        lines[-1] += (" " if lines[-1].strip() else "") + piece
+    return lines
+
+
+def _ci_text(reading: dict[str, Any]) -> str:
+    low, high = reading["ci"]
+    return f"{reading['rho']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _correlation_warning(readings: dict[str, dict[str, Any]], titles: dict[str, str]) -> str | None:
+    """One warning for a group of correlations over the same classes; ``None`` when all can be read."""
+    if not readings or all(r["readable"] for r in readings.values()):
+        return None
+    n = next(iter(readings.values()))["n"]
+    crossing = [titles.get(k, k) for k, r in readings.items() if r["ci"][0] <= 0.0 <= r["ci"][1]]
+    if n < MIN_CLASSES_FOR_CORRELATION:
+        text = (
+            f"Warning: none of these correlations can be read: only {n} classes (a correlation over classes needs "
+            f"at least {MIN_CLASSES_FOR_CORRELATION}; with fewer, its sign can flip from one run or loss to the next)"
+        )
+        if len(crossing) == len(readings):
+            text += ", and every 95 % interval contains 0"
+        elif crossing:
+            text += f", and the 95 % interval contains 0 for {', '.join(crossing)}"
+        return text + "."
+    return f"Warning: {', '.join(crossing)} cannot be read: the 95 % interval contains 0."
+
+
+_SUMMARY_TITLES = {
+    "spearman_reliance_share": "reliance share (the ranking)",
+    "spearman_reliance": "reliance",
+    "spearman_difference": "difference",
+    "spearman_background_alone": "background-alone Recall@1",
+}
+
+
+def _per_class_legend(rows: list[dict[str, Any]]) -> str:
+    """The legend under the per-class tables: every column that is derived rather than measured."""
+    variant = rows[0]["variant"]
+    same = sum(r["failures_hard"] == r["failures_hard_original"] for r in rows)
+    parts = ["n = test images (queries) of the class."]
+    if any(r["home_background"] is not None for r in rows):
+        parts.append(
+            "home bg = the class's home background in the synthetic data: its texture family and id (classes with "
+            "the same id share it). distinct = 1 / (number of test classes sharing that home background); 1.00 = a "
+            "home of its own."
+        )
+    parts += [
+        f"none / hard = failed queries of the class, round(n × (1 − Recall@1)), of the no-mask and the hard-mask "
+        f"model, on {variant} (backgrounds swapped) and on the original images.",
+        f"hard on {variant} equals hard on original for {same} of {len(rows)} rows: the hard-mask model sees "
+        "masked images, whose background (the only thing the swap changes) is set to zero, so its input and its "
+        "failures stay the same (only the object's blended edge pixels can differ). It is the background-free "
+        "reference.",
+        "reliance = (no-mask failures added by swapping the backgrounds) − (hard-mask failures added) = difference − "
+        "difference on original, where difference = no-mask − hard-mask failures. share = reliance ÷ no-mask "
+        "failures on the swapped backgrounds (the ranking): the classes the no-mask model recognised by their "
+        "background rank first.",
+        "bg-alone R@1 = the no-mask model's Recall@1 of the class on only_bg_t (the background without the object).",
+    ]
+    return "\n".join(line for part in parts for line in _wrap_text(part))
+
+
+_NAME_WIDTH = 26
+
+
+def _per_class_table(class_rows: list[dict[str, Any]], variant: str, top: int) -> list[str]:
+    """The per-class table of one loss: header and the first ``top`` rows, class names wrapped (never cut)."""
+    lines = [
+        f"  {'rank':>4} {'class':<{_NAME_WIDTH}} {'n':>3} {'home bg':<13} {'distinct':>8} | {variant}: "
+        f"{'none':>4} {'hard':>4} | original: {'none':>4} {'hard':>4} | {'reliance':>8} {'share':>5} | bg-alone R@1"
+    ]
+    for row in class_rows[:top]:
+        home = row["home_background_name"] or ("—" if row["home_background"] is None else str(row["home_background"]))
+        dist = "—" if row["background_distinctiveness"] is None else f"{row['background_distinctiveness']:.2f}"
+        alone = row["background_alone_recall@1"]
+        name_lines = wrap_name(str(row["class_name"]), _NAME_WIDTH)
+        lines.append(
+            f"  {row['rank']:>4} {name_lines[0]:<{_NAME_WIDTH}} {row['count']:>3} {home:<13} {dist:>8} | "
+            f"{'':>{len(variant) + 1}} {row['failures_none']:>4} {row['failures_hard']:>4} | "
+            f"{'':>9} {row['failures_none_original']:>4} {row['failures_hard_original']:>4} | "
+            f"{row['reliance']:>+8d} {row['reliance_share']:>+5.2f} | " + ("—" if alone is None else f"{alone:.2f}")
+        )
+        lines.extend(f"  {'':>4} {more}" for more in name_lines[1:])
+    return lines
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The distinctiveness means and the correlations (with 95 % intervals and a warning) under a per-class table."""
+    readings = correlation_readings(summary)
+    lines = [
+        f"  mean home-background distinctiveness: top {summary['top']} "
+        f"{summary['mean_distinctiveness_top']:.2f}, all classes {summary['mean_distinctiveness_all']:.2f}",
+        f"  Spearman rank correlation with distinctiveness over {summary['num_classes']} classes "
+        "(95 % intervals, Fisher z):",
+        *_wrap_items([f"{_SUMMARY_TITLES.get(key, key)} {_ci_text(r)}" for key, r in readings.items()], indent=4),
+    ]
+    warning = _correlation_warning(readings, _SUMMARY_TITLES)
+    if warning is not None:
+        lines += _wrap_text(warning, indent=2)
+    return lines
+
+
+def format_per_class(result: StudyResult, top: int = 10, *, smoke_note: bool = True) -> str:
+    """The printed per-class bias report (see :meth:`~dml_bias.bias.study.StudyResult.per_class_report`).
+
+    A smoke run (:func:`~dml_bias.bias.analysis.is_smoke_run`) starts with :data:`SMOKE_RUN_NOTE` unless
+    ``smoke_note`` is ``False``.
+    """
     rows = per_class_rows(result)
     if not rows:
         return "Per-class bias report: needs a 'none' and a 'hard' run of the same loss."
     variant = result.config.report_variant
-    out: list[str] = []
+    out: list[str] = [*_wrap_text(SMOKE_RUN_NOTE), ""] if smoke_note and is_smoke_run(result.config) else []
+    summaries = per_class_summary(result, top=top)
     for loss in dict.fromkeys(r["loss"] for r in rows):
-        lr = [r for r in rows if r["loss"] == loss]
+        class_rows = [r for r in rows if r["loss"] == loss]
         out.append(
             f"{LOSS_TITLES.get(loss, loss)}: per-class Recall@1 failures, no mask vs hard mask, on {variant} and "
-            f"original (top {min(top, len(lr))} of {len(lr)} classes by reliance share)"
+            f"original (top {min(top, len(class_rows))} of {len(class_rows)} classes by reliance share)"
         )
-        out.append(
-            f"  {'rank':>4} {'class':<26} {'n':>3} {'home bg':>7} {'distinct':>8} | {variant}: {'none':>4} {'hard':>4}"
-            f" | original: {'none':>4} {'hard':>4} | {'reliance':>8} {'share':>5} | bg-alone R@1"
-        )
-        for r in lr[:top]:
-            home = "—" if r["home_background"] is None else str(r["home_background"])
-            dist = "—" if r["background_distinctiveness"] is None else f"{r['background_distinctiveness']:.2f}"
-            out.append(
-                f"  {r['rank']:>4} {r['class_name'][:26]:<26} {r['count']:>3} {home:>7} {dist:>8} | "
-                f"{'':>{len(variant) + 1}} {r['failures_none']:>4} {r['failures_hard']:>4} | "
-                f"{'':>9} {r['failures_none_original']:>4} {r['failures_hard_original']:>4} | {r['reliance']:>+8d} "
-                f"{r['reliance_share']:>+5.2f} | "
-                + ("—" if r["background_alone_recall@1"] is None else f"{r['background_alone_recall@1']:.2f}")
-            )
-        summary = per_class_summary(result, top=top).get(loss)
-        if summary is not None and len(lr) > top:
-            out.append(
-                f"  mean home-background distinctiveness: top {summary['top']} "
-                f"{summary['mean_distinctiveness_top']:.2f}, all classes {summary['mean_distinctiveness_all']:.2f}"
-            )
-            line = (
-                f"  Spearman rank correlation with distinctiveness: reliance share (the ranking) "
-                f"{summary['spearman_reliance_share']:+.2f}, reliance {summary['spearman_reliance']:+.2f}, "
-                f"difference {summary['spearman_difference']:+.2f}"
-            )
-            if summary["spearman_background_alone"] is not None:
-                line += f", background-alone Recall@1 {summary['spearman_background_alone']:+.2f}"
-            out.append(line)
+        out += _per_class_table(class_rows, variant, top)
+        summary = summaries.get(loss)
+        if summary is not None and len(class_rows) > top:
+            out += _summary_lines(summary)
         out.append("")
-    out.append(
-        "reliance = (no-mask failures added by swapping backgrounds) − (hard-mask failures added); share = reliance ÷ "
-        "no-mask failures on the swapped backgrounds (the ranking): the classes the no-mask model recognised by their "
-        "background rank first. difference = no-mask − hard-mask failures. bg-alone R@1: the no-mask model's "
-        "Recall@1 of the class on only_bg_t (background without object)."
-    )
-    if any(r["background_distinctiveness"] is not None for r in rows):
-        out.append("distinct = 1 / (number of test classes sharing the class's home background).")
+    out.append(_per_class_legend(rows))
     return "\n".join(out).rstrip()
 
 
@@ -410,12 +367,55 @@ def _md_metric_table(result: StudyResult, loss: str) -> list[str]:
     return lines
 
 
-def write_report_md(result: StudyResult, path: Path, figures: Sequence[Path] = ()) -> Path:
-    """Write ``report.md``: the setup, the printed tables, the per-class report, full metric tables, figures."""
+#: What every column of ``per_class.csv`` means (the derived ones say how they are derived).
+CSV_LEGEND = (
+    ("loss", "the loss both models were trained with"),
+    ("rank", "position in the loss's ranking by reliance_share (1 = most background-reliant)"),
+    ("label, class_name", "the test class and its full name"),
+    ("count", "test images (queries) of the class"),
+    (
+        "home_background, home_background_name",
+        "the id of the class's home background (synthetic data) and its texture family with that id; empty on CUB",
+    ),
+    ("background_distinctiveness", "1 / (number of test classes sharing the home background)"),
+    ("variant", "the report variant (backgrounds swapped) of the failures_* columns"),
+    (
+        "failures_none, failures_hard",
+        "failed queries, round(count × (1 − Recall@1)), of the no-mask and the hard-mask model on the report variant",
+    ),
+    (
+        "failures_none_original, failures_hard_original",
+        "the same on the original images. failures_hard equals "
+        "failures_hard_original (up to the object's blended edge pixels): the hard-mask model sees the background "
+        "set to zero, so swapping it changes nothing the model sees",
+    ),
+    ("difference, difference_original", "failures_none − failures_hard on the report variant and on the originals"),
+    (
+        "reliance",
+        "difference − difference_original: the no-mask failures added by the swap beyond the hard-mask model's",
+    ),
+    ("reliance_share", "reliance ÷ max(failures_none, 1), the ranking"),
+    ("background_alone_recall@1", "the no-mask model's Recall@1 of the class on only_bg_t (no object)"),
+    (
+        "background_sensitivity_none, background_sensitivity_hard",
+        "the class's mean background sensitivity, bg-shift ÷ (bg-shift + obj-shift), of the no-mask / hard-mask model",
+    ),
+    (
+        "foreground_energy_none, foreground_energy_hard, foreground_chance",
+        "the class's mean share of the similarity attribution on "
+        "the object, and the object's area share (its chance level)",
+    ),
+)
+
+
+def _md_header(result: StudyResult) -> list[str]:
+    """The title and setup of ``report.md``; a smoke run is labelled as one."""
     cfg = result.config
-    lines = [
-        "# Background-bias study",
-        "",
+    smoke = is_smoke_run(cfg)
+    lines = ["# Background-bias study" + (" — smoke run" if smoke else ""), ""]
+    if smoke:
+        lines += [f"> **{SMOKE_RUN_NOTE}**", ""]
+    lines += [
         f"Data set: **{cfg.dataset}** ({result.dataset.get('num_test_classes')} test classes, "
         f"{result.dataset.get('num_test_images')} test images, input {result.dataset.get('input_size')} px); "
         f"epochs {cfg.resolved_epochs()}; seed {cfg.seed}; swap: {_swap_text(result)}; "
@@ -423,46 +423,81 @@ def write_report_md(result: StudyResult, path: Path, figures: Sequence[Path] = (
         + (" — **interrupted**, only completed runs are shown" if result.interrupted else "")
         + ".",
         "",
+    ]
+    return lines
+
+
+def _md_attribution(result: StudyResult) -> list[str]:
+    """The attribution section of ``report.md``: a table per loss and its correlations with 95 % intervals."""
+    lines = ["## Attribution (no retraining)", ""]
+    summaries = attribution_summary(result)
+    for loss in dict.fromkeys(r["loss"] for r in result.runs):
+        runs = [r for r in result.runs if r["loss"] == loss and "attribution" in r]
+        if not runs:
+            continue
+        lines += [
+            f"### {LOSS_TITLES.get(loss, loss)}",
+            "",
+            "| mode | " + " | ".join(key for key, _ in ATTRIBUTION_COLUMNS) + " |",
+            "|---|" + "---|" * len(ATTRIBUTION_COLUMNS),
+        ]
+        for run in runs:
+            cells = " | ".join(f"{run['attribution'][key]:.3f}" for key, _ in ATTRIBUTION_COLUMNS)
+            lines.append(f"| {run['name']} | {cells} |")
+        readings = correlation_readings(summaries.get(loss) or {"num_classes": 0})
+        lines.append("")
+        for key, r in readings.items():
+            low, high = r["ci"]
+            lines.append(
+                f"- `{key}`: {r['rho']:+.3f} (95 % interval [{low:+.3f}, {high:+.3f}], Fisher z, {r['n']} classes)"
+                + ("" if r["readable"] else f" — {r['warning']}")
+            )
+        lines.append("")
+    lines += [
+        "Columns: foreground_energy = share of the positive similarity attribution (query vs its nearest "
+        "neighbour) on the object; foreground_chance = the object's area share, the value of an attribution "
+        "blind to the object; background_shift / object_shift = 1 − cos of the embedding before and after "
+        "replacing only the background / only the object; background_sensitivity = background_shift ÷ "
+        "(background_shift + object_shift), 0 … 1. A correlation over fewer than "
+        f"{MIN_CLASSES_FOR_CORRELATION} classes, or whose interval contains 0, cannot be read.",
+        "",
+    ]
+    return lines
+
+
+def write_report_md(result: StudyResult, path: Path, figures: Sequence[Path] = ()) -> Path:
+    """Write ``report.md``: the setup, the printed tables, the per-class report, full metric tables, figures."""
+    lines = [
+        *_md_header(result),
         "## Tables",
         "",
         "```text",
-        format_tables(result),
+        format_tables(result, smoke_note=False),  # the header says it once
         "```",
         "",
         "## Per-class bias report",
         "",
         "```text",
-        format_per_class(result, top=15),
+        format_per_class(result, top=15, smoke_note=False),
         "```",
         "",
-        "The whole list is in `per_class.csv`; every number is in `results.json`.",
+        "The whole list is in `per_class.csv`; every number is in `results.json`. The columns of `per_class.csv`:",
+        "",
+        *(f"- `{names}`: {meaning}" for names, meaning in CSV_LEGEND),
         "",
     ]
     if any("attribution" in r for r in result.runs):
-        lines += ["## Attribution (no retraining)", ""]
-        for loss in dict.fromkeys(r["loss"] for r in result.runs):
-            runs = [r for r in result.runs if r["loss"] == loss and "attribution" in r]
-            if not runs:
-                continue
-            lines += [
-                f"### {LOSS_TITLES.get(loss, loss)}",
-                "",
-                "| mode | " + " | ".join(key for key, _ in ATTRIBUTION_COLUMNS) + " |",
-                "|---|" + "---|" * len(ATTRIBUTION_COLUMNS),
-            ]
-            for run in runs:
-                cells = " | ".join(f"{run['attribution'][key]:.3f}" for key, _ in ATTRIBUTION_COLUMNS)
-                lines.append(f"| {run['name']} | {cells} |")
-            summary = attribution_summary(result).get(loss, {})
-            lines.append("")
-            for key, value in summary.items():
-                if key.startswith("spearman_") and value is not None:
-                    lines.append(f"- `{key}`: {value:+.3f}")
-            lines.append("")
+        lines += _md_attribution(result)
     if result.runs:
         lines += ["## All metrics", ""]
         for loss in dict.fromkeys(r["loss"] for r in result.runs):
             lines += [f"### {LOSS_TITLES.get(loss, loss)}", "", *_md_metric_table(result, loss), ""]
+        lines += [
+            "eval: own = the test images in the model's own mask mode; raw = unmasked test images; both = the "
+            "mode has no test-time mask. map@r = MAP@R (mean average precision at R, R = the class's other "
+            "images).",
+            "",
+        ]
     if figures:
         lines += ["## Figures", ""]
         for fig in figures:

@@ -214,69 +214,145 @@ def count_rows(
     nb, nc = int(src.shape[0]), int(src.shape[1])
     device = src.device
     width = int(bins.keys.shape[1])
-    nbins = bins.nbins
-    index = bins.table.dtype if nb * max(nbins, width + 1) < 2**31 else torch.long
+    index = bins.table.dtype if nb * max(bins.nbins, width + 1) < 2**31 else torch.long
     rows_b = torch.arange(nb, device=device)
+    # Items below the lowest bin are above no relevant item: they only feed column 0, which no metric reads. Where
+    # most items are there (a good model: the relevant items lead the list), only the others are looked at.
+    above = src.ge(_lowest_bin_top(bins)[:, None])
+    if skip is not None:
+        has = skip >= 0
+        above[rows_b[has], skip[has]] = False
+    if junk is not None:
+        above[junk[0], junk[1]] = False
+    if int(above.count_nonzero()) <= _COMPACT_FRACTION * max(1, nb * nc):
+        er, ec = above.nonzero(as_tuple=True)
+        v = _gather2d(src, er, ec).to(torch.float64)
+        k = ((v - bins.lo.index_select(0, er)) * bins.inv.index_select(0, er)).clamp_(0, bins.nbins - 1).long()
+        counts = bins.table.index_select(0, k + er * bins.nbins).long()
+        ref = _Items(er, ec, v, k)
+        counts = _place_near(prep, bins, qstart, cstart, col_offset, budget, ref, counts, query_labels, column_labels)
+        hist = torch.bincount(er * (width + 1) + counts, minlength=nb * (width + 1))
+        return hist.view(nb, width + 1)
+    if src.dtype in (torch.float16, torch.bfloat16):  # widened (exactly) to float32 for the bin positions
+        src = scratch(prep, "count_keys", src.shape, torch.float32).copy_(src)
     pos = scratch(prep, "count_pos", src.shape, src.dtype)
     scale = bins.inv.to(src.dtype)[:, None]
-    torch.addcmul((-bins.lo * bins.inv).to(src.dtype)[:, None], src, scale, out=pos).clamp_(0, nbins - 1)
+    torch.addcmul((-bins.lo * bins.inv).to(src.dtype)[:, None], src, scale, out=pos).clamp_(0, bins.nbins - 1)
     code = scratch(prep, "count_code", src.shape, index)
     code.copy_(pos)
-    code.add_((rows_b * nbins).to(index)[:, None])
+    code.add_((rows_b * bins.nbins).to(index)[:, None])
     cnt = scratch(prep, "count_cnt", src.shape, index)
     flat_cnt = cnt.view(-1)
     torch.index_select(bins.table, 0, code.view(-1), out=flat_cnt)
     if skip is not None:
-        has = skip >= 0
         cnt[rows_b[has], skip[has]] = 0
     if junk is not None:
         cnt[junk[0], junk[1]] = 0  # counted in column 0, which no metric reads
     flat = (flat_cnt < 0).nonzero().squeeze(1)
     if flat.numel() > 0:
-        # Items of the query's label are relevant (or junk): they are compared with the keys like the others (a
-        # small share of these items) and given count 0 at the end, which spares a compaction of the list.
-        # 1-D index_select throughout: much cheaper than advanced indexing on the CPU.
         er, ec = flat.div(nc, rounding_mode="floor"), flat.remainder(nc)
-        relevant = query_labels.index_select(0, er) == column_labels.index_select(0, ec)
-        v = _gather2d(src, er, ec).to(torch.float64)
-        k = code.view(-1).index_select(0, flat).long() - er * nbins  # the item's bin
-        j0 = -1 - flat_cnt.index_select(0, flat).long()  # keys whose window ended before the bin: below the item
-        count = j0.clone()
-        near = torch.zeros_like(relevant)
-        w = bins.w.index_select(0, er)
-        lo_v, hi_v = v - w, v + w
-        # The next keys, as long as their window reaches the item's bin (the keys reaching a bin are consecutive,
-        # about one or two per bin), through flat indices into the row-major tables.
-        first_flat, keys_flat = bins.first.reshape(-1), bins.keys.reshape(-1)
-        base = er * width
-        active = torch.ones_like(relevant)
-        t = 0
-        while bool(active.any()):
-            j = j0 + t
-            active &= j < width
-            at = base + j.clamp_max(width - 1)
-            active &= first_flat.index_select(0, at) <= k
-            bj = keys_flat.index_select(0, at)
-            count += active & (bj < lo_v)
-            near |= active & (bj >= lo_v) & (bj <= hi_v)
-            t += 1
-        count.masked_fill_(relevant, 0)
-        near &= ~relevant
-        flat_cnt.index_copy_(0, flat, count.to(index))
-        br, bc, bflat = er[near], ec[near], flat[near]
-        if br.numel() > 0:
-            # Near-ties: the exact key of the item against the exact relevant keys, with the tie rule.
-            exact = exact_keys(prep, br + qstart, bc + cstart, budget)
-            gcol = bc + cstart + col_offset
-            step = max(1, budget // (24 * max(width, 1)))
-            for s in range(0, br.numel(), step):
-                r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
-                rk, rc = bins.keys[r_], bins.cols[r_]
-                ahead = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
-                flat_cnt[bflat[s : s + step]] = ahead.sum(1).to(index)
+        ref = _Items(
+            er,
+            ec,
+            _gather2d(src, er, ec).to(torch.float64),
+            code.view(-1).index_select(0, flat).long() - er * bins.nbins,
+        )
+        counts = flat_cnt.index_select(0, flat).long()
+        counts = _place_near(prep, bins, qstart, cstart, col_offset, budget, ref, counts, query_labels, column_labels)
+        flat_cnt.index_copy_(0, flat, counts.to(index))
     cnt.add_((rows_b * (width + 1)).to(index)[:, None])
     hist = torch.bincount(flat_cnt, minlength=nb * (width + 1))
     return hist.view(nb, width + 1)
+
+
+#: :func:`count_rows` looks only at the items above each row's lowest bin when they are at most this share.
+_COMPACT_FRACTION = 0.25
+
+
+def _lowest_bin_top(bins: Bins) -> torch.Tensor:
+    """``(R,)`` float32 values at or below half of each row's bin 0: a bulk key below it lies in bin 0.
+
+    Bin 0 is below every key's window (they begin at bin 2), so its items are above no relevant item. The
+    float32 value is rounded down, so the comparison with a float32 or 16-bit key (promoted exactly) is safe.
+    """
+    top = bins.lo + 0.5 / bins.inv
+    top32 = top.to(torch.float32)
+    return torch.where(top32.to(torch.float64) > top, torch.nextafter(top32, top32.new_tensor(-torch.inf)), top32)
+
+
+@dataclass
+class _Items:
+    """Items of a block to place among the relevant keys: rows, columns, bulk keys (float64) and bins."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    keys: torch.Tensor
+    bins: torch.Tensor
+
+
+def _place_near(
+    prep: Prepared,
+    bins: Bins,
+    qstart: int,
+    cstart: int,
+    col_offset: int,
+    budget: int,
+    items: _Items,
+    counts: torch.Tensor,
+    query_labels: torch.Tensor,
+    column_labels: torch.Tensor,
+) -> torch.Tensor:
+    """Counts (int64) of items whose table entry ``counts`` is known (``>= 0``) or reached by a window (``< 0``).
+
+    A reached item is compared with the keys whose window reaches its bin (consecutive, about one or two per
+    bin); if one lies within the bound it is re-scored exactly (float64 element-wise, the same arithmetic as the
+    relevant keys) and placed by the tie rule. Items of the query's label (relevant, or junk) get count 0:
+    they are recognised here, which spares masking the block.
+    """
+    reached = (counts < 0).nonzero().squeeze(1)
+    if reached.numel() == 0:
+        return counts
+    width = int(bins.keys.shape[1])
+    er, ec = items.rows.index_select(0, reached), items.cols.index_select(0, reached)
+    v, k = items.keys.index_select(0, reached), items.bins.index_select(0, reached)
+    relevant = query_labels.index_select(0, er) == column_labels.index_select(0, ec)
+    j0 = -1 - counts.index_select(0, reached)  # keys whose window ended before the bin: below the item
+    count = j0.clone()
+    near = torch.zeros_like(relevant)
+    w = bins.w.index_select(0, er)
+    lo_v, hi_v = v - w, v + w
+    # 1-D index_select into the row-major tables throughout: much cheaper than advanced indexing on the CPU.
+    first_flat, keys_flat = bins.first.reshape(-1), bins.keys.reshape(-1)
+    base = er * width
+    active = torch.ones_like(relevant)
+    t = 0
+    while bool(active.any()):
+        j = j0 + t
+        active &= j < width
+        at = base + j.clamp_max(width - 1)
+        active &= first_flat.index_select(0, at) <= k
+        bj = keys_flat.index_select(0, at)
+        count += active & (bj < lo_v)
+        near |= active & (bj >= lo_v) & (bj <= hi_v)
+        t += 1
+    count.masked_fill_(relevant, 0)
+    near &= ~relevant
+    br, bc = er[near], ec[near]
+    if br.numel() > 0:
+        # Near-ties: the exact key of the item against the exact relevant keys, with the tie rule.
+        exact = exact_keys(prep, br + qstart, bc + cstart, budget)
+        gcol = bc + cstart + col_offset
+        placed = torch.empty_like(exact, dtype=torch.long)
+        step = max(1, budget // (24 * max(width, 1)))
+        for s in range(0, br.numel(), step):
+            r_, g_, k_ = br[s : s + step], gcol[s : s + step], exact[s : s + step]
+            rk, rc = bins.keys[r_], bins.cols[r_]
+            ahead = (rk < k_[:, None]) | ((rk == k_[:, None]) & (g_[:, None] < rc))
+            placed[s : s + step] = ahead.sum(1)
+        count[near] = placed
+    out = counts.clone()
+    out.index_copy_(0, reached, count)
+    return out
 
 
 def _gather2d(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -290,7 +366,7 @@ def _gather2d(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torc
 def bulk_block(prep: Prepared, bulk: Bulk, start: int, stop: int, cols: slice | None = None) -> torch.Tensor:
     """Bulk keys of queries ``start:stop`` against reference items ``cols`` (all by default) for :func:`count_rows`.
 
-    The product's dtype for cosine/dot (float32 or float64; 16-bit products are widened to float32), float64
+    The product's dtype for cosine/dot (float32, float64, or 16-bit: :func:`count_rows` widens what it needs), float64
     ``-|q - r|^2`` for the Euclidean metrics (from the product and the squared norms of the reference in the
     pass' precision, as the bound assumes).
     """
@@ -300,9 +376,6 @@ def bulk_block(prep: Prepared, bulk: Bulk, start: int, stop: int, cols: slice | 
         src = scratch(prep, "count_keys", product.shape, torch.float64)
         src.copy_(product).mul_(2.0).sub_(bulk.ref_sqnorm[cols])
         return src.sub_(prep.query_sqnorm[start:stop, None])
-    if product.dtype in (torch.float16, torch.bfloat16):  # 16-bit products are widened (exactly) to float32
-        src = scratch(prep, "count_keys", product.shape, torch.float32)
-        return src.copy_(product)
     return product
 
 

@@ -256,6 +256,14 @@ def count_bulk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return str(request.param)
 
 
+@pytest.fixture(params=["dense", "compact"])
+def count_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force how a block is counted: every item through the lookup table, or only the items above each row's
+    lowest bin (otherwise chosen per block from their share)."""
+    monkeypatch.setattr(retrieval_module, "_COMPACT_FRACTION", 1.0 if request.param == "compact" else -1.0)
+    return str(request.param)
+
+
 @pytest.fixture(params=["highest", "medium"])
 def matmul_precision(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run with ``torch.set_float32_matmul_precision`` set (a reduced precision must not change any value)."""
@@ -422,7 +430,7 @@ def test_gaussian_data_with_near_ties_all_keys_match_reference(
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_scalar_multiples_tie_under_cosine(count_bulk: str, metric: str) -> None:
+def test_scalar_multiples_tie_under_cosine(count_bulk: str, count_layout: str, metric: str) -> None:
     """Multiples of one row are exact ties: the lower index wins, whatever the label or the scale."""
     base = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
     other = torch.tensor([[1.0, 1.0, 1.0, -1.0]])  # cosine 0 with base
@@ -445,7 +453,7 @@ def test_scalar_multiples_tie_under_cosine(count_bulk: str, metric: str) -> None
     metric=st.sampled_from(["cosine", "dot", "euclidean"]),
 )
 def test_mean_average_precision_is_the_map_key(
-    count_bulk: str, seed: int, num_rows: int, dim: int, metric: str
+    count_bulk: str, count_layout: str, seed: int, num_rows: int, dim: int, metric: str
 ) -> None:
     x, y = tie_heavy(seed, num_rows, dim, 3, kind="integer" if metric == "dot" else "dyadic")
     want = reference_metrics(x, y, ks=(1,), metric=metric)
@@ -463,7 +471,9 @@ def test_mean_average_precision_is_the_map_key(
 @pytest.mark.parametrize(
     ("metric", "with_reference"), [("cosine", False), ("euclidean", False), ("dot", True), ("cosine", True)]
 )
-def test_clustered_deep_ranks_match_reference(count_bulk: str, metric: str, with_reference: bool) -> None:
+def test_clustered_deep_ranks_match_reference(
+    count_bulk: str, count_layout: str, metric: str, with_reference: bool
+) -> None:
     """600 rows in 32 dimensions, ~10 per class, clusters overlapping: many relevant items rank deep."""
     x, y = clustered(seed=7, num_rows=600, dim=32)
     if with_reference:
@@ -481,7 +491,9 @@ def test_clustered_deep_ranks_match_reference(count_bulk: str, metric: str, with
     assert max(int(r[-1]) for r in ranks if len(r) > 0) > 200
 
 
-def test_clustered_with_chunks_and_reduced_matmul_precision(count_bulk: str, matmul_precision: str) -> None:
+def test_clustered_with_chunks_and_reduced_matmul_precision(
+    count_bulk: str, count_layout: str, matmul_precision: str
+) -> None:
     x, y = clustered(seed=3, num_rows=240, dim=32, duplicates=30)
     check_against_reference(
         x, y, None, None, ks=(1, 4), metric="cosine", normalize=None, exclude_self=None, chunk_size=13
