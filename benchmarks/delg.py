@@ -7,7 +7,7 @@ noise, descriptors perturbed to distance ~0.4-0.6); the others share a varying n
 at random places, so the number of putative matches varies from a handful to several hundred per candidate.
 The methods, each timed end to end (matching + RANSAC, inputs already in memory):
 
-* ``ours``: :func:`dml_bias.heads.spatial_verification` on the padded batch (``--device cpu cuda``),
+* ``ours``: :func:`dml_bias.retrieval.spatial_verification` on the padded batch (``--device cpu cuda``),
 * ``skimage``: what DELG runs, a per-pair loop: ``scipy.spatial.cKDTree(index).query(query,
   distance_upper_bound=1.0)``, then ``skimage.measure.ransac((index_xy, query_xy), AffineTransform,
   min_samples=3, residual_threshold=20, max_trials=1000)`` (scikit-image stops early once its inlier ratio makes
@@ -141,7 +141,7 @@ def run_verify(name: str, device: str, args: argparse.Namespace, out: Any) -> No
         cv2.setNumThreads(args.threads)
     holder: dict[str, list[int]] = {}
     if name == "ours":
-        from dml_bias.heads import spatial_verification
+        from dml_bias.retrieval import spatial_verification
 
         moved = [t.to(device) for t in data]
 

@@ -6,6 +6,9 @@ pytorch-metric-learning (``distances``, ``reducers``, ``losses``, ``miners``, ``
 ``utils.accuracy_calculator``, ``utils.distributed``) make ``from dml_bias import distances, losses`` work as
 ``from pytorch_metric_learning import distances, losses`` does.
 
+:func:`set_checks` and :func:`checks_enabled` (also loaded lazily) switch off and query the value checks that
+synchronise the host in the losses and miners; the environment variable ``DML_BIAS_CHECKS=0`` does the same.
+
 Example:
     >>> import dml_bias
     >>> isinstance(dml_bias.__version__, str)
@@ -30,6 +33,7 @@ _LAZY_SUBMODULES: tuple[str, ...] = (
     "metrics",
     "miners",
     "reducers",
+    "retrieval",
     "samplers",
     "similarity",
     "testers",
@@ -37,10 +41,15 @@ _LAZY_SUBMODULES: tuple[str, ...] = (
     "utils",
 )
 
-__all__ = ["__version__", *_LAZY_SUBMODULES]
+#: Functions loaded on first attribute access, with the private module that defines them.
+_LAZY_FUNCTIONS: dict[str, str] = {"checks_enabled": "_checks", "set_checks": "_checks"}
+
+__all__ = ["__version__", *_LAZY_SUBMODULES, *_LAZY_FUNCTIONS]
 
 if TYPE_CHECKING:  # pragma: no cover - for static type checkers only
     from dml_bias import similarity as similarity
+    from dml_bias._checks import checks_enabled as checks_enabled
+    from dml_bias._checks import set_checks as set_checks
 
 
 def __getattr__(name: str) -> Any:
@@ -48,8 +57,12 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
         return module
+    if name in _LAZY_FUNCTIONS:
+        function = getattr(importlib.import_module(f"{__name__}.{_LAZY_FUNCTIONS[name]}"), name)
+        globals()[name] = function
+        return function
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | set(_LAZY_FUNCTIONS))

@@ -5,23 +5,31 @@ size or value) with a message that names the argument, says what was expected an
 e.g. ``labels must be a 1-D integer tensor of length 32 (embeddings.shape[0]), got shape (32, 1) and
 dtype torch.float32``.
 
-These helpers are private: their names and signatures may change between releases.
+These helpers are private: their names and signatures may change between releases, except the checks switch
+(:func:`set_checks`, :func:`checks_enabled` and the ``DML_BIAS_CHECKS`` environment variable), which is public
+as ``dml_bias.set_checks`` and ``dml_bias.checks_enabled``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_dtype",
     "check_embeddings",
     "check_factory_kwargs",
     "check_finite",
+    "check_generator",
+    "check_has_data",
+    "check_index_list",
     "check_labels",
     "check_number",
     "check_query_reference",
@@ -29,7 +37,9 @@ __all__ = [
     "check_same_device",
     "check_shape",
     "check_tensor",
+    "checks_enabled",
     "describe",
+    "set_checks",
 ]
 
 _DTYPE_FAMILIES: dict[str, str] = {
@@ -433,3 +443,192 @@ def check_query_reference(
     check_embeddings(reference, reference_name, dim=query.shape[1])
     check_same_device(**{query_name: query, reference_name: reference})
     return reference
+
+
+def check_bool(value: Any, name: str, *, allow_none: bool = False) -> None:
+    """Check that ``value`` is a ``bool`` (``0``/``1`` and tensors are rejected: a flag is a ``bool``).
+
+    With ``allow_none=True``, ``None`` (e.g. "decide from the data") is accepted too.
+
+    Example:
+        >>> check_bool(True, "normalize")
+        >>> check_bool(None, "normalize", allow_none=True)
+        >>> check_bool(1, "normalize")
+        Traceback (most recent call last):
+        ...
+        TypeError: normalize must be a bool, got int 1
+    """
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {describe(value)}")
+
+
+def check_generator(generator: Any, name: str = "generator") -> None:
+    """Check that ``generator`` is ``None`` or a CPU :class:`torch.Generator` (random indices are drawn on the CPU).
+
+    Example:
+        >>> import torch
+        >>> check_generator(torch.Generator().manual_seed(0))
+        >>> check_generator(0)
+        Traceback (most recent call last):
+        ...
+        TypeError: generator must be a torch.Generator or None, got int 0
+    """
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {describe(generator)}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU torch.Generator (indices are drawn on the CPU), got {generator.device}")
+
+
+def check_has_data(**tensors: torch.Tensor | None) -> None:
+    """Raise :class:`ValueError` naming the first of ``tensors`` (``None`` skipped) that is a meta tensor.
+
+    A meta tensor has a shape but no values: checks and results that need values would fail later with torch's
+    "Tensor.item() cannot be called on meta tensors".
+
+    Example:
+        >>> import torch
+        >>> check_has_data(x=torch.zeros(2), y=torch.zeros(3, device="meta"))
+        Traceback (most recent call last):
+        ...
+        ValueError: y must hold values (a tensor on a device such as cpu or cuda), got a meta tensor of shape (3,)
+    """
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            raise ValueError(
+                f"{name} must hold values (a tensor on a device such as cpu or cuda), got a meta tensor of shape "
+                f"{tuple(tensor.shape)}"
+            )
+
+
+def check_index_list(value: Any, name: str, *, what: str, hint: str = "") -> list[int]:
+    """Read integer indices as a list of ints: a 1-D integer tensor, or an iterable of integers (NumPy arrays too).
+
+    Bounds are the caller's to check. ``bool`` elements and floating-point values are rejected.
+
+    Args:
+        value: The indices.
+        name: The argument's name, used in the message.
+        what: What the indices are, e.g. ``"integer sample indices"``.
+        hint: Appended to the "must be an iterable" message, e.g. ``" (one per query)"``.
+
+    Example:
+        >>> import torch
+        >>> check_index_list(torch.tensor([3, 1]), "items", what="integer sample indices")
+        [3, 1]
+        >>> check_index_list([0, 2.5], "items", what="integer sample indices")
+        Traceback (most recent call last):
+        ...
+        TypeError: items must hold integer sample indices, got an element 2.5
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 1 or not _in_family(value.dtype, "integer"):
+            raise TypeError(f"{name} must be a 1-D integer tensor or an iterable of {what}, got {describe(value)}")
+        return [int(v) for v in value.tolist()]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be an iterable of {what}{hint}, got {describe(value)}")
+    items = []
+    for element in value:
+        try:
+            if isinstance(element, bool):
+                raise TypeError
+            items.append(operator.index(element))  # Python and NumPy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"{name} must hold {what}, got an element {element!r}") from None
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- checks switch
+
+#: The environment variable read (once, on first use) when :func:`set_checks` has not been called.
+CHECKS_ENV_VAR = "DML_BIAS_CHECKS"
+_OFF_VALUES = ("0", "false", "off", "no")
+_ON_VALUES = ("1", "true", "on", "yes", "")
+#: Empty until :func:`set_checks` is called or the environment variable is read; then one ``bool``.
+_checks_state: list[bool] = []
+
+
+def _checks_from_environment() -> bool:
+    raw = os.environ.get(CHECKS_ENV_VAR, "1")
+    value = raw.strip().lower()
+    if value in _OFF_VALUES:
+        return False
+    if value in _ON_VALUES:
+        return True
+    raise ValueError(
+        f"the environment variable {CHECKS_ENV_VAR} must be one of {', '.join(map(repr, _OFF_VALUES))} (value "
+        f"checks off) or {', '.join(map(repr, _ON_VALUES))} (on), got {raw!r}"
+    )
+
+
+def checks_enabled() -> bool:
+    """Whether the value checks that synchronise the host run (the default: ``True``).
+
+    The switch is set by :func:`set_checks`; until that is called it comes from the environment variable
+    ``DML_BIAS_CHECKS`` (``0``, ``false``, ``off`` or ``no`` switch the checks off; ``1``, ``true``, ``on``, ``yes``
+    or unset leave them on; anything else raises :class:`ValueError` naming the variable), read on the first
+    call. See :func:`set_checks` for what is skipped.
+
+    Returns:
+        ``True`` when the value checks run.
+
+    Raises:
+        ValueError: If ``DML_BIAS_CHECKS`` holds a value that is neither on nor off.
+
+    Example:
+        >>> import dml_bias
+        >>> dml_bias.checks_enabled()
+        True
+    """
+    if not _checks_state:
+        _checks_state.append(_checks_from_environment())
+    return _checks_state[0]
+
+
+def set_checks(enabled: bool) -> bool:
+    """Switch the value checks that synchronise the host on or off, for the whole process; return the old setting.
+
+    The losses and miners check their inputs' *values*: embeddings, references and proxies must be finite and,
+    for a normalising metric, have no row of zero norm; labels must lie in ``[0, num_classes)`` for the
+    class-weight losses; the indices of ``indices_tuple`` must lie inside the batch. Each such check reduces a
+    tensor and reads the result on the host: free on the CPU, but on a GPU it stalls the pipeline once per call,
+    because the host waits for the device. ``set_checks(False)`` skips these value checks; the checks of types,
+    shapes, dtypes and devices (which read only metadata) still run.
+
+    Risk: with the checks off, bad values are no longer reported. A NaN or infinite embedding gives a NaN loss
+    (and NaN gradients that corrupt the model's weights at the next optimiser step) or, for the hinge losses
+    (contrastive, SupCon), a finite loss that silently leaves out the pairs it touches; a zero row gives a NaN
+    or an arbitrary direction; an out-of-range label or index fails later inside torch (on CUDA as a device-side
+    assert that ends the process) or reads the wrong row. Switch them off only for a training loop whose
+    inputs are known to be valid, e.g. after a first epoch run with the checks on.
+
+    Args:
+        enabled: ``True`` to run the value checks (the default), ``False`` to skip them.
+
+    Returns:
+        The previous setting, so a caller can restore it.
+
+    Raises:
+        TypeError: If ``enabled`` is not a ``bool``.
+
+    Example:
+        >>> import torch
+        >>> import dml_bias
+        >>> from dml_bias.losses import TripletMarginLoss
+        >>> embeddings = torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [0.0, 1.0]])
+        >>> labels = torch.tensor([0, 0, 1])
+        >>> previous = dml_bias.set_checks(False)
+        >>> TripletMarginLoss()(embeddings, labels)  # not checked: the NaN flows into the loss
+        tensor(nan)
+        >>> _ = dml_bias.set_checks(previous)
+        >>> TripletMarginLoss()(embeddings, labels)
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings must be finite, got 1 NaN or infinite value(s) in a tensor of shape (3, 2) ...
+    """
+    check_bool(enabled, "enabled")
+    previous = checks_enabled()
+    _checks_state[0] = enabled
+    return previous

@@ -6,19 +6,35 @@
 * torchvision 0.21 renamed the hooks of ``v2.Transform`` (``_get_params`` / ``_transform`` became the public
   ``make_params`` / ``transform``): :class:`V2TransformHooks` answers to both names.
 
+:func:`moved_name` keeps a public name that moved to another module importable from its old place, with a
+:class:`DeprecationWarning`, until the next minor release.
+
 Everything here asks whether an attribute exists (or answers to every name), never which version is installed,
 so a backport or a removal is handled the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["V2TransformHooks", "ieee_fp32_matmul", "reduced_precision_fp32_matmul"]
+__all__ = [
+    "REMOVAL_RELEASE",
+    "V2TransformHooks",
+    "compute_dtype",
+    "ieee_fp32_matmul",
+    "moved_name",
+    "no_autocast",
+    "reduced_precision_fp32_matmul",
+]
+
+#: The release that removes the old import paths of moved public names.
+REMOVAL_RELEASE = "0.2.0"
 
 #: cuBLAS switches that let float16/bf16 GEMMs reduce in lower precision (both are switched off for a search).
 _REDUCED_PRECISION_REDUCTIONS = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
@@ -94,3 +110,54 @@ class V2TransformHooks:
 
     def _transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self.transform(inpt, params)  # type: ignore[attr-defined]
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the math runs in: float64 if any input is float64, else float32 (half inputs are upcast).
+
+    Example:
+        >>> import torch
+        >>> compute_dtype(torch.zeros(1, dtype=torch.float16)), compute_dtype(torch.zeros(1, dtype=torch.float64))
+        (torch.float32, torch.float64)
+    """
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@contextmanager
+def no_autocast(device: torch.device) -> Iterator[None]:
+    """Switch autocast off for ``device`` so the math runs in the dtype the caller chose (float32 or float64)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def moved_name(module: str, name: str, moved: Mapping[str, str]) -> Any:
+    """The body of a module-level ``__getattr__`` for public names that moved out of ``module``.
+
+    Returns ``name`` from its new module ``moved[name]`` (the same object) with a :class:`DeprecationWarning`
+    that names the new import path; raises :class:`AttributeError` as a module does for any other name.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     f = moved_name("old.place", "sqrt", {"sqrt": "math"})
+        >>> import math
+        >>> f is math.sqrt, str(caught[0].message).split(";")[0]
+        (True, 'old.place.sqrt moved to math.sqrt')
+    """
+    if name not in moved:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new_module = moved[name]
+    warnings.warn(
+        f"{module}.{name} moved to {new_module}.{name}; import it from {new_module} (the old path is removed in "
+        f"{REMOVAL_RELEASE})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module(new_module), name)

@@ -30,15 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dml_bias._checks import check_embeddings, check_number, check_same_device, describe
+from dml_bias._checks import check_bool, check_embeddings, check_number, check_same_device
 
 __all__ = ["BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance"]
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {describe(value)}")
-    return value
 
 
 class BaseDistance(nn.Module):
@@ -67,12 +61,14 @@ class BaseDistance(nn.Module):
         self, normalize_embeddings: bool = True, p: float = 2, power: float = 1, is_inverted: bool = False
     ) -> None:
         super().__init__()
-        self.normalize_embeddings = _check_bool(normalize_embeddings, "normalize_embeddings")
+        check_bool(normalize_embeddings, "normalize_embeddings")
+        self.normalize_embeddings = normalize_embeddings
         check_number(p, "p", low=0.0, low_inclusive=False)
         check_number(power, "power", low=0.0, low_inclusive=False)
         self.p = p
         self.power = power
-        self.is_inverted = _check_bool(is_inverted, "is_inverted")
+        check_bool(is_inverted, "is_inverted")
+        self.is_inverted = is_inverted
 
     @property
     def metric(self) -> str | None:

@@ -44,6 +44,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dml_bias._checks import (
+    check_bool,
     check_choice,
     check_dtype,
     check_embeddings,
@@ -52,6 +53,7 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias._collectives import all_gather_ints, all_gather_rows, comm_device, is_initialized, rank, world_size
 
 __all__ = [
     "DistributedLossWrapper",
@@ -98,7 +100,7 @@ def is_distributed() -> bool:
         >>> is_distributed()  # a plain single-process run
         False
     """
-    return bool(dist.is_available() and dist.is_initialized())
+    return is_initialized()
 
 
 def get_world_size(group: Any = None) -> int:
@@ -114,8 +116,7 @@ def get_world_size(group: Any = None) -> int:
         >>> get_world_size()
         1
     """
-    _check_group(group)
-    return int(dist.get_world_size(group)) if is_distributed() else 1
+    return world_size(group)
 
 
 def get_rank(group: Any = None) -> int:
@@ -131,15 +132,7 @@ def get_rank(group: Any = None) -> int:
         >>> get_rank()
         0
     """
-    _check_group(group)
-    return int(dist.get_rank(group)) if is_distributed() else 0
-
-
-def _check_group(group: Any) -> None:
-    """Raise ``TypeError`` unless ``group`` is ``None`` or a process group (also outside a distributed run)."""
-    process_group = getattr(dist, "ProcessGroup", None)
-    if group is not None and (process_group is None or not isinstance(group, process_group)):
-        raise TypeError(f"group must be None or a torch.distributed.ProcessGroup, got {describe(group)}")
+    return rank(group)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,14 +142,6 @@ def _check_group(group: Any) -> None:
 
 def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES.index(dtype) if dtype in _DTYPE_CODES else -1
-
-
-def _all_gather_ints(values: Sequence[int], device: torch.device, group: Any) -> list[list[int]]:
-    """All-gather a short list of ints (the same length on every rank); one list per rank, in rank order."""
-    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
-    return [t.tolist() for t in out]
 
 
 def _shape_meta(x: torch.Tensor) -> list[int]:
@@ -179,11 +164,7 @@ def _check_gatherable(x: Any, name: str, *, floating: bool) -> list[int]:
 
 def _meta_device(x: Any, group: Any) -> torch.device:
     """Where this rank's metadata tensor lives: the data's device, or the backend's natural device."""
-    if isinstance(x, torch.Tensor):
-        return x.device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return x.device if isinstance(x, torch.Tensor) else comm_device(group)
 
 
 def _exchange_checked(
@@ -204,7 +185,7 @@ def _exchange_checked(
         error, meta = exc, [0] * length
     if len(meta) != length:  # pragma: no cover - a bug here would desynchronise the ranks
         raise RuntimeError(f"internal error: metadata of length {len(meta)}, expected {length}")
-    metas = _all_gather_ints([int(error is not None), *meta], device(), group)
+    metas = all_gather_ints([int(error is not None), *meta], device(), group)
     if error is not None:
         raise error
     failed = [r for r, m in enumerate(metas) if m[0]]
@@ -243,22 +224,8 @@ def _raise_if_ranks_disagree(metas: list[list[int]], name: str, *, skip: Iterabl
 
 
 def _all_gather_known_sizes(x: torch.Tensor, sizes: Sequence[int], group: Any) -> torch.Tensor:
-    """Concatenate every rank's ``x`` (first-dimension sizes ``sizes``, in rank order); pads to the largest size."""
-    max_n = max(sizes)
-    tail = tuple(x.shape[1:])
-    if max_n == 0:
-        return x.new_empty((0, *tail))
-    send = x.detach()
-    as_bool = send.dtype == torch.bool
-    if as_bool:  # not every backend reduces or gathers bool tensors
-        send = send.to(torch.uint8)
-    if send.shape[0] < max_n:
-        send = torch.cat([send, send.new_zeros((max_n - send.shape[0], *tail))])
-    send = send.contiguous()
-    received = [torch.empty_like(send) for _ in sizes]
-    dist.all_gather(received, send, group=group)
-    out = torch.cat([r[:n] for r, n in zip(received, sizes, strict=True)])
-    return out.to(torch.bool) if as_bool else out
+    """Concatenate every rank's ``x`` (first-dimension sizes ``sizes``, in rank order), detached."""
+    return torch.cat(all_gather_rows(x, list(sizes), group))
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -719,8 +686,7 @@ class DistributedLossWrapper(nn.Module):
         if miner is not None and not callable(miner):
             raise TypeError(f"miner must be a callable or None, got {type(miner).__name__}")
         check_choice(grad_reduction, "grad_reduction", _GRAD_REDUCTIONS)
-        if not isinstance(sync_parameters, bool):
-            raise TypeError(f"sync_parameters must be a bool, got {describe(sync_parameters)}")
+        check_bool(sync_parameters, "sync_parameters")
         self.loss = loss
         self.miner = miner
         self.grad_reduction = grad_reduction

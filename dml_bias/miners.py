@@ -22,8 +22,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dml_bias._checks import check_choice, check_number
+from dml_bias._compat import no_autocast
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
+from dml_bias.losses._common import (
+    check_metric,
+    check_nonnegative,
+    distance_is_similarity,
+    label_masks,
+    prepare_batch,
+    resolve_distance,
+    similarity_sign,
+)
 
 __all__ = ["BaseMiner", "BatchHardMiner", "MultiSimilarityMiner", "PairMarginMiner", "TripletMarginMiner"]
 
@@ -39,15 +49,15 @@ def _mask_inputs(
     distance: str | BaseDistance,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate, then return the similarity matrix (larger = closer) and the positive/negative masks."""
-    distance = C.resolve_distance(distance)
-    batch = C.prepare_batch(embeddings, labels, None, ref_emb, ref_labels, distance=distance, labels_required=True)
+    distance = resolve_distance(distance)
+    batch = prepare_batch(embeddings, labels, None, ref_emb, ref_labels, distance=distance, labels_required=True)
     assert batch.labels is not None
     assert batch.ref_labels is not None
     if batch.y is not None and ref_labels is None:
         raise ValueError("ref_labels must be given with ref_emb (a 1-D integer tensor of length ref_emb.shape[0])")
-    with C.no_autocast(embeddings.device):
-        sim = C.similarity_sign(distance) * batch.matrix(distance)
-    pos, neg = C.label_masks(batch.labels, batch.ref_labels, batch.exclude_self)
+    with no_autocast(embeddings.device):
+        sim = similarity_sign(distance) * batch.matrix(distance)
+    pos, neg = label_masks(batch.labels, batch.ref_labels, batch.exclude_self)
     return sim, pos, neg
 
 
@@ -136,8 +146,8 @@ class MultiSimilarityMiner(BaseMiner):
 
     def __init__(self, epsilon: float = 0.1, *, distance: str | BaseDistance = "cosine") -> None:
         super().__init__()
-        C.check_nonnegative(epsilon, "epsilon")
-        C.check_metric(distance)
+        check_nonnegative(epsilon, "epsilon")
+        check_metric(distance)
         self.epsilon = float(epsilon)
         self.distance = distance
 
@@ -197,7 +207,7 @@ class BatchHardMiner(BaseMiner):
 
     def __init__(self, *, distance: str | BaseDistance = "euclidean") -> None:
         super().__init__()
-        C.check_metric(distance)
+        check_metric(distance)
         self.distance = distance
 
     def mine(
@@ -277,9 +287,9 @@ class TripletMarginMiner(BaseMiner):
         self, margin: float = 0.2, type_of_triplets: str = "all", *, distance: str | BaseDistance = "euclidean"
     ) -> None:
         super().__init__()
-        C.check_number(margin, "margin")
-        C.check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
-        C.check_metric(distance)
+        check_number(margin, "margin")
+        check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
+        check_metric(distance)
         self.margin = float(margin)
         self.type_of_triplets = type_of_triplets
         self.distance = distance
@@ -333,9 +343,9 @@ class PairMarginMiner(BaseMiner):
         self, pos_margin: float = 0.2, neg_margin: float = 0.8, *, distance: str | BaseDistance = "euclidean"
     ) -> None:
         super().__init__()
-        C.check_number(pos_margin, "pos_margin")
-        C.check_number(neg_margin, "neg_margin")
-        C.check_metric(distance)
+        check_number(pos_margin, "pos_margin")
+        check_number(neg_margin, "neg_margin")
+        check_metric(distance)
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
         self.distance = distance
@@ -349,7 +359,7 @@ class PairMarginMiner(BaseMiner):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mine pairs; see the class docstring."""
         sim, pos, neg = _mask_inputs(embeddings, labels, ref_emb, ref_labels, self.distance)
-        if C.distance_is_similarity(C.resolve_distance(self.distance)):
+        if distance_is_similarity(resolve_distance(self.distance)):
             keep_pos, keep_neg = pos & (sim < self.pos_margin), neg & (sim > self.neg_margin)
         else:  # sim = -d
             keep_pos, keep_neg = pos & (-sim > self.pos_margin), neg & (-sim < self.neg_margin)

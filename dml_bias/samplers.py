@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dml_bias._checks import check_labels, check_number, describe
+from dml_bias._checks import check_generator, check_labels, check_number, describe
 from dml_bias.datasets.samplers import MPerClassBatchSampler
 
 __all__ = ["MPerClassBatchSampler", "MPerClassSampler"]
@@ -97,8 +97,7 @@ class MPerClassSampler(torch.utils.data.Sampler[int]):
         if batch_size is not None:
             check_number(batch_size, "batch_size", low=1, integer=True)
         check_number(length_before_new_iter, "length_before_new_iter", low=1, integer=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {describe(generator)}")
+        check_generator(generator)
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) == 0:
             raise ValueError("labels must hold at least one sample, got an empty tensor")

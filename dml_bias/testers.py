@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import check_number, describe
+from dml_bias._checks import check_bool, check_number, describe
 
 __all__ = ["BaseTester", "GlobalEmbeddingSpaceTester"]
 
@@ -93,8 +93,7 @@ class BaseTester:
             ("use_trunk_output", use_trunk_output),
             ("progress", progress),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {describe(value)}")
+            check_bool(value, name)
         check_number(batch_size, "batch_size", low=1, integer=True)
         check_number(dataloader_num_workers, "dataloader_num_workers", low=0, integer=True)
         if dtype is not None and not isinstance(dtype, torch.dtype):

@@ -13,7 +13,7 @@ Nothing is downloaded. The script
 3. trains :class:`dml_bias.heads.DELG` on a small ResNet (torchvision ``resnet18(weights=None)``) on views of
    the *training* landmarks (disjoint from the test ones) with its ArcFace + reconstruction + attention losses;
 4. extracts multi-scale global descriptors and local features, ranks the database by the global descriptor,
-   re-ranks the top of every ranking by spatial verification (:func:`dml_bias.heads.rerank`) and prints the
+   re-ranks the top of every ranking by spatial verification (:func:`dml_bias.retrieval.rerank`) and prints the
    Medium and Hard mAP (:func:`dml_bias.metrics.revisited_map`) before and after re-ranking.
 
 Views: *easy* = a mild warp (rotation ≤ 15°, scale 0.85–1.15), *hard* = a strong one (rotation 25–45°, scale
@@ -39,8 +39,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from dml_bias.datasets import RevisitedOxfordParis, SyntheticBackgrounds
-from dml_bias.heads import DELG, rerank
+from dml_bias.heads import DELG
 from dml_bias.metrics import knn, revisited_map
+from dml_bias.retrieval import rerank
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

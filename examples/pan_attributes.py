@@ -16,6 +16,10 @@ on batches of ``batch_size`` items, every pair of them a training pair, the same
   pytorch-metric-learning's default), scored by cosine similarity;
 * ``cosine_margin``: the same with a positive margin (``--margin``, 0.8 by default): positives only need to be
   closer than the margin, which leaves room for "same colour" and "same shape" to be different directions;
+* ``cosine_bce``: one embedding whose cosine, times a learned scale plus a learned bias, is trained with the
+  logistic loss on the pair labels: the single-embedding twin of PAN's pair loss, and the one whose optimum
+  includes the ideal "same colour or same shape" embedding (the contrastive margins above exclude it: in that
+  embedding a pair that shares one attribute is at distance 1);
 * ``pan_unsupervised``: encoder + PAN head with free conditions, pair loss only;
 * ``pan_supervised``: encoder + PAN head with two conditions supervised by the *matching gate*
   (:meth:`~dml_bias.datasets.AttributeCompatibility.match_gate`: "same colour", "same shape", the matches the
@@ -35,20 +39,30 @@ Two choices of the PAN rows matter, measured in ``--quick`` (1 thread, busy 2-co
   conditions alone, attribute accuracy below the majority rate). A free condition can learn "differs in both".
   On ``or`` the free conditions also help (quick: 0.658 -> 0.715).
 
+**Part 1b — the head alone, on frozen features** (PAN's own protocol: heads on frozen features): the items are
+their one-hot attributes (all five) plus Gaussian noise (std ``feature_noise``), every method sees the same
+``feature_pairs`` labelled pairs (256) in ``feature_steps`` full-batch steps; the single embeddings learn a linear
+map followed by the cosine, the PAN heads read the features themselves. Part 1 asks whether PAN helps an encoder
+learn; part 1b whether the pair head is a better similarity than one metric embedding once the features carry
+the attributes. In part 1 every method ends up within the run-to-run spread of the others (the encoder does not
+transfer colour and shape to unseen combinations well, whatever head trains it: about 0.9-1.0 AUC on training
+pairs against 0.7 on test pairs); in part 1b the heads lead by about 0.1 AUC.
+
 The table gives the pair ROC-AUC and accuracy on balanced test pairs (true labels) with 95 % bootstrap
 intervals over the test pairs (the same resamples for every method; they do not cover the variation between
 training runs), accuracy at the threshold that is best on the training pairs, and for supervised PAN the
 accuracy of its condition scores (``p_k > 0.5``) against the gate's targets next to the majority baseline.
 
-**Part 2 — PAN's few-shot protocol** (CUB-style, as in the paper; :func:`dml_bias.heads.few_shot_accuracy`):
+**Part 2 — PAN's few-shot protocol** (CUB-style, as in the paper; :func:`dml_bias.metrics.few_shot_accuracy`):
 an encoder trained with a triplet loss on class identity, standardised frozen features, PAN heads trained on
 same-class / different-class pairs, 5-way 5-shot accuracy on novel classes. There the similarity *is* class
 identity, which one metric embedding represents well, and the plain cosine row is the one to beat (details in
 :func:`run_fewshot`'s notes below). With ``--root`` this part runs on CUB-200-2011 (a torchvision ResNet-18
 initialised from ``--weights``, a local ``state_dict``; nothing is downloaded).
 
-Run ``python examples/pan_attributes.py`` (both parts) or ``--quick`` (part 1 at CI size, under a minute on one
-core; add ``--fewshot`` for a small part 2); ``--out DIR`` writes ``results.json`` and ``pan_compatibility.png``.
+Run ``python examples/pan_attributes.py`` (parts 1, 1b and 2) or ``--quick`` (parts 1 and 1b at CI size, about
+22 s of CPU time on one thread, the default with ``--quick``; add ``--fewshot`` for a small part 2); ``--out DIR``
+writes ``results.json`` and ``pan_compatibility.png``.
 """
 
 from __future__ import annotations
@@ -68,9 +82,9 @@ from torch import nn
 
 from dml_bias.bias.models import SmallCNN
 from dml_bias.datasets import AttributeCompatibility, MPerClassBatchSampler, SyntheticBackgrounds
-from dml_bias.heads import ConditionalSimilarity, PANLoss, attribute_gate, few_shot_accuracy, sample_pairs
+from dml_bias.heads import ConditionalSimilarity, PANLoss, attribute_gate, sample_pairs
 from dml_bias.losses import TripletMarginLoss
-from dml_bias.metrics import compatibility_auc
+from dml_bias.metrics import compatibility_auc, few_shot_accuracy
 
 # ============================================================================================ part 1
 
@@ -97,6 +111,14 @@ class CompatibilityConfig:
     free_conditions: int = 8  # free conditions of the supervised heads besides the supervised ones (PAN's hybrid)
     lam: float = 1.0
     head_input_scale: float = 8.0  # sqrt(embedding_size): PAN's heads read standardised features (see train_method)
+    # "images": the SmallCNN on the item images; "attributes": a linear encoder on features that carry the attributes
+    inputs: str = "images"
+    feature_noise: float = 0.2  # standard deviation of the noise added to the one-hot attributes ("attributes")
+    labelled_pairs: int | None = None  # None: all pairs of random item batches; P: P fixed labelled pairs per step
+    # part 1b (frozen attribute features): labelled pairs, full-batch steps and learning rate of every method
+    feature_pairs: int = 256
+    feature_steps: int = 300
+    feature_lr: float = 0.02
     # evaluation
     test_pairs: int = 4000
     threshold_pairs: int = 4000
@@ -124,6 +146,7 @@ class Method:
     kind: str  # "embedding" or "pan"
     margin: float = 0.0
     gate: str | None = None  # None (unsupervised), "match" or a PAN gate name
+    loss: str = "contrastive"  # embeddings: "contrastive" or "bce" (logistic loss on a learned scale of the cosine)
 
 
 @dataclass
@@ -144,6 +167,7 @@ def compatibility_methods(cfg: CompatibilityConfig) -> list[Method]:
     return [
         Method("cosine", "cosine (contrastive, m+ = 0)", "embedding", margin=0.0),
         Method("cosine_margin", f"cosine (contrastive, m+ = {cfg.margin:g})", "embedding", margin=cfg.margin),
+        Method("cosine_bce", "cosine (logistic, learned scale)", "embedding", loss="bce"),
         Method("pan_unsupervised", "PAN unsupervised", "pan"),
         Method("pan_supervised", "PAN supervised, matching gate", "pan", gate="match"),
         Method("pan_wrong_gate", "PAN supervised, wrong gate (or)", "pan", gate="or"),
@@ -161,37 +185,87 @@ def _num_conditions(method: Method, task: AttributeCompatibility, cfg: Compatibi
     return int(width) + cfg.free_conditions
 
 
+class AttributeEncoder(nn.Module):
+    """A linear encoder with unit-length outputs, for features that already carry the attributes."""
+
+    def __init__(self, in_features: int, embedding_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, embedding_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.linear(x), dim=1)
+
+
+def attribute_features(task: AttributeCompatibility, noise: float, seed: int) -> torch.Tensor:
+    """The one-hot attribute rows of the items (all five attributes) plus Gaussian noise of std ``noise``."""
+    generator = torch.Generator().manual_seed(seed)
+    return task.attributes.float() + noise * torch.randn(task.attributes.shape, generator=generator)
+
+
+def make_encoder(cfg: CompatibilityConfig, inputs: torch.Tensor, method: Method) -> nn.Module:
+    """SmallCNN on images; on frozen features a linear metric (embeddings) or nothing (PAN reads the features)."""
+    if cfg.inputs == "attributes":
+        return nn.Identity() if method.kind == "pan" else AttributeEncoder(inputs.shape[1], cfg.embedding_size)
+    return SmallCNN(3, cfg.embedding_size, cfg.width)
+
+
+def head_input_scale(cfg: CompatibilityConfig) -> float:
+    return cfg.head_input_scale if cfg.inputs == "images" else 1.0
+
+
 def train_method(
     method: Method, task: AttributeCompatibility, images: torch.Tensor, cfg: CompatibilityConfig
 ) -> tuple[nn.Module, ConditionalSimilarity | None]:
-    """Train the encoder (and PAN head) of one method on all pairs of random item batches."""
+    """Train the encoder (and PAN head) of one method on all pairs of random item batches.
+
+    ``images`` are the encoder's inputs: item images, or item features with ``cfg.inputs == "attributes"``.
+    """
     torch.manual_seed(cfg.seed)  # the same encoder initialisation for every method
-    encoder = SmallCNN(3, cfg.embedding_size, cfg.width)
+    encoder = make_encoder(cfg, images, method)
     head: ConditionalSimilarity | None = None
     loss_fn: PANLoss | None = None
     parameters = list(encoder.parameters())
+    # logistic single embedding: P(compatible) = sigmoid(scale * cosine + bias), scale and bias learned
+    scale_bias = nn.Parameter(torch.tensor([10.0, -5.0]))
+    if method.loss == "bce":
+        parameters.append(scale_bias)
     if method.kind == "pan":
-        head = ConditionalSimilarity(cfg.embedding_size, _num_conditions(method, task, cfg))
+        width = images.shape[1] if cfg.inputs == "attributes" else cfg.embedding_size
+        head = ConditionalSimilarity(width, _num_conditions(method, task, cfg))
         gate = _gate_of(method, task)
         loss_fn = PANLoss(lam=cfg.lam if gate is not None else 0.0, gate=gate if gate is not None else "or")
         parameters += list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed + 10)  # the same batches for every method
-    first, second = torch.triu_indices(cfg.batch_size, cfg.batch_size, 1)
+    batch_first, batch_second = torch.triu_indices(cfg.batch_size, cfg.batch_size, 1)
+    labelled = None
+    if cfg.labelled_pairs is not None:  # a fixed set of labelled pairs, every one in every step
+        labelled = task.pairs(cfg.labelled_pairs, generator=torch.Generator().manual_seed(cfg.seed + 11))
     encoder.train()
     for _ in range(cfg.steps):
-        items = torch.randperm(len(task), generator=generator)[: cfg.batch_size]
-        embeddings = encoder(images[items])
-        a, b = items[first], items[second]
-        target = task.labels(a, b)
-        if head is None:
+        if labelled is None:
+            items = torch.randperm(len(task), generator=generator)[: cfg.batch_size]
+            embeddings = encoder(images[items])
+            first, second = batch_first, batch_second
+            a, b = items[first], items[second]
+            target = task.labels(a, b)
+        else:
+            embeddings = encoder(images)
+            first, second = a, b = labelled.first, labelled.second
+            target = labelled.target.bool()
+        if head is None and method.loss == "bce":
+            cosine = (embeddings[first] * embeddings[second]).sum(dim=1)
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                scale_bias[0] * cosine + scale_bias[1], target.float()
+            )
+        elif head is None:
             distance = (embeddings[first] - embeddings[second]).norm(dim=1)  # unit embeddings
             positive, negative = distance[target], distance[~target]
             loss = torch.relu(positive - method.margin).mean() + torch.relu(1.0 - negative).mean()
         else:
             assert loss_fn is not None
             supervision = {} if method.gate is None else {"a1": task.attributes[a], "a2": task.attributes[b]}
-            scaled = embeddings * cfg.head_input_scale
+            scaled = embeddings * head_input_scale(cfg)
             loss = loss_fn(head(scaled[first], scaled[second]), target, **supervision)
         optimizer.zero_grad()
         loss.backward()
@@ -278,7 +352,7 @@ def attribute_accuracy(
 
 
 def run_compatibility(cfg: CompatibilityConfig) -> tuple[dict[str, Any], list[MethodResult]]:
-    common = {
+    common: dict[str, Any] = {
         "rule": cfg.rule,
         "attributes": cfg.attributes,
         "num_classes": cfg.classes,
@@ -287,7 +361,11 @@ def run_compatibility(cfg: CompatibilityConfig) -> tuple[dict[str, Any], list[Me
     }
     task = AttributeCompatibility("train", noise=cfg.noise, images_per_class=cfg.images_per_class, **common)
     test = AttributeCompatibility("test", images_per_class=cfg.test_images_per_class, **common)
-    images, test_images = task.images(), test.images()
+    if cfg.inputs == "attributes":
+        images = attribute_features(task, cfg.feature_noise, cfg.seed + 20)
+        test_images = attribute_features(test, cfg.feature_noise, cfg.seed + 21)
+    else:
+        images, test_images = task.images(), test.images()
     test_pairs = test.pairs(cfg.test_pairs, generator=torch.Generator().manual_seed(cfg.seed + 1))
     train_pairs = task.pairs(cfg.threshold_pairs, generator=torch.Generator().manual_seed(cfg.seed + 2))
     labels = test_pairs.clean.bool()
@@ -297,10 +375,10 @@ def run_compatibility(cfg: CompatibilityConfig) -> tuple[dict[str, Any], list[Me
     for method in compatibility_methods(cfg):
         encoder, head = train_method(method, task, images, cfg)
         scores, conditions = pair_scores(
-            encoder, head, test_images, test_pairs.first, test_pairs.second, cfg.head_input_scale
+            encoder, head, test_images, test_pairs.first, test_pairs.second, head_input_scale(cfg)
         )
         train_scores, _ = pair_scores(
-            encoder, head, images, train_pairs.first, train_pairs.second, cfg.head_input_scale
+            encoder, head, images, train_pairs.first, train_pairs.second, head_input_scale(cfg)
         )
         threshold = best_threshold(train_scores, train_pairs.target.bool())
         correct = ((scores > threshold) == labels).double()
@@ -332,6 +410,8 @@ def run_compatibility(cfg: CompatibilityConfig) -> tuple[dict[str, Any], list[Me
         "rule": cfg.rule,
         "attributes": list(cfg.attributes),
         "noise": cfg.noise,
+        "inputs": cfg.inputs,
+        "labelled_pairs": cfg.labelled_pairs,
         "train_items": len(task),
         "test_items": len(test),
         "test_pairs": cfg.test_pairs,
@@ -389,23 +469,32 @@ def results_json(task: dict[str, Any], results: Sequence[MethodResult], cfg: Com
     return {"task": task, "methods": methods, "config": asdict(cfg)}
 
 
-def save_figure(task: dict[str, Any], results: Sequence[MethodResult], path: Path) -> None:
+def save_figure(
+    task: dict[str, Any],
+    results: Sequence[MethodResult],
+    path: Path,
+    feature_results: Sequence[MethodResult] | None = None,
+) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend or state is touched
 
-    figure = Figure(figsize=(7.0, 3.2), layout="constrained")
-    ax = figure.add_subplot()
-    names = [r.method.label for r in results]
-    aucs = [r.auc for r in results]
-    errors = [[r.auc - r.auc_ci[0] for r in results], [r.auc_ci[1] - r.auc for r in results]]
-    colours = ["#8c8c8c" if r.method.kind == "embedding" else "#1f77b4" for r in results]
-    ax.barh(range(len(results)), aucs, xerr=errors, color=colours, capsize=3)
-    ax.set_yticks(range(len(results)), names)
-    ax.invert_yaxis()
-    ax.set_xlim(0.4, 1.0)
-    ax.axvline(0.5, color="k", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("pair ROC-AUC on unseen test items (95 % bootstrap CI)")
+    panels = [("images, SmallCNN (part 1)", results)]
+    if feature_results is not None:
+        panels.append(("frozen attribute features, few labelled pairs (part 1b)", feature_results))
+    figure = Figure(figsize=(7.0, 0.6 + 2.6 * len(panels)), layout="constrained")
     joined = f" {task['rule']} ".join(f"same {a}" for a in task["attributes"])
-    ax.set_title(f"compatible = {joined}", fontsize=10)
+    figure.suptitle(f"compatible = {joined}", fontsize=10)
+    for index, (title, rows) in enumerate(panels):
+        ax = figure.add_subplot(len(panels), 1, index + 1)
+        aucs = [r.auc for r in rows]
+        errors = [[r.auc - r.auc_ci[0] for r in rows], [r.auc_ci[1] - r.auc for r in rows]]
+        colours = ["#8c8c8c" if r.method.kind == "embedding" else "#1f77b4" for r in rows]
+        ax.barh(range(len(rows)), aucs, xerr=errors, color=colours, capsize=3)
+        ax.set_yticks(range(len(rows)), [r.method.label for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlim(min([0.4] + [r.auc_ci[0] - 0.05 for r in rows]), 1.0)
+        ax.axvline(0.5, color="k", linewidth=0.6, linestyle=":")
+        ax.set_title(title, fontsize=9)
+    ax.set_xlabel("pair ROC-AUC on unseen test items (95 % bootstrap CI)")
     figure.savefig(path, dpi=120)
 
 
@@ -541,6 +630,7 @@ def cub_splits(cfg: FewShotConfig, train: bool) -> tuple[Split, Split]:
     test_tf = v2.Compose([v2.Resize((round(1.15 * size),) * 2, antialias=True), v2.CenterCrop(size), *normalise])
     train_tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *normalise])
     splits = []
+    assert cfg.root is not None
     for protocol in ("fewshot_base", "fewshot_novel"):
         ds = CUB200(cfg.root, protocol=protocol, attributes=True)
         tf = train_tf if train and protocol == "fewshot_base" else test_tf
@@ -786,7 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fewshot", action="store_true", help="with --quick: also run a small part 2")
     parser.add_argument("--no-fewshot", action="store_true", help="skip part 2 (few-shot protocol)")
     parser.add_argument("--out", default=None, help="write results.json and pan_compatibility.png here")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick, else torch's choice)"
+    )
     parser.add_argument("--rule", default=None, choices=("or", "and", "xnor", "xor"), help="part 1 rule (default or)")
     parser.add_argument("--noise", type=float, default=None, help="part 1: share of flipped training labels")
     parser.add_argument("--steps", type=int, default=None, help="part 1: training steps of every method")
@@ -805,8 +897,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None, help="part 2: CUB data-loader workers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = 1 if args.threads is None and args.quick else args.threads  # small tensors: one thread is fastest
+    if threads is not None:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     output: dict[str, Any] = {}
     if args.root is None:
@@ -815,6 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rule": args.rule,
             "noise": args.noise,
             "steps": args.steps,
+            "feature_steps": args.steps,
             "margin": args.margin,
             "seed": args.seed,
         }
@@ -824,10 +918,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_compatibility_table(task, results))
         print(f"part 1 wall time {time.perf_counter() - start:.1f} s")
         output = results_json(task, results, cfg)
+        part1b_start = time.perf_counter()
+        feature_cfg = replace(
+            cfg, inputs="attributes", labelled_pairs=cfg.feature_pairs, steps=cfg.feature_steps, lr=cfg.feature_lr
+        )
+        feature_task, feature_results = run_compatibility(feature_cfg)
+        print()
+        print(
+            f"Part 1b: frozen features that carry the attributes (one-hot attributes + N(0, "
+            f"{feature_cfg.feature_noise:g}^2) noise), {feature_cfg.feature_pairs} labelled pairs, "
+            f"{feature_cfg.steps} full-batch steps; embeddings: a linear metric, PAN: the head on the features"
+        )
+        print(format_compatibility_table(feature_task, feature_results))
+        print(f"part 1b wall time {time.perf_counter() - part1b_start:.1f} s")
+        output["attribute_inputs"] = results_json(feature_task, feature_results, feature_cfg)
         if args.out is not None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            save_figure(task, results, out / "pan_compatibility.png")
+            save_figure(task, results, out / "pan_compatibility.png", feature_results)
     run_part2 = args.root is not None or (not args.no_fewshot and (not args.quick or args.fewshot))
     if run_part2:
         part2_start = time.perf_counter()

@@ -33,11 +33,13 @@ from torchvision import tv_tensors
 sys.path.insert(0, str(Path(__file__).parent / "datasets"))
 import _builders as build
 
+import dml_bias
 from dml_bias import datasets as DS
 from dml_bias import distributed as dist
 from dml_bias import heads as H
 from dml_bias import losses as L
 from dml_bias import metrics as M
+from dml_bias import retrieval as R
 from dml_bias import similarity as S
 from dml_bias import transforms as T
 from dml_bias.datasets import (
@@ -1170,7 +1172,7 @@ CASES["dml_bias.metrics.evaluator:RetrievalEvaluator"] = [
         "update|empty|no embeddings",
     ),
 ]
-CASES["dml_bias.metrics.outfits:fitb_accuracy"] = [
+CASES["dml_bias.metrics.protocols:fitb_accuracy"] = [
     Bad(
         "NaN scores",
         lambda: M.fitb_accuracy(with_value(torch.rand(3, 4), NAN), torch.zeros(3, dtype=torch.long)),
@@ -1190,7 +1192,7 @@ CASES["dml_bias.metrics.outfits:fitb_accuracy"] = [
         "scores must be",
     ),
 ]
-CASES["dml_bias.metrics.outfits:compatibility_auc"] = [
+CASES["dml_bias.metrics.protocols:compatibility_auc"] = [
     Bad(
         "one class only",
         lambda: M.compatibility_auc(torch.rand(4), torch.ones(4, dtype=torch.long)),
@@ -1758,78 +1760,78 @@ CASES["dml_bias.heads.pairwise:sample_pairs"] = [
     Bad("no positive pair", lambda: H.sample_pairs(torch.arange(6), 4), ValueError, "labels"),
     Bad("10**12 pairs", lambda: H.sample_pairs(LAB, 10**12), MemoryError, r"num_pairs=1000000000000 pairs do not fit"),
 ]
-CASES["dml_bias.heads.pairwise:few_shot_episodes"] = [
+CASES["dml_bias.metrics.protocols:few_shot_episodes"] = [
     Bad(
         "n_way beyond classes",
-        lambda: next(H.few_shot_episodes(LAB, n_way=5, k_shot=1, n_query=1)),
+        lambda: next(M.few_shot_episodes(LAB, n_way=5, k_shot=1, n_query=1)),
         ValueError,
         "n_way",
     ),
-    Bad("k_shot 0", lambda: next(H.few_shot_episodes(LAB, n_way=2, k_shot=0, n_query=1)), ValueError, "k_shot must be"),
+    Bad("k_shot 0", lambda: next(M.few_shot_episodes(LAB, n_way=2, k_shot=0, n_query=1)), ValueError, "k_shot must be"),
     Bad(
         "too few samples",
-        lambda: next(H.few_shot_episodes(LAB, n_way=2, k_shot=2, n_query=1)),
+        lambda: next(M.few_shot_episodes(LAB, n_way=2, k_shot=2, n_query=1)),
         ValueError,
         "k_shot|n_query|samples",
     ),
 ]
-CASES["dml_bias.heads.pairwise:few_shot_accuracy"] = [
+CASES["dml_bias.metrics.protocols:few_shot_accuracy"] = [
     Bad(
         "features of another length",
-        lambda: H.few_shot_accuracy(head(), emb(5), LAB, n_way=2, k_shot=1, n_query=1),
+        lambda: M.few_shot_accuracy(head(), emb(5), LAB, n_way=2, k_shot=1, n_query=1),
         ValueError,
         "labels|features",
     ),
     Bad(
         "ddof negative",
-        lambda: H.few_shot_accuracy(head(), emb(), LAB, n_way=2, k_shot=1, n_query=1, ddof=-1),
+        lambda: M.few_shot_accuracy(head(), emb(), LAB, n_way=2, k_shot=1, n_query=1, ddof=-1),
         ValueError,
         "ddof",
     ),
     Bad(
         "NaN features",
-        lambda: H.few_shot_accuracy(head(), with_value(emb(), NAN), LAB, n_way=2, k_shot=1, n_query=1),
+        lambda: M.few_shot_accuracy(head(), with_value(emb(), NAN), LAB, n_way=2, k_shot=1, n_query=1),
         ValueError,
         "features must be finite",
     ),
 ]
-CASES["dml_bias.heads.pairwise:fitb_scores"] = [
-    Bad("item beyond features", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [2, 99])]), ValueError, "questions"),
+CASES["dml_bias.metrics.protocols:fitb_scores"] = [
+    Bad("item beyond features", lambda: M.fitb_scores(head(), emb(8), [([0, 1], [2, 99])]), ValueError, "questions"),
     Bad(
         "chunk_size 0",
-        lambda: H.fitb_scores(head(), emb(8), [([0, 1], [2, 3])], chunk_size=0),
+        lambda: M.fitb_scores(head(), emb(8), [([0, 1], [2, 3])], chunk_size=0),
         ValueError,
         "chunk_size must be",
     ),
-    Bad("no candidates", lambda: H.fitb_scores(head(), emb(8), [([0, 1], [])]), ValueError, "questions"),
+    Bad("no candidates", lambda: M.fitb_scores(head(), emb(8), [([0, 1], [])]), ValueError, "questions"),
     Bad(
         "NaN features",
-        lambda: H.fitb_scores(head(), with_value(emb(8), NAN), [([0, 1], [2, 3])]),
+        lambda: M.fitb_scores(head(), with_value(emb(8), NAN), [([0, 1], [2, 3])]),
         ValueError,
         "features must be finite",
     ),
     Bad(
         "a head giving NaN scores",
-        lambda: H.fitb_scores(lambda a, b: torch.full((a.shape[0],), NAN), emb(8), [([0, 1], [2, 3])]),
+        lambda: M.fitb_scores(lambda a, b: torch.full((a.shape[0],), NAN), emb(8), [([0, 1], [2, 3])]),
         ValueError,
         r"the scores of head\(h1, h2\) must be finite",
     ),
 ]
-CASES["dml_bias.heads.pairwise:compatibility_scores"] = [
-    Bad("item beyond features", lambda: H.compatibility_scores(head(), emb(6), [[0, 9]]), ValueError, "outfits"),
-    Bad("one-item outfit", lambda: H.compatibility_scores(head(), emb(6), [[0]]), ValueError, "outfits"),
-    Bad("1-D features", lambda: H.compatibility_scores(head(), torch.rand(6), [[0, 1]]), ValueError, "features"),
+CASES["dml_bias.metrics.protocols:compatibility_scores"] = [
+    Bad("item beyond features", lambda: M.compatibility_scores(head(), emb(6), [[0, 9]]), ValueError, "outfits"),
+    Bad("one-item outfit", lambda: M.compatibility_scores(head(), emb(6), [[0]]), ValueError, "outfits"),
+    Bad("1-D features", lambda: M.compatibility_scores(head(), torch.rand(6), [[0, 1]]), ValueError, "features"),
     Bad(
         "inf features",
-        lambda: H.compatibility_scores(head(), with_value(emb(6), INF), [[0, 1]]),
+        lambda: M.compatibility_scores(head(), with_value(emb(6), INF), [[0, 1]]),
         ValueError,
         "features must be finite",
     ),
 ]
-CASES["dml_bias.heads.verification:spatial_verification"] = [
+CASES["dml_bias.retrieval.verification:spatial_verification"] = [
     Bad(
         "locations of another length",
-        lambda: H.spatial_verification(
+        lambda: R.spatial_verification(
             local_features()[0][:5], local_features()[1], [local_features()[0]], [local_features()[1]]
         ),
         ValueError,
@@ -1837,7 +1839,7 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
     ),
     Bad(
         "3 coordinates",
-        lambda: H.spatial_verification(
+        lambda: R.spatial_verification(
             torch.rand(12, 3), local_features()[1], [local_features()[0]], [local_features()[1]]
         ),
         ValueError,
@@ -1845,13 +1847,13 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
     ),
     Bad(
         "max_trials 0",
-        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], max_trials=0),
+        lambda: R.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], max_trials=0),
         ValueError,
         "max_trials must be",
     ),
     Bad(
         "NaN descriptors",
-        lambda: H.spatial_verification(
+        lambda: R.spatial_verification(
             local_features()[0], with_value(local_features()[1], NAN), [local_features()[0]], [local_features()[1]]
         ),
         ValueError,
@@ -1859,7 +1861,7 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
     ),
     Bad(
         "inf index location",
-        lambda: H.spatial_verification(
+        lambda: R.spatial_verification(
             *local_features(), [with_value(local_features()[0], INF)], [local_features()[1]]
         ),
         ValueError,
@@ -1867,7 +1869,7 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
     ),
     Bad(
         "NaN in a padded index",
-        lambda: H.spatial_verification(
+        lambda: R.spatial_verification(
             *local_features(), with_value(local_features()[0], NAN)[None], local_features()[1][None]
         ),
         ValueError,
@@ -1875,21 +1877,21 @@ CASES["dml_bias.heads.verification:spatial_verification"] = [
     ),
     Bad(
         "ratio_test 1.5",
-        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], ratio_test=1.5),
+        lambda: R.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], ratio_test=1.5),
         ValueError,
         "ratio_test must be",
     ),
     Bad(
         "seed 2**64",
-        lambda: H.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], seed=2**64),
+        lambda: R.spatial_verification(*local_features(), [local_features()[0]], [local_features()[1]], seed=2**64),
         ValueError,
         r"seed must be an integer in \[-9223372036854775808, 18446744073709551615\]",
     ),
 ]
-CASES["dml_bias.heads.verification:rerank"] = [
+CASES["dml_bias.retrieval.reranking:rerank"] = [
     Bad(
         "scores of another shape",
-        lambda: H.rerank(
+        lambda: R.rerank(
             torch.tensor([[0, 1]]),
             torch.tensor([[0.9]]),
             [local_features()[0]],
@@ -1902,7 +1904,7 @@ CASES["dml_bias.heads.verification:rerank"] = [
     ),
     Bad(
         "rank beyond the index",
-        lambda: H.rerank(
+        lambda: R.rerank(
             torch.tensor([[0, 5]]),
             torch.tensor([[0.9, 0.8]]),
             [local_features()[0]],
@@ -1915,7 +1917,7 @@ CASES["dml_bias.heads.verification:rerank"] = [
     ),
     Bad(
         "num_to_rerank 0",
-        lambda: H.rerank(
+        lambda: R.rerank(
             torch.tensor([[0, 1]]),
             torch.tensor([[0.9, 0.8]]),
             [local_features()[0]],
@@ -1929,7 +1931,7 @@ CASES["dml_bias.heads.verification:rerank"] = [
     ),
     Bad(
         "junk=[5] (an int, not one list per query)",
-        lambda: H.rerank(
+        lambda: R.rerank(
             torch.tensor([[0]]),
             torch.tensor([[0.9]]),
             [local_features()[0]],
@@ -1941,6 +1943,29 @@ CASES["dml_bias.heads.verification:rerank"] = [
         TypeError,
         r"junk\[0\] must be an iterable of integer database indices .*got int 5",
     ),
+]
+
+
+def checks_from_environment(value: str) -> bool:
+    """``dml_bias.checks_enabled()`` as it reads ``DML_BIAS_CHECKS=value`` on first use (the switch restored)."""
+    from dml_bias import _checks
+
+    saved = list(_checks._checks_state)
+    _checks._checks_state.clear()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DML_BIAS_CHECKS", value)
+            return dml_bias.checks_enabled()
+    finally:
+        _checks._checks_state[:] = saved
+
+
+CASES["dml_bias:set_checks"] = [
+    Bad("enabled=0 (an int)", lambda: dml_bias.set_checks(0), TypeError, "enabled must be a bool, got int 0"),
+    Bad("enabled='off'", lambda: dml_bias.set_checks("off"), TypeError, "enabled must be a bool"),
+]
+CASES["dml_bias:checks_enabled"] = [
+    Bad("DML_BIAS_CHECKS=maybe", lambda: checks_from_environment("maybe"), ValueError, "DML_BIAS_CHECKS must be"),
 ]
 
 # --- the bias study (resolved at call time: the package grows while this file is written)
@@ -1955,6 +1980,15 @@ CASES[f"{B}.config:StudyConfig"] = [
     Bad("progress 'no'", lambda: api(f"{B}:StudyConfig")(progress="no").validate(), TypeError, "progress must be"),
     Bad("device cpu:1", lambda: api(f"{B}:StudyConfig")(device="cpu:1").validate(), ValueError, "device must be 'cpu'"),
     Bad("seed 2**63", lambda: api(f"{B}:StudyConfig")(seed=2**63).validate(), ValueError, r"seed must be an integer"),
+    Bad("num_threads 0", lambda: api(f"{B}:StudyConfig")(num_threads=0).validate(), ValueError, "num_threads must"),
+]
+CASES[f"{B}.config:RunSpec"] = [
+    Bad("unknown loss", lambda: api(f"{B}:RunSpec")("focal", "none"), ValueError, "loss must be one of"),
+    Bad("unknown mode", lambda: api(f"{B}:RunSpec")("proxy_anchor", "blur"), ValueError, "mode must be one of"),
+    Bad("soft without sigma", lambda: api(f"{B}:RunSpec")("proxy_anchor", "soft"), ValueError, "sigma must be a"),
+    Bad("soft sigma 1.5", lambda: api(f"{B}:RunSpec")("proxy_anchor", "soft", 1.5), ValueError, "sigma must be"),
+    Bad("soft sigma '0.2'", lambda: api(f"{B}:RunSpec")("proxy_anchor", "soft", "0.2"), TypeError, "sigma must be"),
+    Bad("sigma for hard", lambda: api(f"{B}:RunSpec")("proxy_anchor", "hard", 0.2), ValueError, "sigma must be None"),
 ]
 CASES[f"{B}.study:run_study"] = [
     Bad("config of the wrong type", lambda: api(f"{B}:run_study")({"epochs": 1}), TypeError, "config"),
@@ -2428,7 +2462,7 @@ def mutation_calls() -> dict[str, Callable[[], tuple[list[Any], Callable[[], Any
         lambda hd, a, b: ([hd, a, b], lambda: H.pan_loss(hd(a, b), torch.tensor([1, 0, 1, 0]), lam=0.0).backward())
     )(H.ConditionalSimilarity(4, 2), emb(4).requires_grad_(True), emb(4, 4) * 2)
     calls["spatial_verification"] = lambda: (
-        lambda q, d: ([q, d], lambda: H.spatial_verification(q, d, [q + 1.0], [d], max_trials=20))
+        lambda q, d: ([q, d], lambda: R.spatial_verification(q, d, [q + 1.0], [d], max_trials=20))
     )(*feats)
     calls["pairwise"] = lambda: (lambda x, y: ([x, y], lambda: (S.pairwise(x, y), S.normalize(x))))(emb(), emb(3))
     calls["foreground_energy"] = lambda: (
@@ -2545,8 +2579,8 @@ def test_padding_past_index_lengths_may_hold_anything() -> None:
     padded_loc = torch.cat([loc, torch.full((3, 2), NAN)])[None]
     padded_desc = torch.cat([desc, torch.full((3, desc.shape[1]), INF)])[None]
     lengths = torch.tensor([loc.shape[0]])
-    got = H.spatial_verification(loc, desc, padded_loc, padded_desc, index_lengths=lengths, max_trials=50)
-    assert torch.equal(got, H.spatial_verification(loc, desc, [loc], [desc], max_trials=50))
+    got = R.spatial_verification(loc, desc, padded_loc, padded_desc, index_lengths=lengths, max_trials=50)
+    assert torch.equal(got, R.spatial_verification(loc, desc, [loc], [desc], max_trials=50))
 
 
 # ---------------------------------------------------------------------------------------------- extreme values

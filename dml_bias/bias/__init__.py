@@ -36,7 +36,7 @@ from dml_bias.bias.attribution import (
     similarity_decomposition,
 )
 from dml_bias.bias.audit import MASK_INPUTS, AuditError, AuditResult, audit
-from dml_bias.bias.config import DATASETS, LOSSES, METRIC_KEYS, MODES, VARIANTS, StudyConfig, StudyError
+from dml_bias.bias.config import DATASETS, LOSSES, METRIC_KEYS, MODES, VARIANTS, RunSpec, StudyConfig, StudyError
 from dml_bias.bias.models import EmbeddingHead, SmallCNN, build_resnet50
 from dml_bias.bias.result import StudyResult
 from dml_bias.bias.study import run_study
@@ -55,6 +55,7 @@ __all__ = [
     "EmbeddingHead",
     "ForegroundEnergy",
     "PairwiseDecomposition",
+    "RunSpec",
     "SimilarityDecomposition",
     "SmallCNN",
     "StudyConfig",

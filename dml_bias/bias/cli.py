@@ -124,8 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="variants for queries and gallery (both, default, as Kobs & Hotho) or queries only",
     )
-    study.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader workers (default: 0)")
-    study.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all usable)")
+    study.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=0,
+        help="DataLoader worker processes for training batches (default: 0, i.e. in the main process: the synthetic "
+        "data is in memory)",
+    )
+    study.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: 1 on the synthetic data, whose small operations run slower with more "
+        "threads when other processes share the cores; all usable CPUs with --dataset cub; OMP_NUM_THREADS, if "
+        "set, is respected)",
+    )
     study.add_argument("--top", type=_positive_int, default=10, help="classes shown in the per-class report")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

@@ -22,6 +22,7 @@ __all__ = [
     "METRIC_KEYS",
     "MODES",
     "VARIANTS",
+    "RunSpec",
     "StudyConfig",
     "StudyError",
 ]
@@ -68,6 +69,64 @@ class StudyError(Exception):
     """
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model of the study: the loss it is trained with, its training mode and (soft mode only) its σ.
+
+    :meth:`StudyConfig.run_specs` lists them; the study trains and evaluates one model per spec. In
+    ``results.json`` a run keeps the plain fields ``"loss"``, ``"mode"`` and ``"sigma"`` (:meth:`to_dict`).
+
+    Args:
+        loss: One of :data:`LOSSES`.
+        mode: One of :data:`MODES`.
+        sigma: The soft mask's σ, a number in ``(0, 1)``, for ``mode="soft"`` (stored as a ``float``); ``None`` for
+            every other mode.
+
+    Raises:
+        ValueError: An unknown loss or mode, a soft mode without a σ in ``(0, 1)``, or a σ for another mode.
+        TypeError: A σ that is not a real number (such as the string ``"0.2"``).
+
+    Example:
+        >>> spec = RunSpec("proxy_anchor", "soft", 0.2)
+        >>> spec.name, spec.to_dict()
+        ('soft σ=0.2', {'loss': 'proxy_anchor', 'mode': 'soft', 'sigma': 0.2})
+        >>> RunSpec("multi_similarity", "hard").name
+        'hard'
+    """
+
+    loss: str
+    mode: str
+    sigma: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.loss, "loss", LOSSES)
+        check_choice(self.mode, "mode", MODES)
+        if self.mode == "soft":
+            if self.sigma is None:
+                raise ValueError("sigma must be a number in (0, 1) when mode='soft', got None")
+            check_number(self.sigma, "sigma", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+            object.__setattr__(self, "sigma", float(self.sigma))
+        elif self.sigma is not None:
+            raise ValueError(f"sigma must be None unless mode='soft', got {self.sigma!r} with mode={self.mode!r}")
+
+    @property
+    def name(self) -> str:
+        """The run's display name, such as ``"none"``, ``"soft σ=0.2"`` or ``"hard"``."""
+        return f"soft σ={self.sigma:g}" if self.mode == "soft" else self.mode
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"loss", "mode", "sigma"}``, the fields a run of ``results.json`` starts with."""
+        return {"loss": self.loss, "mode": self.mode, "sigma": self.sigma}
+
+
 @dataclass
 class StudyConfig:
     """Everything that defines a study run; :meth:`StudyConfig.quick` gives the reduced CI configuration.
@@ -95,7 +154,9 @@ class StudyConfig:
         epochs: Training epochs per model; ``None``: 8 (synthetic) or 60 (CUB).
         seed: Seed of the data, the initialisation, the sampler and the variants' donors, in ``[0, 2**32 - 1]``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, … (``"cpu:1"`` is rejected: there is one CPU device).
-        num_workers: DataLoader worker processes for training batches.
+        num_workers: DataLoader worker processes for training batches; 0 (the default) loads them in the main
+            process, which suits the synthetic data held in memory (workers would only add processes competing
+            for the same cores); CUB, decoding JPEGs, may gain from a few.
         num_classes: *synthetic*: classes per split.
         images_per_class: *synthetic*: images per class.
         image_size: Side of the model's input images in pixels; ``None``: 32 (synthetic) or 224 (CUB: training crops
@@ -122,8 +183,12 @@ class StudyConfig:
         attribution_images: Test images per class (the first ones of each class) on which every model's
             attribution maps, foreground energy and background sensitivity are measured
             (:mod:`dml_bias.bias.attribution`); 0 switches these measures off.
-        num_threads: CPU threads for torch; ``None``: the CPUs this process may use (unless ``OMP_NUM_THREADS``
-            is set), restored afterwards.
+        num_threads: torch's CPU (intra-op) threads during the study, restored afterwards; ``None``: 1 on the
+            synthetic data, the CPUs this process may use on CUB, and torch's own setting when ``OMP_NUM_THREADS``
+            is set (:meth:`resolved_threads`). The synthetic study's tiny models run ~1000 operations of ~16 µs
+            per training step: more threads barely help on idle cores and, on cores that other processes also
+            use, make every operation wait for a descheduled thread (measured 2–8× slower with 2 threads than
+            with 1 on a busy 2-core machine; see the study guide).
         progress: Show tqdm progress bars (on stderr); ``True`` or ``False``.
         out_dir: If set (a non-empty path), ``results.json`` is written there after every completed run (so an
             interrupted study keeps its finished runs).
@@ -134,7 +199,7 @@ class StudyConfig:
 
     Example:
         >>> cfg = StudyConfig.quick(losses=("proxy_anchor",), modes=("none", "hard"))
-        >>> [(r["loss"], r["mode"]) for r in cfg.run_specs()]
+        >>> [(r.loss, r.mode) for r in cfg.run_specs()]
         [('proxy_anchor', 'none'), ('proxy_anchor', 'hard')]
     """
 
@@ -245,6 +310,23 @@ class StudyConfig:
         out["from_recipe"] = from_recipe
         return out
 
+    def resolved_threads(self) -> int | None:
+        """The torch CPU threads the study sets: ``num_threads``, else the data set's default (``None``: torch's own).
+
+        ``None`` when ``num_threads`` is ``None`` and ``OMP_NUM_THREADS`` is set (torch already follows it); else 1
+        for the synthetic data (small operations, see ``num_threads``) and the usable CPUs for CUB (ResNet-50
+        operations are large enough for threads to pay off).
+
+        Example:
+            >>> StudyConfig(num_threads=3).resolved_threads()
+            3
+        """
+        if self.num_threads is not None:
+            return self.num_threads
+        if "OMP_NUM_THREADS" in os.environ:
+            return None
+        return usable_cpus() if self.dataset == "cub" else 1
+
     def resolved_homes(self) -> tuple[int, int | None]:
         """``(num_backgrounds, unique_homes)`` as passed to the synthetic data set (see the field docs).
 
@@ -268,6 +350,13 @@ class StudyConfig:
             ...
             ValueError: modes must be one of 'none', 'soft', 'hard', 'channel', 'bg_augment', got 'blur'
         """
+        self._validate_names()
+        self._validate_data()
+        self._validate_training()
+        self._validate_runtime()
+
+    def _validate_names(self) -> None:
+        """The data set, losses, modes, variants, σ values, swap protocol and report variant."""
         check_choice(self.dataset, "dataset", DATASETS)
         for name, values, choices in (
             ("losses", self.losses, LOSSES),
@@ -282,17 +371,19 @@ class StudyConfig:
                 raise ValueError(f"{name} must not repeat a name, got {values!r}")
         check_choice(self.swap, "swap", _SWAPS)
         check_choice(self.report_variant, "report_variant", VARIANTS)
-        check_number(self.attribution_images, "attribution_images", low=0, integer=True)
         if "soft" in self.modes:
             if len(self.soft_sigmas) == 0:
                 raise ValueError("soft_sigmas must hold at least one σ when modes contains 'soft', got ()")
             for s in self.soft_sigmas:
                 check_number(s, "soft_sigmas", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        if self.epochs is not None:
-            check_number(self.epochs, "epochs", low=1, integer=True)
+        if self.dataset == "cub" and not self.root:
+            raise ValueError("root must be the CUB-200-2011 folder when dataset='cub', got None")
+
+    def _validate_data(self) -> None:
+        """The seed and the sizes of the data and of the model."""
+        check_number(self.attribution_images, "attribution_images", low=0, integer=True)
         # The study derives further seeds as seed * 1000 + k, which torch.Generator takes up to 2**64 - 1.
         check_number(self.seed, "seed", low=0, high=2**32 - 1, integer=True)
-        check_number(self.num_workers, "num_workers", low=0, integer=True)
         check_number(self.num_classes, "num_classes", low=2, integer=True)
         check_number(self.images_per_class, "images_per_class", low=2, integer=True)
         if self.image_size is not None:
@@ -312,6 +403,11 @@ class StudyConfig:
         if self.embedding_size is not None:
             check_number(self.embedding_size, "embedding_size", low=1, integer=True)
         check_number(self.width, "width", low=1, integer=True)
+
+    def _validate_training(self) -> None:
+        """Epochs, batch layout, learning rates and weight decay (the resolved recipe of every loss)."""
+        if self.epochs is not None:
+            check_number(self.epochs, "epochs", low=1, integer=True)
         for name in ("m_per_class", "batch_size"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, low=2 if name == "m_per_class" else 1, integer=True)
@@ -330,14 +426,16 @@ class StudyConfig:
                     f"got batch_size={batch}, m_per_class={m}"
                 )
         check_number(self.proxy_lr_mult, "proxy_lr_mult", low=0.0, low_inclusive=False)
+
+    def _validate_runtime(self) -> None:
+        """Device, threads, workers, progress bars and the output directory."""
+        check_number(self.num_workers, "num_workers", low=0, integer=True)
         if self.num_threads is not None:
             check_number(self.num_threads, "num_threads", low=1, integer=True)
         if not isinstance(self.save_models, bool):
             raise TypeError(f"save_models must be True or False, got {type(self.save_models).__name__}")
         if self.save_models and self.out_dir is None:
             raise ValueError("save_models=True needs out_dir (the models go into out_dir/models/), got out_dir=None")
-        if self.dataset == "cub" and not self.root:
-            raise ValueError("root must be the CUB-200-2011 folder when dataset='cub', got None")
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a torch device string such as 'cpu' or 'cuda', got {self.device!r}")
         try:
@@ -358,15 +456,20 @@ class StudyConfig:
             if not str(os.fspath(self.out_dir)).strip():
                 raise ValueError(f"out_dir must name a directory (None: no files), got {self.out_dir!r}")
 
-    def run_specs(self) -> list[dict[str, Any]]:
-        """One ``{"loss", "mode", "sigma"}`` dict per model to train, losses outermost (``sigma`` only for soft)."""
-        specs: list[dict[str, Any]] = []
+    def run_specs(self) -> list[RunSpec]:
+        """One :class:`RunSpec` per model to train, losses outermost (one per σ for the soft mode).
+
+        Example:
+            >>> [spec.name for spec in StudyConfig(losses=("proxy_anchor",), soft_sigmas=(0.3,)).run_specs()]
+            ['none', 'soft σ=0.3', 'hard', 'channel', 'bg_augment']
+        """
+        specs: list[RunSpec] = []
         for loss in self.losses:
             for mode in self.modes:
                 if mode == "soft":
-                    specs.extend({"loss": loss, "mode": mode, "sigma": float(s)} for s in self.soft_sigmas)
+                    specs.extend(RunSpec(loss, mode, float(s)) for s in self.soft_sigmas)
                 else:
-                    specs.append({"loss": loss, "mode": mode, "sigma": None})
+                    specs.append(RunSpec(loss, mode))
         return specs
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,14 +479,10 @@ class StudyConfig:
         d["embedding_size_resolved"] = self.resolved_embedding_size()
         d["image_size_resolved"] = self.resolved_image_size()
         d["num_backgrounds_resolved"], d["unique_homes_resolved"] = self.resolved_homes()
+        d["num_threads_resolved"] = self.resolved_threads()
         d["training_resolved"] = {
             loss: {k: v for k, v in self.resolved_training(loss).items() if k != "from_recipe"}
             for loss in self.losses
             if loss in LOSSES
         }
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def run_name(run: dict[str, Any]) -> str:
-    """A short display name for a run spec: ``"none"``, ``"soft σ=0.2"``, ``"hard"``, …."""
-    return f"soft σ={run['sigma']:g}" if run["mode"] == "soft" else str(run["mode"])

@@ -241,6 +241,11 @@ class StudyData:
         return int(self.train_dataset.num_classes)
 
     @property
+    def num_train_images(self) -> int:
+        """Images of the training split (one epoch)."""
+        return int(self.train.labels.numel()) if self.train is not None else len(self.train_dataset)
+
+    @property
     def input_size(self) -> int:
         """Side of the model's input images."""
         return int(self.test.images.shape[-1])

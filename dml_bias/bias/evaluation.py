@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias.bias.config import METRIC_KEYS, VARIANTS, StudyConfig
+from dml_bias.bias.config import METRIC_KEYS, VARIANTS, RunSpec, StudyConfig
 from dml_bias.bias.data import Split, StudyData, model_input
 
 __all__: list[str] = []
@@ -90,7 +90,7 @@ def evaluate_retrieval(
     config: StudyConfig,
     data: StudyData,
     model: nn.Module,
-    spec: dict[str, Any],
+    spec: RunSpec,
     variants: list[str],
     device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
@@ -105,7 +105,7 @@ def evaluate_retrieval(
     run: dict[str, Any] = {}
     kept: dict[str, dict[str, torch.Tensor]] = {}
     evaluations = [("metrics", False)]
-    if spec["mode"] not in ("none", "bg_augment"):
+    if spec.mode not in ("none", "bg_augment"):
         evaluations.append(("metrics_raw", True))
     per_class_all: dict[str, dict[str, dict[int, float]]] = {}
     class_counts: dict[int, int] = {}
@@ -113,9 +113,9 @@ def evaluate_retrieval(
         run[key], per_class_all[key] = {}, {}
         gallery = None
         if config.swap == "queries":
-            gallery = embed(model, data.variant("original"), spec["mode"], spec["sigma"], raw, data, device)
+            gallery = embed(model, data.variant("original"), spec.mode, spec.sigma, raw, data, device)
         for v in variants:
-            emb = embed(model, data.variant(v), spec["mode"], spec["sigma"], raw, data, device)
+            emb = embed(model, data.variant(v), spec.mode, spec.sigma, raw, data, device)
             summary, per_class = retrieval_summary(emb, test.labels, gallery)
             run[key][v] = summary
             per_class_all[key][v] = {c: pc["recall@1"] for c, pc in per_class.items()}
@@ -222,7 +222,7 @@ def attribution_layer(model: nn.Module) -> str:
 
 def evaluate_attribution(
     model: nn.Module,
-    spec: dict[str, Any],
+    spec: RunSpec,
     data: StudyData,
     subset: AttributionSubset,
     original: dict[str, torch.Tensor],
@@ -241,7 +241,7 @@ def evaluate_attribution(
 
     Args:
         model: The trained model.
-        spec: The run's ``{"loss", "mode", "sigma"}``.
+        spec: The run's loss, mode and σ.
         data: The study's data.
         subset: From :func:`attribution_subset`.
         original: The model's own-mode embeddings of the original test images (``"query"``, ``"gallery"``).
@@ -255,7 +255,7 @@ def evaluate_attribution(
     from dml_bias.metrics import knn
     from dml_bias.transforms.functional import foreground_mask
 
-    mode, sigma = spec["mode"], spec["sigma"]
+    mode, sigma = spec.mode, spec.sigma
     test = data.test
     idx = subset.indices
     labels = test.labels[idx]
@@ -312,7 +312,7 @@ def evaluate_attribution(
         query_emb = original["query"][idx].to(device)
         neighbour_maps = _attribution_maps(model, neighbour_in, query_emb, layer)
         figure = {
-            "name": spec.get("name", mode),
+            "name": spec.name,
             "query_maps": maps,
             "neighbour_maps": neighbour_maps,
             "neighbours": neighbours,

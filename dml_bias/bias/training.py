@@ -7,12 +7,14 @@ the study (``__all__`` is empty).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from dml_bias.bias.config import StudyConfig
+from dml_bias.bias.config import RunSpec, StudyConfig
 from dml_bias.bias.data import StudyData, model_input
 
 __all__: list[str] = []
@@ -39,23 +41,56 @@ def freeze_bn(model: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block from torch's global random state seeded with ``seed``; afterwards the state is as before.
+
+    Module initialisation (``reset_parameters``) and the training flips of torchvision's transforms draw from the
+    global state, which takes no generator: the block gets a forked copy (CPU, and every CUDA device when
+    ``device`` is one), so the caller's random state is neither read nor changed.
+    """
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_model(
-    config: StudyConfig, data: StudyData, spec: dict[str, Any], device: torch.device, bar_desc: str
+    config: StudyConfig,
+    data: StudyData,
+    spec: RunSpec,
+    device: torch.device,
+    bar_desc: str,
+    on_epoch: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
     """Train one model; return it, the mean loss per epoch and the settings actually used.
 
     The settings (``lr``, ``weight_decay``, ``batch_size``, ``m_per_class``, ``epochs``) are the user's fields where
     set, else the recipe's (:meth:`~dml_bias.bias.StudyConfig.resolved_training`); a recipe batch larger than the
-    training classes allow is shrunk to fit.
+    training classes allow is shrunk to fit. Initialisation and training run from ``config.seed`` in a forked
+    random state (:func:`seeded`); the sampler and the background donors have their own generators.
+    ``on_epoch`` is called after every epoch (the study's progress bar).
     """
+    with seeded(config.seed, device):
+        model = build_model(config, spec.mode).to(device)
+        return _train(config, data, spec, model, device, bar_desc, on_epoch)
+
+
+def _train(
+    config: StudyConfig,
+    data: StudyData,
+    spec: RunSpec,
+    model: nn.Module,
+    device: torch.device,
+    bar_desc: str,
+    on_epoch: Callable[[], None] | None,
+) -> tuple[nn.Module, list[float], dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from dml_bias.losses import MultiSimilarityLoss, ProxyAnchorLoss
     from dml_bias.miners import MultiSimilarityMiner
 
-    mode, sigma, loss_name = spec["mode"], spec["sigma"], spec["loss"]
-    torch.manual_seed(config.seed)
-    model = build_model(config, mode).to(device)
+    mode, sigma, loss_name = spec.mode, spec.sigma, spec.loss
     cub = config.dataset == "cub"
     epochs = config.resolved_epochs()
     settings = config.resolved_training(loss_name)
@@ -115,6 +150,8 @@ def train_model(
             scheduler.step()
         history.append(total / max(count, 1))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if on_epoch is not None:
+            on_epoch()
     bar.close()
     used = {"lr": lr, "weight_decay": wd, "batch_size": batch, "m_per_class": m, "epochs": epochs}
     return model, history, used

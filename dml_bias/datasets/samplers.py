@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dml_bias._checks import check_labels, check_number
+from dml_bias._checks import check_bool, check_generator, check_labels, check_number
 
 __all__ = ["MPerClassBatchSampler"]
 
@@ -106,10 +106,8 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"m must not exceed batch_size, got m={m} and batch_size={batch_size}")
         if batch_size % m != 0:
             raise ValueError(f"batch_size must be a multiple of m, got batch_size={batch_size} and m={m}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}")
+        check_generator(generator)
+        check_bool(drop_last, "drop_last")
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         if num_replicas is None:
             num_replicas = torch.distributed.get_world_size() if dist_on else 1

@@ -2,11 +2,13 @@
 
 * :mod:`dml_bias.heads.pan`: the Concept-conditioned Similarity Module of PAN :cite:`mishra2021pan`
   (:class:`ConditionalSimilarity`), the logical attribute gates :func:`attribute_gate` and :class:`PANLoss`.
-* :mod:`dml_bias.heads.pairwise`: training pairs, :class:`PairwiseSimilarityModel` and the evaluation
-  protocols of PAN (few-shot episodes, fill-in-the-blank, outfit compatibility).
+* :mod:`dml_bias.heads.pairwise`: training pairs (:func:`sample_pairs`) and :class:`PairwiseSimilarityModel`.
 * :mod:`dml_bias.heads.pooling`: generalised-mean pooling (:class:`GeM`, :func:`gem`).
 * :mod:`dml_bias.heads.delg`: DELG :cite:`cao2020delg` global and local heads and the :class:`DELG` model.
-* :mod:`dml_bias.heads.verification`: batched RANSAC spatial verification and re-ranking.
+
+PAN's evaluation protocols moved to :mod:`dml_bias.metrics.protocols` and spatial verification and re-ranking
+to :mod:`dml_bias.retrieval`; their old names here still work, with a :class:`DeprecationWarning`, until release
+0.2.0.
 
 Example:
     >>> import torch
@@ -17,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
+from dml_bias._compat import moved_name
 from dml_bias.heads.delg import (
     DELG,
     DELGGlobalHead,
@@ -27,16 +32,7 @@ from dml_bias.heads.delg import (
     LocalHeadOutput,
     ReceptiveField,
 )
-from dml_bias.heads.pairwise import (
-    FewShotResult,
-    PairIndices,
-    PairwiseSimilarityModel,
-    compatibility_scores,
-    few_shot_accuracy,
-    few_shot_episodes,
-    fitb_scores,
-    sample_pairs,
-)
+from dml_bias.heads.pairwise import PairIndices, PairwiseSimilarityModel, sample_pairs
 from dml_bias.heads.pan import (
     GATES,
     JOINTS,
@@ -47,7 +43,6 @@ from dml_bias.heads.pan import (
     pan_loss,
 )
 from dml_bias.heads.pooling import GeM, gem
-from dml_bias.heads.verification import rerank, spatial_verification
 
 __all__: list[str] = [
     "DELG",
@@ -58,7 +53,6 @@ __all__: list[str] = [
     "DELGGlobalHead",
     "DELGLocalHead",
     "DELGOutput",
-    "FewShotResult",
     "GeM",
     "LocalFeatures",
     "LocalHeadLosses",
@@ -68,13 +62,21 @@ __all__: list[str] = [
     "PairwiseSimilarityModel",
     "ReceptiveField",
     "attribute_gate",
-    "compatibility_scores",
-    "few_shot_accuracy",
-    "few_shot_episodes",
-    "fitb_scores",
     "gem",
     "pan_loss",
-    "rerank",
     "sample_pairs",
-    "spatial_verification",
 ]
+
+#: Public names that moved out of :mod:`dml_bias.heads`, with their new module.
+MOVED: dict[str, str] = {
+    **{
+        name: "dml_bias.metrics"
+        for name in ("FewShotResult", "compatibility_scores", "few_shot_accuracy", "few_shot_episodes", "fitb_scores")
+    },
+    "rerank": "dml_bias.retrieval",
+    "spatial_verification": "dml_bias.retrieval",
+}
+
+
+def __getattr__(name: str) -> Any:
+    return moved_name(__name__, name, MOVED)

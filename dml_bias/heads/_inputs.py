@@ -1,6 +1,7 @@
 """The input policy of the heads: finite values, one device, and the parameters' dtype.
 
-Every head checks its floating-point inputs the way the losses do (:mod:`dml_bias.losses._common`):
+Every head checks its floating-point inputs the way the losses do (:mod:`dml_bias.losses._common`;
+:func:`~dml_bias._checks.check_has_data`, re-exported here, rejects meta tensors):
 
 * **finite**: NaN or infinite values raise :class:`ValueError` naming the argument (one reduction and one host
   sync, :func:`~dml_bias._checks.check_finite`), instead of flowing into a NaN descriptor or score;
@@ -18,21 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from dml_bias._checks import check_finite, check_same_device
-
-
-def check_has_data(**tensors: torch.Tensor | None) -> None:
-    """Raise :class:`ValueError` naming the first of ``tensors`` (``None`` skipped) that is a meta tensor.
-
-    A meta tensor has a shape but no values: the heads' checks and results need values (torch would fail later
-    with "Tensor.item() cannot be called on meta tensors").
-    """
-    for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
-            raise ValueError(
-                f"{name} must hold values (a tensor on a device such as cpu or cuda), got a meta tensor of shape "
-                f"{tuple(tensor.shape)}"
-            )
+from dml_bias._checks import check_finite, check_has_data, check_same_device
 
 
 def autocast_enabled(device: torch.device) -> bool:

@@ -36,8 +36,8 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
+from dml_bias._compat import compute_dtype, no_autocast
 from dml_bias.heads._inputs import autocast_enabled, check_has_data
-from dml_bias.losses._common import compute_dtype, no_autocast
 from dml_bias.similarity import normalize
 
 __all__ = [

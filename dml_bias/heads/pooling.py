@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dml_bias._checks import (
+    check_bool,
     check_dtype,
     check_factory_kwargs,
     check_finite,
@@ -166,8 +167,7 @@ class GeM(nn.Module):
         super().__init__()
         check_number(p, "p", low=0.0, low_inclusive=False)
         check_number(eps, "eps", low=0.0, low_inclusive=False)
-        if not isinstance(learnable, bool):
-            raise TypeError(f"learnable must be a bool, got {describe(learnable)}")
+        check_bool(learnable, "learnable")
         device = check_factory_kwargs(device, dtype)
         self.eps = float(eps)
         self.learnable = learnable

@@ -14,8 +14,7 @@ Nothing here is public; names and signatures may change.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +28,10 @@ from dml_bias._checks import (
     check_rows_finite,
     check_same_device,
     check_tensor,
+    checks_enabled,
     describe,
 )
+from dml_bias._compat import compute_dtype
 from dml_bias.distances import BaseDistance
 from dml_bias.similarity import METRICS, is_similarity, normalize, pairwise
 
@@ -53,14 +54,6 @@ def needs_nonzero_rows(distance: Distance) -> bool:
     if isinstance(distance, BaseDistance):
         return distance.normalize_embeddings
     return distance != "dot"
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype the loss math runs in: float64 if any input is float64, else float32 (half is upcast)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 #: The normalisation floor of float16 inputs: ``2**-9``. See :func:`norm_eps`.
@@ -108,16 +101,6 @@ def similarity_matrix(
     return pairwise(xn, yn, "dot" if distance == "cosine" else distance, normalize_embeddings=False)
 
 
-@contextlib.contextmanager
-def no_autocast(device: torch.device) -> Iterator[None]:
-    """Switch autocast off for ``device`` so the loss runs in the dtype we chose (float32 or float64)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    else:
-        yield
-
-
 def check_metric(distance: Distance) -> None:
     """Validate the ``distance=`` argument: a metric name or a :mod:`dml_bias.distances` object."""
     if isinstance(distance, BaseDistance):
@@ -140,12 +123,6 @@ def distance_is_similarity(distance: Distance) -> bool:
 def check_positive(value: float, name: str) -> None:
     """A strictly positive finite number (temperatures, scales, alpha/beta)."""
     check_number(value, name, low=0.0, low_inclusive=False)
-
-
-def check_bool(value: object, name: str) -> None:
-    """A ``bool`` flag."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {describe(value)}")
 
 
 def check_nonnegative(value: float, name: str) -> None:
@@ -223,7 +200,7 @@ def check_indices_tuple(
         if idx.device != device:
             raise ValueError(f"{full} must be on the same device as embeddings ({device}), got device {idx.device}")
         bound = num_rows if name in ("a", "a1", "a2") else num_cols
-        if idx.numel() > 0:
+        if idx.numel() > 0 and checks_enabled():  # a value check: one host sync (see dml_bias.set_checks)
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= bound:
                 raise ValueError(f"{full} must hold indices in [0, {bound - 1}], got values in [{lo}, {hi}]")
@@ -293,7 +270,8 @@ def prepare_batch(
     """Validate the PML-style loss arguments and upcast the embeddings.
 
     The embeddings (and ``extra``) must be finite and, for every ``distance`` but ``"dot"``, have no row of zero
-    norm (:func:`~dml_bias._checks.check_rows_finite`: one host sync).
+    norm (:func:`~dml_bias._checks.check_rows_finite`: one host sync), and the indices of ``indices_tuple`` must
+    lie inside the batch; these value checks are skipped when :func:`dml_bias.set_checks` switched them off.
 
     Args:
         embeddings: ``(N, D)`` floating.
@@ -333,12 +311,13 @@ def prepare_batch(
     y = None if same or ref_emb is None else ref_emb.to(dtype)
     upcast = {name: t.to(dtype) for name, t in extra.items()}
     check_metric(distance)
-    # On the upcast copies: no float16 norm overflow, and no extra copy (a float32 input is used as it is).
-    check_rows_finite(
-        {"embeddings": x, **({} if y is None else {"ref_emb": y}), **upcast},
-        nonzero=needs_nonzero_rows(distance),
-        originals={"embeddings": embeddings, **({} if ref_emb is None else {"ref_emb": ref_emb}), **extra},
-    )
+    if checks_enabled():  # the one host sync of a loss call; dml_bias.set_checks(False) skips it
+        # On the upcast copies: no float16 norm overflow, and no extra copy (a float32 input is used as it is).
+        check_rows_finite(
+            {"embeddings": x, **({} if y is None else {"ref_emb": y}), **upcast},
+            nonzero=needs_nonzero_rows(distance),
+            originals={"embeddings": embeddings, **({} if ref_emb is None else {"ref_emb": ref_emb}), **extra},
+        )
     m = n if y is None else y.shape[0]
     idx = None
     if indices_tuple is not None:

@@ -7,20 +7,29 @@ import math
 import torch
 from torch import nn
 
+from dml_bias._checks import check_embeddings, check_number
+from dml_bias._compat import compute_dtype, no_autocast
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
+from dml_bias.losses._common import (
+    check_classification_call,
+    check_metric,
+    check_positive,
+    class_parameter,
+    resolve_distance,
+)
 from dml_bias.losses.functional import Indices, arcface_loss
 from dml_bias.reducers import BaseReducer, check_reducer
+from dml_bias.similarity import pairwise
 
 __all__ = ["AdditiveAngularMarginLoss", "ArcFaceLoss"]
 
 
 def _cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
     """``scale * cos(embeddings, weight rows)`` ``(N, C)`` in the compute dtype, outside autocast."""
-    C.check_embeddings(embeddings, "embeddings", dim=dim)
-    dtype = C.compute_dtype(embeddings, weight)
-    with C.no_autocast(embeddings.device):
-        return scale * C.pairwise(embeddings.to(dtype), weight.to(dtype), "cosine")
+    check_embeddings(embeddings, "embeddings", dim=dim)
+    dtype = compute_dtype(embeddings, weight)
+    with no_autocast(embeddings.device):
+        return scale * pairwise(embeddings.to(dtype), weight.to(dtype), "cosine")
 
 
 class AdditiveAngularMarginLoss(nn.Module):
@@ -98,17 +107,17 @@ class AdditiveAngularMarginLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        C.check_number(num_classes, "num_classes", low=1, integer=True)
-        C.check_number(embedding_size, "embedding_size", low=1, integer=True)
-        C.check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
-        C.check_positive(scale, "scale")
+        check_number(num_classes, "num_classes", low=1, integer=True)
+        check_number(embedding_size, "embedding_size", low=1, integer=True)
+        check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
+        check_positive(scale, "scale")
         check_reducer(reducer)
         self.reducer = reducer
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.margin = float(margin)
         self.scale = float(scale)
-        self.weight = C.class_parameter(self.num_classes, self.embedding_size, device, dtype)
+        self.weight = class_parameter(self.num_classes, self.embedding_size, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -135,9 +144,9 @@ class AdditiveAngularMarginLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
-        labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
+        labels = check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
         # The parameter is ours: a width mismatch is the embeddings' (the functional twin blames the parameter).
-        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
+        check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
         return arcface_loss(
             embeddings, labels, self.weight, indices_tuple, margin=self.margin, scale=self.scale, reducer=self.reducer
         )
@@ -207,12 +216,12 @@ class ArcFaceLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        C.check_number(num_classes, "num_classes", low=1, integer=True)
-        C.check_number(embedding_size, "embedding_size", low=1, integer=True)
-        C.check_number(margin, "margin", low=0.0, high=180.0, high_inclusive=False)
-        C.check_positive(scale, "scale")
-        C.check_metric(distance)
-        if C.resolve_distance(distance) != "cosine":
+        check_number(num_classes, "num_classes", low=1, integer=True)
+        check_number(embedding_size, "embedding_size", low=1, integer=True)
+        check_number(margin, "margin", low=0.0, high=180.0, high_inclusive=False)
+        check_positive(scale, "scale")
+        check_metric(distance)
+        if resolve_distance(distance) != "cosine":
             raise ValueError(f"distance must be a cosine similarity for ArcFaceLoss, got {distance!r}")
         check_reducer(reducer)
         self.num_classes = int(num_classes)
@@ -221,7 +230,7 @@ class ArcFaceLoss(nn.Module):
         self.scale = float(scale)
         self.distance = distance
         self.reducer = reducer
-        self.W = C.class_parameter(self.embedding_size, self.num_classes, device, dtype)  # (D, C), as PML's
+        self.W = class_parameter(self.embedding_size, self.num_classes, device, dtype)  # (D, C), as PML's
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -248,8 +257,8 @@ class ArcFaceLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
-        labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
-        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
+        labels = check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
+        check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
         return arcface_loss(
             embeddings,
             labels,

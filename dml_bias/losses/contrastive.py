@@ -3,8 +3,8 @@ r"""Contrastive (pair hinge) loss :cite:`hadsell2006contrastive`."""
 from __future__ import annotations
 
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
+from dml_bias.losses._common import check_contrastive_margins
 from dml_bias.losses.functional import contrastive_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -62,7 +62,7 @@ class ContrastiveLoss(PairLossModule):
         reducer: BaseReducer | None = None,
     ) -> None:
         super().__init__()
-        C.check_contrastive_margins(pos_margin, neg_margin, distance)
+        check_contrastive_margins(pos_margin, neg_margin, distance)
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
         self.distance = distance

@@ -17,8 +17,26 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dml_bias._checks import check_labels
-from dml_bias.losses import _common as C
+from dml_bias._checks import check_bool, check_labels, check_number, checks_enabled
+from dml_bias._compat import no_autocast
+from dml_bias.losses._common import (
+    Distance,
+    all_triplets,
+    check_contrastive_margins,
+    check_nonnegative,
+    check_positive,
+    convert_to_pairs,
+    convert_to_triplets,
+    entries,
+    masked_logsumexp,
+    miner_weights,
+    pair_masks,
+    prepare_batch,
+    resolve_distance,
+    similarity_matrix,
+    similarity_sign,
+    zero_loss,
+)
 from dml_bias.reducers import BaseReducer, LossDict, check_reducer
 
 __all__ = [
@@ -32,7 +50,6 @@ __all__ = [
 ]
 
 Indices = Sequence[torch.Tensor] | None
-Distance = C.Distance
 
 
 def _reduce(
@@ -90,18 +107,18 @@ def multi_similarity_loss(
         >>> multi_similarity_loss(emb, torch.tensor([0, 0, 1]))
         tensor(0.6495)
     """
-    C.check_positive(alpha, "alpha")
-    C.check_positive(beta, "beta")
-    C.check_number(base, "base")
-    distance = C.resolve_distance(distance)
+    check_positive(alpha, "alpha")
+    check_positive(beta, "beta")
+    check_number(base, "base")
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
-    with C.no_autocast(embeddings.device):
-        pos_mask, neg_mask = C.pair_masks(batch)
-        sim = C.similarity_sign(distance) * batch.matrix(distance)
-        shifted = sim - (C.similarity_sign(distance) * base)
-        pos = C.masked_logsumexp(-alpha * shifted, pos_mask, dim=1, add_one=True) / alpha
-        neg = C.masked_logsumexp(beta * shifted, neg_mask, dim=1, add_one=True) / beta
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    with no_autocast(embeddings.device):
+        pos_mask, neg_mask = pair_masks(batch)
+        sim = similarity_sign(distance) * batch.matrix(distance)
+        shifted = sim - (similarity_sign(distance) * base)
+        pos = masked_logsumexp(-alpha * shifted, pos_mask, dim=1, add_one=True) / alpha
+        neg = masked_logsumexp(beta * shifted, neg_mask, dim=1, add_one=True) / beta
         if reducer is not None:
             rows = torch.arange(pos.shape[0], device=pos.device)
             return _reduce(reducer, {"loss": _entry(pos + neg, rows, "element")}, embeddings, labels)
@@ -142,11 +159,11 @@ def proxy_anchor_loss(
         >>> proxy_anchor_loss(emb, torch.tensor([0, 1]), emb.clone(), alpha=1.0, margin=0.0)
         tensor(1.0064)
     """
-    C.check_nonnegative(margin, "margin")
-    C.check_positive(alpha, "alpha")
-    distance = C.resolve_distance(distance)
+    check_nonnegative(margin, "margin")
+    check_positive(alpha, "alpha")
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    batch = C.prepare_batch(
+    batch = prepare_batch(
         embeddings,
         labels,
         indices_tuple,
@@ -158,19 +175,20 @@ def proxy_anchor_loss(
     )
     assert batch.labels is not None
     num_classes = proxies.shape[0]
-    check_labels(batch.labels, "labels", num_classes=num_classes)
-    with C.no_autocast(embeddings.device):
+    if checks_enabled():  # a value check: one host sync (see dml_bias.set_checks)
+        check_labels(batch.labels, "labels", num_classes=num_classes)
+    with no_autocast(embeddings.device):
         p = batch.extra["proxies"]
-        sign = C.similarity_sign(distance)
-        sim = sign * C.similarity_matrix(batch.x, p, distance, embeddings.dtype, proxies.dtype)  # (N, C): larger=closer
+        sign = similarity_sign(distance)
+        sim = sign * similarity_matrix(batch.x, p, distance, embeddings.dtype, proxies.dtype)  # (N, C): larger=closer
         pos_mask = batch.labels.unsqueeze(1) == torch.arange(num_classes, device=p.device).unsqueeze(0)
         pos_exp = -alpha * (sim - sign * margin)
         neg_exp = alpha * (sim + sign * margin)
         if batch.indices_tuple is not None:
-            w = C.miner_weights(batch.indices_tuple, batch.x.shape[0], batch.x.dtype).unsqueeze(1) - 1.0
+            w = miner_weights(batch.indices_tuple, batch.x.shape[0], batch.x.dtype).unsqueeze(1) - 1.0
             pos_exp, neg_exp = pos_exp + w, neg_exp + w
-        pos_term = C.masked_logsumexp(pos_exp, pos_mask, dim=0, add_one=True)
-        neg_term = C.masked_logsumexp(neg_exp, ~pos_mask, dim=0, add_one=True)
+        pos_term = masked_logsumexp(pos_exp, pos_mask, dim=0, add_one=True)
+        neg_term = masked_logsumexp(neg_exp, ~pos_mask, dim=0, add_one=True)
         num_pos_proxies = pos_mask.any(dim=0).sum().clamp_min(1)
         if reducer is not None:
             classes = torch.arange(num_classes, device=p.device)
@@ -226,24 +244,24 @@ def contrastive_loss(
         >>> contrastive_loss(emb, torch.tensor([0, 0, 1]))
         tensor(2.4142)
     """
-    C.check_contrastive_margins(pos_margin, neg_margin, distance)
-    distance = C.resolve_distance(distance)
+    check_contrastive_margins(pos_margin, neg_margin, distance)
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
-    with C.no_autocast(embeddings.device):
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    with no_autocast(embeddings.device):
         mat = batch.matrix(distance)
         # PML's margin(): hinge on (d - m+) and (m- - d) for distances, flipped for similarities.
-        sign = C.similarity_sign(distance)
-        pairs = C.convert_to_pairs(batch)
+        sign = similarity_sign(distance)
+        pairs = convert_to_pairs(batch)
         if reducer is not None:
             if pairs is None:  # every pair, in row-major order: masked_select saves only the boolean masks
-                pos_mask, neg_mask = C.pair_masks(batch)
+                pos_mask, neg_mask = pair_masks(batch)
                 a1, p = torch.nonzero(pos_mask, as_tuple=True)
                 a2, n = torch.nonzero(neg_mask, as_tuple=True)
                 pos_vals, neg_vals = torch.masked_select(mat, pos_mask), torch.masked_select(mat, neg_mask)
             else:
                 a1, p, a2, n = pairs
-                pos_vals, neg_vals = C.entries(mat, a1, p), C.entries(mat, a2, n)
+                pos_vals, neg_vals = entries(mat, a1, p), entries(mat, a2, n)
             # PML's margin(): (d - m+) and (m- - d) for distances, flipped for similarities (one temporary each)
             pos_hinge = F.relu(pos_vals - pos_margin) if sign < 0 else F.relu(pos_margin - pos_vals)
             neg_hinge = F.relu(neg_margin - neg_vals) if sign < 0 else F.relu(neg_vals - neg_margin)
@@ -253,15 +271,15 @@ def contrastive_loss(
             }
             return _reduce(reducer, loss_dict, embeddings, labels)
         if pairs is None:
-            pos_mask, neg_mask = C.pair_masks(batch)
+            pos_mask, neg_mask = pair_masks(batch)
             # Positive pairs are few: gather them. Negatives are most of the matrix: stay dense.
             a1, p = torch.nonzero(pos_mask, as_tuple=True)
-            pos_vals = F.relu(-sign * (C.entries(mat, a1, p) - pos_margin))
+            pos_vals = F.relu(-sign * (entries(mat, a1, p) - pos_margin))
             neg_hinge = F.relu(sign * (mat - neg_margin))
             return _avg_nonzero(pos_vals, None) + _avg_nonzero(neg_hinge, neg_mask)
         a1, p, a2, n = pairs
-        pos_vals = F.relu(-sign * (C.entries(mat, a1, p) - pos_margin))
-        neg_vals = F.relu(sign * (C.entries(mat, a2, n) - neg_margin))
+        pos_vals = F.relu(-sign * (entries(mat, a1, p) - pos_margin))
+        neg_vals = F.relu(sign * (entries(mat, a2, n) - neg_margin))
         return _avg_nonzero(pos_vals, None) + _avg_nonzero(neg_vals, None)
 
 
@@ -310,36 +328,36 @@ def triplet_margin_loss(
         >>> triplet_margin_loss(emb, torch.tensor([0, 0, 1]), margin=0.1)
         tensor(0.7934)
     """
-    C.check_nonnegative(margin, "margin")
-    distance = C.resolve_distance(distance)
+    check_nonnegative(margin, "margin")
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    C.check_bool(swap, "swap")
-    C.check_bool(smooth_loss, "smooth_loss")
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    check_bool(swap, "swap")
+    check_bool(smooth_loss, "smooth_loss")
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     if swap and batch.y is not None:
         raise ValueError("swap=True compares positives with negatives of embeddings; it is not supported with ref_emb")
-    with C.no_autocast(embeddings.device):
+    with no_autocast(embeddings.device):
         # A "distance" in both cases: larger = farther.
-        dist = -C.similarity_sign(distance) * batch.matrix(distance)
+        dist = -similarity_sign(distance) * batch.matrix(distance)
         pairs_or_triplets = batch.indices_tuple
         if reducer is not None or swap or smooth_loss:
             # Per-triplet losses (PML's form): every triplet is listed (one entry per triplet).
             if pairs_or_triplets is not None:
-                a, p, n = C.convert_to_triplets(pairs_or_triplets)
+                a, p, n = convert_to_triplets(pairs_or_triplets)
             else:
-                a, p, n = C.all_triplets(*C.pair_masks(batch))
-            an = C.entries(dist, a, n)
+                a, p, n = all_triplets(*pair_masks(batch))
+            an = entries(dist, a, n)
             if swap:
-                an = torch.minimum(an, C.entries(dist, p, n))
-            violation = C.entries(dist, a, p) - an + margin
+                an = torch.minimum(an, entries(dist, p, n))
+            violation = entries(dist, a, p) - an + margin
             losses = F.softplus(violation) if smooth_loss else F.relu(violation)
             if reducer is None:
                 return _avg_nonzero(losses, None)
             return _reduce(reducer, {"loss": _entry(losses, (a, p, n), "triplet")}, embeddings, labels)
         if pairs_or_triplets is not None:
-            a, p, n = C.convert_to_triplets(pairs_or_triplets)
-            return _avg_nonzero(C.entries(dist, a, p) - C.entries(dist, a, n) + margin, None)
-        pos_mask, neg_mask = C.pair_masks(batch)
+            a, p, n = convert_to_triplets(pairs_or_triplets)
+            return _avg_nonzero(entries(dist, a, p) - entries(dist, a, n) + margin, None)
+        pos_mask, neg_mask = pair_masks(batch)
         big = torch.finfo(dist.dtype).max
         neg_sorted, _ = torch.sort(dist.masked_fill(~neg_mask, big), dim=1)
         # cumsum with a leading 0; sentinel entries sit at the end and are never reached by the lookup.
@@ -389,16 +407,16 @@ def ntxent_loss(
         >>> ntxent_loss(emb, torch.tensor([0, 0, 1]), temperature=1.0)
         tensor(0.3133)
     """
-    C.check_positive(temperature, "temperature")
-    distance = C.resolve_distance(distance)
+    check_positive(temperature, "temperature")
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
-    with C.no_autocast(embeddings.device):
-        logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
-        pairs = C.convert_to_pairs(batch)
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    with no_autocast(embeddings.device):
+        logits = similarity_sign(distance) * batch.matrix(distance) / temperature
+        pairs = convert_to_pairs(batch)
         if pairs is None:
-            pos_mask, neg_mask = C.pair_masks(batch)
-            neg_lse = C.masked_logsumexp(logits, neg_mask, dim=1, add_one=False)
+            pos_mask, neg_mask = pair_masks(batch)
+            neg_lse = masked_logsumexp(logits, neg_mask, dim=1, add_one=False)
             neg_lse = neg_lse.masked_fill(~neg_mask.any(dim=1), torch.finfo(logits.dtype).min)
             # Only the positive pairs need the softplus: gather them rather than evaluate all N x M entries.
             a1, p = torch.nonzero(pos_mask, as_tuple=True)
@@ -409,13 +427,13 @@ def ntxent_loss(
             counts = torch.zeros_like(logits).index_put((a2, n), ones, accumulate=True)
             has = counts > 0
             weighted = logits + torch.log(counts.masked_fill(~has, 1.0))
-            neg_lse = C.masked_logsumexp(weighted, has, dim=1, add_one=False)
+            neg_lse = masked_logsumexp(weighted, has, dim=1, add_one=False)
             neg_lse = neg_lse.masked_fill(~has.any(dim=1), torch.finfo(logits.dtype).min)
-        per_pair = F.softplus(neg_lse[a1] - C.entries(logits, a1, p))
+        per_pair = F.softplus(neg_lse[a1] - entries(logits, a1, p))
         if reducer is not None:
             return _reduce(reducer, {"loss": _entry(per_pair, (a1, p), "pos_pair")}, embeddings, labels)
         if a1.numel() == 0:
-            return C.zero_loss(embeddings, logits.dtype)
+            return zero_loss(embeddings, logits.dtype)
         return per_pair.mean()
 
 
@@ -454,14 +472,14 @@ def supcon_loss(
         >>> supcon_loss(emb, torch.tensor([0, 0, 1]), temperature=1.0)
         tensor(0.3133)
     """
-    C.check_positive(temperature, "temperature")
-    distance = C.resolve_distance(distance)
+    check_positive(temperature, "temperature")
+    distance = resolve_distance(distance)
     check_reducer(reducer)
-    batch = C.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
-    with C.no_autocast(embeddings.device):
-        logits = C.similarity_sign(distance) * batch.matrix(distance) / temperature
-        pos_mask, neg_mask = C.pair_masks(batch)
-        denom = C.masked_logsumexp(logits, pos_mask | neg_mask, dim=1, add_one=False)
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
+    with no_autocast(embeddings.device):
+        logits = similarity_sign(distance) * batch.matrix(distance) / temperature
+        pos_mask, neg_mask = pair_masks(batch)
+        denom = masked_logsumexp(logits, pos_mask | neg_mask, dim=1, add_one=False)
         log_prob = logits - denom.unsqueeze(1)
         num_pos = pos_mask.sum(dim=1)
         per_anchor = -torch.where(pos_mask, log_prob, torch.zeros_like(log_prob)).sum(1) / num_pos.clamp_min(1)
@@ -507,16 +525,17 @@ def arcface_loss(
         >>> arcface_loss(emb, torch.tensor([0, 1]), emb.clone(), margin=0.0, scale=1.0)
         tensor(0.3133)
     """
-    C.check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
-    C.check_positive(scale, "scale")
+    check_number(margin, "margin", low=0.0, high=math.pi, high_inclusive=False)
+    check_positive(scale, "scale")
     check_reducer(reducer)
-    batch = C.prepare_batch(
+    batch = prepare_batch(
         embeddings, labels, indices_tuple, None, None, distance="cosine", labels_required=True, extra={"weight": weight}
     )
     assert batch.labels is not None
-    check_labels(batch.labels, "labels", num_classes=weight.shape[0])
-    with C.no_autocast(embeddings.device):
-        cos = C.similarity_matrix(batch.x, batch.extra["weight"], "cosine", embeddings.dtype, weight.dtype)  # (N, C)
+    if checks_enabled():  # a value check: one host sync (see dml_bias.set_checks)
+        check_labels(batch.labels, "labels", num_classes=weight.shape[0])
+    with no_autocast(embeddings.device):
+        cos = similarity_matrix(batch.x, batch.extra["weight"], "cosine", embeddings.dtype, weight.dtype)  # (N, C)
         target = cos.gather(1, batch.labels.unsqueeze(1)).squeeze(1)
         # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), with sin(theta) = sqrt(1 - cos^2) replaced by
         # its chord v / sqrt(eps) for v = 1 - cos^2 < eps: exact at cos = +-1 and for v >= eps, and the gradient
@@ -530,7 +549,7 @@ def arcface_loss(
         onehot = F.one_hot(batch.labels, weight.shape[0]).to(cos.dtype)
         logits = scale * (cos + onehot * (new_target - target).unsqueeze(1))
         per_sample = F.cross_entropy(logits, batch.labels, reduction="none")
-        w = C.miner_weights(batch.indices_tuple, batch.x.shape[0], batch.x.dtype)
+        w = miner_weights(batch.indices_tuple, batch.x.shape[0], batch.x.dtype)
         if reducer is not None:
             rows = torch.arange(per_sample.shape[0], device=per_sample.device)
             return _reduce(reducer, {"loss": _entry(per_sample * w, rows, "element")}, embeddings, labels)

@@ -2,9 +2,10 @@ r"""Multi-Similarity loss :cite:`wang2019multi`."""
 
 from __future__ import annotations
 
+from dml_bias._checks import check_number
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
+from dml_bias.losses._common import check_metric, check_positive
 from dml_bias.losses.functional import multi_similarity_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -71,10 +72,10 @@ class MultiSimilarityLoss(PairLossModule):
         reducer: BaseReducer | None = None,
     ) -> None:
         super().__init__()
-        C.check_positive(alpha, "alpha")
-        C.check_positive(beta, "beta")
-        C.check_number(base, "base")
-        C.check_metric(distance)
+        check_positive(alpha, "alpha")
+        check_positive(beta, "beta")
+        check_number(base, "base")
+        check_metric(distance)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.base = float(base)

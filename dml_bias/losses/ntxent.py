@@ -3,8 +3,8 @@ r"""NT-Xent / InfoNCE loss :cite:`chen2020simclr`."""
 from __future__ import annotations
 
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
+from dml_bias.losses._common import check_metric, check_positive
 from dml_bias.losses.functional import ntxent_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -58,8 +58,8 @@ class NTXentLoss(PairLossModule):
         self, temperature: float = 0.07, *, distance: str | BaseDistance = "cosine", reducer: BaseReducer | None = None
     ) -> None:
         super().__init__()
-        C.check_positive(temperature, "temperature")
-        C.check_metric(distance)
+        check_positive(temperature, "temperature")
+        check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
         check_reducer(reducer)

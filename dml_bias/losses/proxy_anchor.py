@@ -7,8 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml_bias._checks import check_embeddings, check_number
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
+from dml_bias.losses._common import (
+    check_classification_call,
+    check_metric,
+    check_nonnegative,
+    check_positive,
+    class_parameter,
+)
 from dml_bias.losses.functional import Indices, proxy_anchor_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -89,11 +96,11 @@ class ProxyAnchorLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        C.check_number(num_classes, "num_classes", low=1, integer=True)
-        C.check_number(embedding_size, "embedding_size", low=1, integer=True)
-        C.check_nonnegative(margin, "margin")
-        C.check_positive(alpha, "alpha")
-        C.check_metric(distance)
+        check_number(num_classes, "num_classes", low=1, integer=True)
+        check_number(embedding_size, "embedding_size", low=1, integer=True)
+        check_nonnegative(margin, "margin")
+        check_positive(alpha, "alpha")
+        check_metric(distance)
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.margin = float(margin)
@@ -101,7 +108,7 @@ class ProxyAnchorLoss(nn.Module):
         self.distance = distance
         check_reducer(reducer)
         self.reducer = reducer
-        self.proxies = C.class_parameter(self.num_classes, self.embedding_size, device, dtype)
+        self.proxies = class_parameter(self.num_classes, self.embedding_size, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -123,8 +130,8 @@ class ProxyAnchorLoss(nn.Module):
             >>> ProxyAnchorLoss(10, 4).param_groups(lr=0.001, proxy_lr_mult=10.0)[0]["lr"]
             0.01
         """
-        C.check_positive(lr, "lr")
-        C.check_positive(proxy_lr_mult, "proxy_lr_mult")
+        check_positive(lr, "lr")
+        check_positive(proxy_lr_mult, "proxy_lr_mult")
         return [{"params": [self.proxies], "lr": float(lr) * float(proxy_lr_mult)}]
 
     def forward(
@@ -136,9 +143,9 @@ class ProxyAnchorLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the loss; see the class docstring."""
-        labels = C.check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
+        labels = check_classification_call(type(self).__name__, labels, ref_emb, ref_labels)
         # The parameter is ours: a width mismatch is the embeddings' (the functional twin blames the parameter).
-        C.check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
+        check_embeddings(embeddings, "embeddings", dim=self.embedding_size, dim_source="embedding_size")
         return proxy_anchor_loss(
             embeddings,
             labels,

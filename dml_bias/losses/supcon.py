@@ -3,8 +3,8 @@ r"""Supervised contrastive loss :cite:`khosla2020supcon`."""
 from __future__ import annotations
 
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
+from dml_bias.losses._common import check_metric, check_positive
 from dml_bias.losses.functional import supcon_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -52,8 +52,8 @@ class SupConLoss(PairLossModule):
         self, temperature: float = 0.1, *, distance: str | BaseDistance = "cosine", reducer: BaseReducer | None = None
     ) -> None:
         super().__init__()
-        C.check_positive(temperature, "temperature")
-        C.check_metric(distance)
+        check_positive(temperature, "temperature")
+        check_metric(distance)
         self.temperature = float(temperature)
         self.distance = distance
         check_reducer(reducer)

@@ -2,9 +2,10 @@ r"""Triplet margin loss :cite:`schroff2015facenet`."""
 
 from __future__ import annotations
 
+from dml_bias._checks import check_bool
 from dml_bias.distances import BaseDistance
-from dml_bias.losses import _common as C
 from dml_bias.losses._base import PairLossModule
+from dml_bias.losses._common import check_metric, check_nonnegative
 from dml_bias.losses.functional import triplet_margin_loss
 from dml_bias.reducers import BaseReducer, check_reducer
 
@@ -72,10 +73,10 @@ class TripletMarginLoss(PairLossModule):
         reducer: BaseReducer | None = None,
     ) -> None:
         super().__init__()
-        C.check_nonnegative(margin, "margin")
-        C.check_metric(distance)
-        C.check_bool(swap, "swap")
-        C.check_bool(smooth_loss, "smooth_loss")
+        check_nonnegative(margin, "margin")
+        check_metric(distance)
+        check_bool(swap, "swap")
+        check_bool(smooth_loss, "smooth_loss")
         if triplets_per_anchor != "all":
             raise ValueError(
                 f"triplets_per_anchor must be 'all' (sampling triplets per anchor is not provided; use a "

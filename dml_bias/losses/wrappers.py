@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import check_embeddings, check_labels, check_number, describe
-from dml_bias.losses import _common as C
+from dml_bias._checks import check_bool, check_embeddings, check_labels, check_number, describe
+from dml_bias.losses._common import convert_to_triplets, label_masks
 
 __all__ = ["CrossBatchMemory", "SelfSupervisedLoss"]
 
@@ -161,7 +161,7 @@ class CrossBatchMemory(nn.Module):
         if self.miner is not None:
             mined = tuple(self.miner(embeddings, labels, mem_emb, mem_labels))
         else:
-            pos, neg = C.label_masks(labels, mem_labels, exclude_self=False)
+            pos, neg = label_masks(labels, mem_labels, exclude_self=False)
             mined = (*torch.nonzero(pos, as_tuple=True), *torch.nonzero(neg, as_tuple=True))
         if remove_self:  # drop (anchor, its own memory copy); negatives never are
             keep = mined[1] != slots[mined[0]]
@@ -172,7 +172,7 @@ class CrossBatchMemory(nn.Module):
                 a, p, n = extra
                 extra = (a, p, a, n)
             elif len(extra) == 4 and len(mined) == 3:
-                extra = C.convert_to_triplets(tuple(t.long() for t in extra))
+                extra = convert_to_triplets(tuple(t.long() for t in extra))
             mined = tuple(torch.cat([m, e.to(device).long()]) for m, e in zip(mined, extra, strict=True))
         return self.loss(embeddings, labels, mined, mem_emb, mem_labels)
 
@@ -206,7 +206,7 @@ class SelfSupervisedLoss(nn.Module):
     def __init__(self, loss: Callable[..., torch.Tensor], symmetric: bool = True) -> None:
         super().__init__()
         _check_pair_loss(loss, "SelfSupervisedLoss")
-        C.check_bool(symmetric, "symmetric")
+        check_bool(symmetric, "symmetric")
         self.loss = loss
         self.symmetric = symmetric
 

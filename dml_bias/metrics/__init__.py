@@ -5,7 +5,9 @@
   per class; single-metric twins :func:`recall_at_k`, :func:`map_at_r`, :func:`r_precision`,
   :func:`mean_average_precision`.
 * :func:`revisited_map`: the Revisited Oxford/Paris protocol (Easy/Medium/Hard mAP and mP@k).
-* :func:`fitb_accuracy` and :func:`compatibility_auc`: Polyvore Outfits fill-in-the-blank and compatibility.
+* PAN's protocols (:mod:`dml_bias.metrics.protocols`): :func:`few_shot_episodes` / :func:`few_shot_accuracy`
+  (N-way K-shot classification), :func:`fitb_scores` / :func:`fitb_accuracy` (Polyvore Outfits fill-in-the-blank)
+  and :func:`compatibility_scores` / :func:`compatibility_auc` (outfit compatibility).
 * :class:`RetrievalEvaluator`: accumulates embeddings over batches (and ranks) and computes the metrics.
 * :func:`sharded_knn` / :func:`sharded_retrieval_metrics`: exact search over a reference set sharded across
   ``torch.distributed`` ranks.
@@ -16,7 +18,15 @@ from __future__ import annotations
 from dml_bias.metrics._faiss import FAISS_GPU_MAX_K, faiss_knn
 from dml_bias.metrics.evaluator import RetrievalEvaluator
 from dml_bias.metrics.knn import knn
-from dml_bias.metrics.outfits import compatibility_auc, fitb_accuracy
+from dml_bias.metrics.protocols import (
+    FewShotResult,
+    compatibility_auc,
+    compatibility_scores,
+    few_shot_accuracy,
+    few_shot_episodes,
+    fitb_accuracy,
+    fitb_scores,
+)
 from dml_bias.metrics.retrieval import (
     map_at_r,
     mean_average_precision,
@@ -30,10 +40,15 @@ from dml_bias.metrics.sharded import sharded_knn, sharded_retrieval_metrics
 __all__ = [
     "FAISS_GPU_MAX_K",
     "REVISITED_PROTOCOLS",
+    "FewShotResult",
     "RetrievalEvaluator",
     "compatibility_auc",
+    "compatibility_scores",
     "faiss_knn",
+    "few_shot_accuracy",
+    "few_shot_episodes",
     "fitb_accuracy",
+    "fitb_scores",
     "knn",
     "map_at_r",
     "mean_average_precision",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dml_bias._checks import check_number, describe
+from dml_bias._checks import check_bool, check_number, describe
 from dml_bias.metrics._counting import (
     ClassLayout,
     bulk_inputs,
@@ -74,8 +74,7 @@ DEFAULT_METRICS = ("recall@k", "map@r", "r_precision")
 def parse_metrics(metrics: Any, full_map: Any = None, stacklevel: int = 3) -> tuple[str, ...]:
     """The keys to compute, in the order of :data:`METRIC_NAMES`, from ``metrics=`` and the deprecated ``full_map=``."""
     if full_map is not None:
-        if not isinstance(full_map, bool):
-            raise TypeError(f"full_map must be a bool, got {describe(full_map)}")
+        check_bool(full_map, "full_map")
         if metrics is not None:
             raise ValueError("full_map must be left out when metrics is given (full_map is deprecated)")
         warnings.warn(

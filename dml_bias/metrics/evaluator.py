@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dml_bias._checks import (
+    check_bool,
     check_choice,
     check_embeddings,
     check_finite,
@@ -16,7 +17,7 @@ from dml_bias._checks import (
     check_same_device,
     describe,
 )
-from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, world_size
+from dml_bias._collectives import all_gather_objects, all_gather_rows, world_size
 from dml_bias.metrics._engine import check_device_arg, check_not_meta, parse_metrics
 from dml_bias.similarity import METRICS
 
@@ -109,8 +110,7 @@ class RetrievalEvaluator:
             ("per_class", per_class),
             ("separate_reference", separate_reference),
         ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {describe(flag)}")
+            check_bool(flag, name)
         if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
             raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
         if chunk_size is not None:
@@ -161,8 +161,7 @@ class RetrievalEvaluator:
                 every batch or for none.
             reference: With ``separate_reference=True``: the batch belongs to the gallery (else to the queries).
         """
-        if not isinstance(reference, bool):
-            raise TypeError(f"reference must be a bool, got {describe(reference)}")
+        check_bool(reference, "reference")
         if reference and not self.separate_reference:
             raise ValueError("reference=True needs RetrievalEvaluator(separate_reference=True)")
         check_not_meta(embeddings=embeddings, labels=labels, indices=indices)

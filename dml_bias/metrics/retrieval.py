@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from dml_bias._checks import check_labels, check_same_device, describe
+from dml_bias._checks import check_bool, check_labels, check_same_device, describe
 from dml_bias.metrics._engine import (
     PerQuery,
     check_ks,
@@ -318,8 +318,7 @@ def retrieval_metrics(
         >>> res["recall@1"], res["map"]  # the list is g[3], g[2], g[1]: the true match ranks third
         (0.0, 0.3333333333333333)
     """
-    if not isinstance(per_class, bool):
-        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
+    check_bool(per_class, "per_class")
     keys = parse_metrics(metrics, full_map)
     if isinstance(ks, Sequence) and not isinstance(ks, str) and len(ks) == 0:
         raise ValueError("ks must hold at least one k (an empty ks would return no Recall@k), got an empty sequence")

@@ -31,6 +31,7 @@ left out of that protocol's means.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -201,14 +202,45 @@ def revisited_map(
         >>> result["easy"]["map"]  # junk = {5} ∪ hard {2}; the easy positive 0 moves from rank 2 to rank 1
         0.25
     """
+    ranks = _check_ranks(ranks)
+    _check_kappas_protocols(kappas, protocols)
+    num_queries, num_ranked = ranks.shape
+    parsed = _parse_gnd(gnd, num_queries)
+    num_db = _database_size(ranks, parsed)
+    device = ranks.device
+    kappa_t = torch.tensor([int(k) for k in kappas], dtype=torch.float64, device=device)
+    # Per-query values, summed once at the end so that the query blocking cannot change the rounding.
+    ap_all = {p: torch.zeros(num_queries, dtype=torch.float64, device=device) for p in protocols}
+    mp_all = {p: torch.zeros(num_queries, len(kappas), dtype=torch.float64, device=device) for p in protocols}
+    valid_all = {p: torch.zeros(num_queries, dtype=torch.bool, device=device) for p in protocols}
+    block = max(1, _TABLE_BUDGET // max(num_db, num_ranked, 1))
+    for start in range(0, num_queries, block):
+        stop = min(num_queries, start + block)
+        flagged = _flagged(ranks[start:stop], parsed[start:stop], num_db, start)
+        for name in protocols:
+            ap, mp, valid = _protocol_block(flagged, parsed[start:stop], name, kappa_t)
+            ap_all[name][start:stop] = ap
+            mp_all[name][start:stop] = mp
+            valid_all[name][start:stop] = valid
+    return {name: _protocol_means(name, ap_all[name], mp_all[name], valid_all[name], kappas) for name in protocols}
+
+
+def _check_ranks(ranks: Any) -> torch.Tensor:
+    """``ranks`` as a non-empty ``(num_queries, num_ranked)`` int64 tensor of non-negative indices."""
     if isinstance(ranks, np.ndarray):
         ranks = torch.from_numpy(np.ascontiguousarray(ranks))
     check_tensor(ranks, "ranks")
     check_dtype(ranks, "ranks", "integer")
     check_shape(ranks, "ranks", ("num_queries", "num_ranked"))
-    num_queries, num_ranked = ranks.shape
-    if num_queries == 0:
+    if ranks.shape[0] == 0:
         raise ValueError(f"ranks must hold at least one query, got {describe(ranks)}")
+    ranks = ranks.to(torch.long)  # no copy for int64 input
+    if ranks.shape[1] > 0 and int(ranks.min()) < 0:
+        raise ValueError(f"ranks must hold non-negative database indices, got minimum {int(ranks.min())}")
+    return ranks
+
+
+def _check_kappas_protocols(kappas: Any, protocols: Any) -> None:
     if isinstance(kappas, (int, str)) or not isinstance(kappas, Sequence) or len(kappas) == 0:
         raise TypeError(f"kappas must be a non-empty sequence of positive integers, got {describe(kappas)}")
     for kappa in kappas:
@@ -220,101 +252,102 @@ def revisited_map(
     for name in protocols:
         if name not in _PROTOCOL_MASKS:
             raise ValueError(f"protocols must be names from {REVISITED_PROTOCOLS}, got {name!r}")
-    parsed = _parse_gnd(gnd, num_queries)
 
-    device = ranks.device
-    ranks = ranks.to(torch.long)  # no copy for int64 input
-    if num_ranked > 0 and int(ranks.min()) < 0:
-        raise ValueError(f"ranks must hold non-negative database indices, got minimum {int(ranks.min())}")
-    num_db = int(ranks.max()) + 1 if num_ranked > 0 else 0
+
+def _database_size(ranks: torch.Tensor, parsed: list[tuple[torch.Tensor, ...]]) -> int:
+    """One more than the largest database index in ``ranks`` or the ground truth (at least 1)."""
+    num_db = int(ranks.max()) + 1 if ranks.shape[1] > 0 else 0
     for easy, hard, junk in parsed:
         for ids in (easy, hard, junk):
             if ids.numel():
                 num_db = max(num_db, int(ids.max()) + 1)
-    num_db = max(num_db, 1)
+    return max(num_db, 1)
 
-    kappa_t = torch.tensor([int(k) for k in kappas], dtype=torch.float64, device=device)
-    # Per-query values, summed once at the end so that the query blocking cannot change the rounding.
-    ap_all = {p: torch.zeros(num_queries, dtype=torch.float64, device=device) for p in protocols}
-    mp_all = {p: torch.zeros(num_queries, len(kappas), dtype=torch.float64, device=device) for p in protocols}
-    valid_all = {p: torch.zeros(num_queries, dtype=torch.bool, device=device) for p in protocols}
 
-    block = max(1, _TABLE_BUDGET // max(num_db, num_ranked, 1))
-    for start in range(0, num_queries, block):
-        stop = min(num_queries, start + block)
-        rows = ranks[start:stop]
-        qb = stop - start
-        # Category bits of every (query, database id) of the block, gathered along each ranking; only the
-        # flagged positions (positives and junk of some protocol, a few hundred per query) are kept.
-        table = torch.zeros(qb, num_db, dtype=torch.uint8, device=device)
-        for offset, (easy, hard, junk) in enumerate(parsed[start:stop]):
-            for ids, bit in ((easy, _EASY), (hard, _HARD), (junk, _JUNK)):
-                if ids.numel():
-                    table[offset, ids.to(device)] |= bit
-        categories = table.gather(1, rows)  # (qb, num_ranked)
-        del table
-        f_row, f_col = categories.nonzero(as_tuple=True)  # row-major: increasing column within each row
-        f_bits = categories[f_row, f_col]
-        del categories
-        # A flagged id repeated within a row would be counted twice: reject it (revisitop assumes a permutation).
-        pair = f_row * num_db + rows[f_row, f_col]
-        if torch.unique(pair).numel() != pair.numel():
-            sorted_pair = torch.sort(pair).values
-            bad = int(sorted_pair[1:][sorted_pair[1:] == sorted_pair[:-1]][0]) // num_db + start
-            raise ValueError(f"ranks must not repeat a database index within a row, row {bad} does")
-        counts = torch.bincount(f_row, minlength=qb)
-        row_start = torch.cumsum(counts, 0) - counts  # index of each row's first flagged entry
-        for name in protocols:
-            ok_bits, junk_bits = _PROTOCOL_MASKS[name]
-            num_pos = torch.tensor(
-                [
-                    (e.numel() if ok_bits & _EASY else 0) + (h.numel() if ok_bits & _HARD else 0)
-                    for e, h, _ in parsed[start:stop]
-                ],
-                dtype=torch.float64,
-                device=device,
-            )
-            is_pos = (f_bits & ok_bits) != 0
-            is_junk = (f_bits & junk_bits) != 0
-            # Junk and positives strictly before each flagged entry, within its row: exclusive cumulative
-            # sums over the flagged list minus their value at the row's first entry.
-            junk_excl = torch.cumsum(is_junk, 0) - is_junk.long()
-            pos_excl = torch.cumsum(is_pos, 0) - is_pos.long()
-            base = row_start[f_row]
-            junk_before = junk_excl - junk_excl[base] if junk_excl.numel() else junk_excl
-            pos_before = pos_excl - pos_excl[base] if pos_excl.numel() else pos_excl
-            q_idx = f_row[is_pos]
-            r = (f_col[is_pos] - junk_before[is_pos]).to(torch.float64)
-            j = pos_before[is_pos].to(torch.float64)
-            ap = torch.zeros(qb, dtype=torch.float64, device=device).index_add_(0, q_idx, _trapezoid_terms(j, r))
-            valid = num_pos > 0
-            ap = ap / num_pos.clamp_min(1.0)
-            # mP@kappa: 1-based adjusted ranks; kq = min(largest positive rank, kappa).
-            rho = r + 1.0
-            found = torch.bincount(q_idx, minlength=qb)
-            # Positives are listed row by row in increasing rank order: a row's last one has the largest rank.
-            last = (torch.cumsum(found, 0) - 1).clamp_min(0)
-            max_rho = rho[last] if rho.numel() else torch.ones(qb, dtype=torch.float64, device=device)
-            kq = torch.minimum(max_rho[:, None], kappa_t[None, :]).clamp_min(1.0)  # (qb, K)
-            hits = torch.zeros(qb, len(kappas), dtype=torch.float64, device=device).index_add_(
-                0, q_idx, (rho[:, None] <= kq[q_idx]).to(torch.float64)
-            )
-            mp = torch.where(found[:, None] > 0, hits / kq, torch.zeros_like(hits))
-            ap_all[name][start:stop] = ap
-            mp_all[name][start:stop] = mp
-            valid_all[name][start:stop] = valid
+@dataclass
+class _Flagged:
+    """The positions of a block's rankings that hold a positive or junk item of some protocol (row-major)."""
 
-    result: dict[str, dict[str, float]] = {}
-    for name in protocols:
-        valid = valid_all[name]
-        counted = int(valid.sum())
-        if counted == 0:
-            raise ValueError(
-                f"the {name!r} protocol has no query with a positive in gnd; leave it out of protocols to skip it"
-            )
-        entry: dict[str, float] = {"map": float(ap_all[name][valid].sum()) / counted}
-        for kappa, value in zip(kappas, (mp_all[name][valid].sum(dim=0) / counted).tolist(), strict=True):
-            entry[f"mp@{int(kappa)}"] = value
-        entry["num_queries"] = counted
-        result[name] = entry
-    return result
+    rows: torch.Tensor  # (F,) query row within the block
+    cols: torch.Tensor  # (F,) position in the ranking, increasing within each row
+    bits: torch.Tensor  # (F,) uint8 category bits (_EASY, _HARD, _JUNK)
+    row_start: torch.Tensor  # (qb,) index of each row's first flagged entry
+    num_rows: int
+
+
+def _flagged(rows: torch.Tensor, parsed: list[tuple[torch.Tensor, ...]], num_db: int, start: int) -> _Flagged:
+    """Category bits of every (query, database id) of the block gathered along each ranking, flagged ones kept."""
+    qb, device = int(rows.shape[0]), rows.device
+    table = torch.zeros(qb, num_db, dtype=torch.uint8, device=device)
+    for offset, (easy, hard, junk) in enumerate(parsed):
+        for ids, bit in ((easy, _EASY), (hard, _HARD), (junk, _JUNK)):
+            if ids.numel():
+                table[offset, ids.to(device)] |= bit
+    categories = table.gather(1, rows)  # (qb, num_ranked)
+    del table
+    f_row, f_col = categories.nonzero(as_tuple=True)  # row-major: increasing column within each row
+    f_bits = categories[f_row, f_col]
+    # A flagged id repeated within a row would be counted twice: reject it (revisitop assumes a permutation).
+    pair = f_row * num_db + rows[f_row, f_col]
+    if torch.unique(pair).numel() != pair.numel():
+        sorted_pair = torch.sort(pair).values
+        bad = int(sorted_pair[1:][sorted_pair[1:] == sorted_pair[:-1]][0]) // num_db + start
+        raise ValueError(f"ranks must not repeat a database index within a row, row {bad} does")
+    counts = torch.bincount(f_row, minlength=qb)
+    return _Flagged(f_row, f_col, f_bits, torch.cumsum(counts, 0) - counts, qb)
+
+
+def _protocol_block(
+    flagged: _Flagged, parsed: list[tuple[torch.Tensor, ...]], name: str, kappa_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ap (qb,), mp (qb, K), valid (qb,))`` of one protocol on one block of queries (float64)."""
+    qb, device = flagged.num_rows, flagged.rows.device
+    f_row, f_col, f_bits = flagged.rows, flagged.cols, flagged.bits
+    ok_bits, junk_bits = _PROTOCOL_MASKS[name]
+    num_pos = torch.tensor(
+        [(e.numel() if ok_bits & _EASY else 0) + (h.numel() if ok_bits & _HARD else 0) for e, h, _ in parsed],
+        dtype=torch.float64,
+        device=device,
+    )
+    is_pos = (f_bits & ok_bits) != 0
+    is_junk = (f_bits & junk_bits) != 0
+    # Junk and positives strictly before each flagged entry, within its row: exclusive cumulative sums over the
+    # flagged list minus their value at the row's first entry.
+    junk_excl = torch.cumsum(is_junk, 0) - is_junk.long()
+    pos_excl = torch.cumsum(is_pos, 0) - is_pos.long()
+    base = flagged.row_start[f_row]
+    junk_before = junk_excl - junk_excl[base] if junk_excl.numel() else junk_excl
+    pos_before = pos_excl - pos_excl[base] if pos_excl.numel() else pos_excl
+    q_idx = f_row[is_pos]
+    r = (f_col[is_pos] - junk_before[is_pos]).to(torch.float64)
+    j = pos_before[is_pos].to(torch.float64)
+    ap = torch.zeros(qb, dtype=torch.float64, device=device).index_add_(0, q_idx, _trapezoid_terms(j, r))
+    ap = ap / num_pos.clamp_min(1.0)
+    # mP@kappa: 1-based adjusted ranks; kq = min(largest positive rank, kappa).
+    rho = r + 1.0
+    found = torch.bincount(q_idx, minlength=qb)
+    # Positives are listed row by row in increasing rank order: a row's last one has the largest rank.
+    last = (torch.cumsum(found, 0) - 1).clamp_min(0)
+    max_rho = rho[last] if rho.numel() else torch.ones(qb, dtype=torch.float64, device=device)
+    kq = torch.minimum(max_rho[:, None], kappa_t[None, :]).clamp_min(1.0)  # (qb, K)
+    hits = torch.zeros(qb, kappa_t.numel(), dtype=torch.float64, device=device).index_add_(
+        0, q_idx, (rho[:, None] <= kq[q_idx]).to(torch.float64)
+    )
+    mp = torch.where(found[:, None] > 0, hits / kq, torch.zeros_like(hits))
+    return ap, mp, num_pos > 0
+
+
+def _protocol_means(
+    name: str, ap: torch.Tensor, mp: torch.Tensor, valid: torch.Tensor, kappas: Sequence[int]
+) -> dict[str, float]:
+    """The means over the queries with a positive: ``{"map", "mp@k"..., "num_queries"}``."""
+    counted = int(valid.sum())
+    if counted == 0:
+        raise ValueError(
+            f"the {name!r} protocol has no query with a positive in gnd; leave it out of protocols to skip it"
+        )
+    entry: dict[str, float] = {"map": float(ap[valid].sum()) / counted}
+    for kappa, value in zip(kappas, (mp[valid].sum(dim=0) / counted).tolist(), strict=True):
+        entry[f"mp@{int(kappa)}"] = value
+    entry["num_queries"] = counted
+    return entry

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dml_bias._checks import (
+    check_bool,
     check_choice,
     check_dtype,
     check_embeddings,
@@ -37,7 +38,7 @@ from dml_bias._checks import (
     check_tensor,
     describe,
 )
-from dml_bias.metrics._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
+from dml_bias._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
 from dml_bias.metrics._counting import bulk_inputs, choose_bulk, count_above, sort_relevant
 from dml_bias.metrics._engine import (
     PerQuery,
@@ -325,11 +326,45 @@ def sharded_retrieval_metrics(
         (0.8, 0.9, 5)
     """
     check_choice(metric, "metric", METRICS)
-    if not isinstance(per_class, bool):
-        raise TypeError(f"per_class must be a bool, got {describe(per_class)}")
+    check_bool(per_class, "per_class")
     keys = parse_metrics(metrics)
     if chunk_size is not None:
         check_number(chunk_size, "chunk_size", low=1, integer=True)
+    ks = _check_sharded_inputs(query, query_labels, reference_shard, reference_shard_labels, query_indices, ks)
+    excluding = query_indices is not None
+    same = (int(query.shape[0]), int(query.shape[1]), ks, metric, excluding)
+    layout = _shard_layout(reference_shard, shard_offset, same, group)
+    for k in ks:
+        _check_k(k, layout.total, excluding, "ks")
+    if query_indices is not None and query_indices.numel() and int(query_indices.max()) >= layout.total:
+        raise ValueError(
+            f"query_indices must be global reference indices below {layout.total} (the reference rows over all "
+            f"ranks) or -1, got maximum {int(query_indices.max())}"
+        )
+    qlab = query_labels.detach().long()
+    rlab = reference_shard_labels.detach().long()
+    num_rel = _relevant_counts(qlab, rlab, query_indices, layout.offset, group)
+    require_evaluated(num_rel > 0)
+    if "map" in keys or "mrr" in keys:
+        res = _count_sharded(
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
+        )
+    else:
+        res = _list_sharded(
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
+        )
+    return summarize(res, ks, keys, per_class)
+
+
+def _check_sharded_inputs(
+    query: Any,
+    query_labels: Any,
+    reference_shard: Any,
+    reference_shard_labels: Any,
+    query_indices: Any,
+    ks: Any,
+) -> tuple[int, ...]:
+    """Check this rank's tensors (shapes, dtypes, devices, finiteness) and return ``ks`` as distinct ints."""
     check_not_meta(
         query=query,
         query_labels=query_labels,
@@ -366,50 +401,26 @@ def sharded_retrieval_metrics(
             raise ValueError(f"query_indices must be global indices or -1, got minimum {int(query_indices.min())}")
     check_finite(query, "query")
     check_finite(reference_shard, "reference_shard")
-    ks = tuple(dict.fromkeys(int(k) for k in ks))
-    excluding = query_indices is not None
-    same = (num_queries, int(query.shape[1]), ks, metric, excluding)
-    layout = _shard_layout(reference_shard, shard_offset, same, group)
-    for k in ks:
-        _check_k(k, layout.total, excluding, "ks")
-    if query_indices is not None and query_indices.numel() and int(query_indices.max()) >= layout.total:
-        raise ValueError(
-            f"query_indices must be global reference indices below {layout.total} (the reference rows over all "
-            f"ranks) or -1, got maximum {int(query_indices.max())}"
-        )
-    device = query.device
-    qlab = query_labels.detach().long()
-    rlab = reference_shard_labels.detach().long()
+    return tuple(dict.fromkeys(int(k) for k in ks))
 
-    # Class sizes over the whole reference set.
-    local_classes, local_counts = torch.unique(rlab, return_counts=True)
-    class_sizes = [int(m) for m in all_gather_objects(int(local_classes.numel()), group)]
-    classes = torch.cat(all_gather_rows(local_classes, class_sizes, group))
-    counts = torch.cat(all_gather_rows(local_counts, class_sizes, group))
-    classes, inverse = torch.unique(classes, return_inverse=True)
-    counts = torch.zeros(classes.numel(), dtype=torch.long, device=device).index_add_(0, inverse, counts)
+
+def _relevant_counts(
+    qlab: torch.Tensor, rlab: torch.Tensor, query_indices: torch.Tensor | None, offset: int, group: Any
+) -> torch.Tensor:
+    """``(Q,)`` reference items of each query's label over all shards, the left-out item not counted."""
+    classes, counts = torch.unique(rlab, return_counts=True)
     if classes.numel():
         slot = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
-        num_rel = torch.where(classes[slot] == qlab, counts[slot], torch.zeros_like(qlab))
+        local = torch.where(classes[slot] == qlab, counts[slot], torch.zeros_like(qlab))
     else:
-        num_rel = torch.zeros_like(qlab)
+        local = torch.zeros_like(qlab)
     if query_indices is not None:
         # The left-out item is relevant to its own query when it carries the query's label: its owner says so.
         qi = query_indices.to(torch.long)
-        inside = (qi >= layout.offset) & (qi < layout.offset + int(reference_shard.shape[0]))
-        own_rel = torch.zeros(num_queries, dtype=torch.long, device=device)
-        own_rel[inside] = (rlab[qi[inside] - layout.offset] == qlab[inside]).long()
-        num_rel = num_rel - torch.stack(all_gather_rows(own_rel, [num_queries] * len(layout.sizes), group)).sum(0)
-    require_evaluated(num_rel > 0)
-    if "map" in keys or "mrr" in keys:
-        res = _count_sharded(
-            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
-        )
-    else:
-        res = _list_sharded(
-            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
-        )
-    return summarize(res, ks, keys, per_class)
+        inside = (qi >= offset) & (qi < offset + int(rlab.shape[0]))
+        local = local.clone()
+        local[inside] -= (rlab[qi[inside] - offset] == qlab[inside]).long()
+    return all_reduce_sum(local, group)
 
 
 def _list_sharded(

@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 
-from dml_bias._checks import check_choice, check_dtype, check_number, check_same_device, check_tensor, describe
+from dml_bias._checks import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_number,
+    check_same_device,
+    check_tensor,
+    describe,
+)
 
 __all__ = [
     "IMAGE_DTYPES",
@@ -42,8 +50,7 @@ def check_mask_options(
     check_choice(mode, "mode", MASK_MODES)
     check_number(sigma, "sigma", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     check_number(threshold, "threshold", low=0.0, high=1.0)
-    if not isinstance(soft_alpha, bool):
-        raise TypeError(f"soft_alpha must be a bool, got {describe(soft_alpha)}")
+    check_bool(soft_alpha, "soft_alpha")
     if background_ids is None:
         return None
     if isinstance(background_ids, torch.Tensor):

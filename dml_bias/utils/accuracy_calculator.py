@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml_bias._checks import check_embeddings, check_labels, check_same_device, describe
+from dml_bias._checks import check_bool, check_embeddings, check_labels, check_same_device, describe
 
 __all__ = ["AccuracyCalculator", "adjusted_mutual_info", "normalized_mutual_info"]
 
@@ -336,8 +336,7 @@ class AccuracyCalculator:
             if unknown:
                 raise ValueError(f"{name} must name metrics among {', '.join(METRICS)}; unknown: {unknown}")
         for flag_name, flag in (("avg_of_avgs", avg_of_avgs), ("return_per_class", return_per_class)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{flag_name} must be a bool, got {describe(flag)}")
+            check_bool(flag, flag_name)
         if avg_of_avgs and return_per_class:
             raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
         if not (k is None or k == "max_bin_count" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)):
@@ -424,8 +423,7 @@ class AccuracyCalculator:
         Returns:
             ``{metric: float}`` (``{metric: [float per label]}`` with ``return_per_class``).
         """
-        if not isinstance(ref_includes_query, bool):
-            raise TypeError(f"ref_includes_query must be a bool, got {describe(ref_includes_query)}")
+        check_bool(ref_includes_query, "ref_includes_query")
         query = self._check(query, "query")
         query_labels = self._check(query_labels, "query_labels")
         if query_labels.ndim == 2 and query_labels.shape[1] == 1:

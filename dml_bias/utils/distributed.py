@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_bias._checks import describe
+from dml_bias._checks import check_bool, describe
 from dml_bias.distributed import DistributedLossWrapper as _ExactLossWrapper
 from dml_bias.distributed import gather_no_grad, get_world_size
 
@@ -57,8 +57,7 @@ class GatheredIndices(tuple):  # type: ignore[type-arg]
 
 
 def _check_efficient(efficient: Any) -> None:
-    if not isinstance(efficient, bool):
-        raise TypeError(f"efficient must be a bool, got {describe(efficient)}")
+    check_bool(efficient, "efficient")
     if efficient:
         raise ValueError(
             "efficient=True is not provided: its gradients differ from the single-process run; the default "

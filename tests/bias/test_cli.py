@@ -139,3 +139,25 @@ def test_version_and_no_command(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = _run([], capsys)
     assert status == 0
     assert "study" in out
+
+
+def test_threads_and_workers_reach_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --threads the study runs on one thread (synthetic data); --threads N and --num-workers N pass through."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen: list[study_module.StudyConfig] = []
+
+    def fake_run_study(config: study_module.StudyConfig) -> None:
+        seen.append(config)
+        raise KeyboardInterrupt  # stop before any training: the configuration is all this test needs
+
+    monkeypatch.setattr(study_module, "run_study", fake_run_study)
+    out = str(tmp_path / "out")
+    assert _run(["study", "--quick", "--out", out], capsys)[0] == 130
+    assert _run(["study", "--quick", "--out", out, "--threads", "3", "--num-workers", "2"], capsys)[0] == 130
+    assert (seen[0].num_threads, seen[0].resolved_threads(), seen[0].num_workers) == (None, 1, 0)
+    assert (seen[1].num_threads, seen[1].resolved_threads(), seen[1].num_workers) == (3, 3, 2)
+    status, help_text, _ = _run(["study", "--help"], capsys)
+    assert status == 0
+    assert "default: 1 on the synthetic data" in " ".join(help_text.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dml_bias.bias import METRIC_KEYS, VARIANTS, StudyConfig, StudyResult, run_study
+from dml_bias.bias import METRIC_KEYS, VARIANTS, RunSpec, StudyConfig, StudyResult, run_study
 from dml_bias.bias import study as study_module
 from dml_bias.bias.data import StudyData
 from dml_bias.bias.evaluation import chance_recall_at_1, embed, evaluate_retrieval
@@ -170,7 +170,7 @@ def test_swap_queries_keeps_the_original_gallery() -> None:
     from dml_bias.metrics import retrieval_metrics, sharded_retrieval_metrics
 
     base = {**TINY, "losses": ("proxy_anchor",), "modes": ("none",), "variants": ("original", "mixed_rand")}
-    spec = {"loss": "proxy_anchor", "mode": "none", "sigma": None}
+    spec = RunSpec("proxy_anchor", "none")
     torch.manual_seed(0)
     model = SmallCNN(embedding_size=8, width=4).eval()
     results = {}

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import dml_bias.heads.verification as verification_module
+import dml_bias.retrieval.reranking as reranking_module
+import dml_bias.retrieval.verification as verification_module
 from dml_bias._compat import reduced_precision_fp32_matmul
-from dml_bias.heads import rerank, spatial_verification
 from dml_bias.metrics import revisited_map
+from dml_bias.retrieval import rerank, spatial_verification
 
 AFFINE = np.array([[0.9, 0.2], [-0.15, 1.1]])
 SHIFT = np.array([30.0, -20.0])
@@ -549,7 +550,7 @@ def test_rerank_order_matches_delg_sort(monkeypatch: pytest.MonkeyPatch) -> None
         ids = [int(x[0, 0]) for x in args[1]]  # the index "locations" carry their database id
         return torch.tensor([int(inlier_table[current["q"], j]) for j in ids])
 
-    monkeypatch.setattr(verification_module, "spatial_verification", fake_verification)
+    monkeypatch.setattr(reranking_module, "spatial_verification", fake_verification)
     index_loc = [torch.full((1, 2), float(j)) for j in range(num_db)]
     index_desc = [torch.zeros(1, 4) for _ in range(num_db)]
     rows, score_rows, junks = [], [], []
