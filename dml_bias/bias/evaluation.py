@@ -313,6 +313,9 @@ def evaluate_attribution(
         neighbour_maps = _attribution_maps(model, neighbour_in, query_emb, layer)
         figure = {
             "name": spec.name,
+            "loss": spec.loss,
+            "mode": spec.mode,
+            "sigma": spec.sigma,
             "query_maps": maps,
             "neighbour_maps": neighbour_maps,
             "neighbours": neighbours,

@@ -39,7 +39,7 @@ class StudyResult:
         interrupted: ``True`` if the study stopped early (Ctrl-C); ``runs`` holds the completed ones.
         grid: Images and neighbours for the retrieval-grid figure (not saved to JSON); ``None`` without a
             ``"none"`` or ``"hard"`` run of the first loss.
-        attribution_maps: Images and attribution maps of the first loss's models for the attribution figure (not
+        attribution_maps: Images and attribution maps of every model for the attribution figure (not
             saved to JSON); ``None`` when attribution is switched off (``config.attribution_images=0``).
 
     Results are reproducible for a given seed, device and number of CPU threads (a different thread count can

@@ -101,8 +101,7 @@ class RunWork:
         evaluation: Every evaluation pass over the test images: one per variant (plus the original gallery with
             ``swap="queries"``), for the model's own mode and, for masked modes, again on raw images.
         attribution: :data:`ATTRIBUTION_WEIGHT` per attribution image (maps: forward and backward, background
-            sensitivity: three forwards), 1.5 × that for the first loss's models, whose neighbours' maps the
-            figure shows as well.
+            sensitivity: three forwards) × 1.5, as the figure shows the neighbours' maps as well.
     """
 
     train_epoch: float
@@ -136,7 +135,7 @@ def run_work(
     augment = 2.0 if spec.mode == "bg_augment" else 1.0
     passes = num_variants + (1 if config.swap == "queries" else 0)
     evaluations = 1 if spec.mode in ("none", "bg_augment") else 2
-    maps = 1.5 if spec.loss == config.losses[0] else 1.0
+    maps = 1.5  # every model's neighbour maps are drawn too
     return RunWork(
         train_epoch=TRAIN_WEIGHT * augment * num_train,
         epochs=config.resolved_epochs(),
@@ -301,7 +300,7 @@ def _run_one(study: _Study, spec: RunSpec, work: RunWork, outer: Any) -> dict[st
     if study.subset is not None:
         t_attr = time.perf_counter()
         run["attribution"], maps = evaluate_attribution(
-            model, spec, data, study.subset, kept["original"], device, keep_maps=spec.loss == first_loss
+            model, spec, data, study.subset, kept["original"], device, keep_maps=True
         )
         outer.update(work.attribution)
         if maps is not None:

@@ -38,6 +38,7 @@ from dml_bias._checks import (
 )
 from dml_bias._compat import compute_dtype, no_autocast
 from dml_bias.heads._inputs import autocast_enabled, check_has_data
+from dml_bias.metrics._exact import MEMORY_BUDGET, topk_order
 from dml_bias.similarity import normalize
 
 __all__ = [
@@ -56,9 +57,6 @@ JOINTS: tuple[str, ...] = ("absdiff", "product", "concat")
 #: The named logical gates of :func:`attribute_gate` (``"and_xor"`` doubles the width).
 GATES: tuple[str, ...] = ("and", "or", "xor", "xnor", "nor", "nand", "and_xor")
 
-#: Default bound, in bytes, on the extra memory of :meth:`ConditionalSimilarity.score_matrix` and
-#: :meth:`ConditionalSimilarity.topk` (the returned tensors not counted), as in :func:`dml_bias.metrics.knn`.
-MEMORY_BUDGET = 2 * 2**30
 
 #: Preferred size in bytes of one block of work, by device type: on the CPU a block that stays in the caches
 #: (measured fastest for absdiff at D = 512, K = 50 on a 2-core Sapphire Rapids VM), on GPUs a larger one.
@@ -690,7 +688,7 @@ class ConditionalSimilarity(nn.Module):
                 index = torch.arange(g0, g0 + scores.shape[1], device=query.device).expand_as(scores)
                 cand_scores = torch.cat([best_scores[rows], scores], dim=1)
                 cand_index = torch.cat([best_index[rows], index], dim=1)
-                order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices[:, :k]
+                order = topk_order(cand_scores, cand_index, k)
                 best_scores[rows] = cand_scores.gather(1, order)
                 best_index[rows] = cand_index.gather(1, order)
         return best_scores.to(out_dtype), best_index

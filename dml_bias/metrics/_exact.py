@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dml_bias._checks import (
+    check_bool,
     check_choice,
     check_finite,
     check_number,
@@ -51,6 +52,7 @@ __all__ = [
     "self_candidates_grouped",
     "target_block",
     "topk_block",
+    "topk_order",
     "validate_chunk_size",
 ]
 
@@ -59,6 +61,17 @@ MEMORY_BUDGET = 2 * 2**30
 
 _U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
 _U64 = 2.0**-53  # unit roundoff of float64
+
+
+def topk_order(keys: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``(Q, k)`` positions of each row's ``k`` largest ``keys``, equal keys by increasing ``ids`` (the tie rule).
+
+    The merge step of every streamed or sharded top-k: candidates ``(Q, C)`` with their global ids, in any
+    order. A stable sort by id, then a stable descending sort by key.
+    """
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    by_key = torch.sort(keys.gather(1, by_id), dim=1, descending=True, stable=True).indices[:, :k]
+    return by_id.gather(1, by_key)
 
 
 def gamma(n: int, u: float) -> float:
@@ -110,15 +123,13 @@ def prepare(
     reference = check_query_reference(query, reference)
     if exclude_self is None:
         exclude_self = same
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"exclude_self must be a bool or None, got {describe(exclude_self)}")
+    check_bool(exclude_self, "exclude_self", allow_none=True)
     if exclude_self and query.shape[0] > reference.shape[0]:
         raise ValueError(
             "exclude_self=True means query i is reference i, so query must not have more rows than reference "
             f"({reference.shape[0]}), got query of {describe(query)}"
         )
-    if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
-        raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
+    check_bool(normalize_embeddings, "normalize_embeddings", allow_none=True)
     check_finite(query, "query")
     if not same:
         check_finite(reference, "reference")

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml_bias._checks import check_choice, check_embeddings, check_finite, check_number, check_query_reference, describe
+from dml_bias._checks import (
+    check_bool,
+    check_choice,
+    check_embeddings,
+    check_finite,
+    check_number,
+    check_query_reference,
+    describe,
+)
 from dml_bias.metrics._exact import exact_knn
 from dml_bias.similarity import METRICS, normalize
 
@@ -85,8 +93,7 @@ def faiss_knn(
     """
     check_choice(metric, "metric", METRICS)
     check_embeddings(query, "query")  # before the other checks, which read its shape
-    if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
-        raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
+    check_bool(normalize_embeddings, "normalize_embeddings", allow_none=True)
     if exclude_self is None:
         exclude_self = reference is None
     reference = check_query_reference(query, reference)

@@ -111,8 +111,7 @@ class RetrievalEvaluator:
             ("separate_reference", separate_reference),
         ):
             check_bool(flag, name)
-        if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
-            raise TypeError(f"normalize_embeddings must be a bool or None, got {describe(normalize_embeddings)}")
+        check_bool(normalize_embeddings, "normalize_embeddings", allow_none=True)
         if chunk_size is not None:
             check_number(chunk_size, "chunk_size", low=1, integer=True)
         self.ks = tuple(int(k) for k in ks)

@@ -50,7 +50,7 @@ from dml_bias.metrics._engine import (
     require_evaluated,
     summarize,
 )
-from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare
+from dml_bias.metrics._exact import MEMORY_BUDGET, block_rows, exact_keys, knn_prepared, prepare, topk_order
 from dml_bias.similarity import METRICS
 
 __all__ = ["sharded_knn", "sharded_retrieval_metrics"]
@@ -236,13 +236,9 @@ def _search_and_merge(
         if extra is not None:
             extra = torch.cat(all_gather_rows(extra.T.contiguous(), widths, group)).T
 
-    # Exact merge: sort by global id, then (stable) by key, so equal keys stay in increasing id order.
-    by_id = torch.sort(ids, dim=1, stable=True).indices
-    keys, ids, scores = keys.gather(1, by_id), ids.gather(1, by_id), scores.gather(1, by_id)
-    by_key = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
-    order = by_id.gather(1, by_key)  # positions in the unsorted candidate matrix
+    order = topk_order(keys, ids, k)  # equal keys in increasing global id order
     picked_extra = None if extra is None else extra.gather(1, order)
-    return scores.gather(1, by_key), ids.gather(1, by_key), picked_extra
+    return scores.gather(1, order), ids.gather(1, order), picked_extra
 
 
 def sharded_retrieval_metrics(
