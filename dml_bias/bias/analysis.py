@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -25,9 +25,26 @@ from dml_bias._checks import check_number, describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from dml_bias.bias.config import StudyConfig
-    from dml_bias.bias.result import StudyResult
 
 __all__: list[str] = []
+
+
+class StudyLike(Protocol):
+    """What the analysis, the report and the figures read of a study: a :class:`~dml_bias.bias.StudyResult`.
+
+    A structural type, so that these modules need not import the result (whose methods call them). Any object
+    with these attributes, as :class:`~dml_bias.bias.StudyResult` documents them, will do.
+    """
+
+    config: StudyConfig
+    runs: list[dict[str, Any]]
+    dataset: dict[str, Any]
+    versions: dict[str, str]
+    timings: dict[str, float]
+    interrupted: bool
+    grid: dict[str, Any] | None
+    attribution_maps: dict[str, Any] | None
+
 
 #: Display titles of the study's losses.
 LOSS_TITLES = {"proxy_anchor": "Proxy-Anchor", "multi_similarity": "Multi-Similarity"}
@@ -249,7 +266,7 @@ def _failures(run: dict[str, Any], variant: str, label: str, count: int) -> int:
 
 
 def _class_row(
-    result: StudyResult, loss: str, none: dict[str, Any], hard: dict[str, Any], label: str, count: int
+    result: StudyLike, loss: str, none: dict[str, Any], hard: dict[str, Any], label: str, count: int
 ) -> dict[str, Any]:
     """One row of :func:`per_class_rows` (without its rank)."""
     variant = result.config.report_variant
@@ -286,7 +303,7 @@ def _class_row(
     }
 
 
-def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
+def per_class_rows(result: StudyLike) -> list[dict[str, Any]]:
     r"""Per loss and test class: Recall@1 failures of the no-mask and hard-mask models, ranked by background reliance.
 
     The failures of a class are ``round(count × (1 − Recall@1))`` of its queries, each model evaluated in its
@@ -342,7 +359,7 @@ def per_class_rows(result: StudyResult) -> list[dict[str, Any]]:
     return rows
 
 
-def per_class_summary(result: StudyResult, top: int = 10) -> dict[str, dict[str, Any]]:
+def per_class_summary(result: StudyLike, top: int = 10) -> dict[str, dict[str, Any]]:
     """Per loss: how well the per-class ranking follows the home backgrounds' distinctiveness (synthetic data).
 
     For every loss of :func:`per_class_rows`: ``num_classes``, ``top``, the mean distinctiveness of the ``top``
@@ -415,7 +432,7 @@ def _attribution_correlations(
     return summary
 
 
-def attribution_summary(result: StudyResult) -> dict[str, dict[str, Any]]:
+def attribution_summary(result: StudyLike) -> dict[str, dict[str, Any]]:
     """Per loss: do the retraining-free measures of the no-mask model find the classes the retraining test finds?
 
     For every loss with a ``"none"`` run that has attribution measures: the number of classes and Spearman's rank

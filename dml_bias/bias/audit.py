@@ -24,13 +24,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from dml_bias._checks import check_choice, check_number, describe
+from dml_bias.bias._audit_report import AuditResult
 from dml_bias.bias._model_spec import AuditError, ExportedModule
 from dml_bias.bias._modes import eval_mode
 from dml_bias.bias.analysis import audit_class_rows, bootstrap_ci, bootstrap_indices, finite_ci
@@ -41,8 +41,6 @@ __all__ = ["MASK_INPUTS", "AuditError", "AuditResult", "audit"]
 
 #: How the model takes the mask: not at all, background set to 0, background scaled by σ, or a 4th channel.
 MASK_INPUTS: tuple[str, ...] = ("none", "hard", "soft", "channel")
-#: The ``schema`` entry of ``results.json``.
-SCHEMA = "dml_bias.audit/1"
 _MIXED = ("mixed_same", "mixed_rand", "mixed_next")
 _SHOWN_QUERIES = 4
 _SHOWN_MAPS = 6
@@ -931,183 +929,6 @@ def _example_images(examples: dict[str, torch.Tensor], inp: _Inputs) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------------- result
-
-
-def _clean(x: Any) -> Any:
-    """JSON-ready: NaN → None, tuples → lists."""
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def _f2(x: float | None) -> str:
-    """``.80`` style (two decimals, no leading zero), ``–`` for missing."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    text = f"{x:.2f}"
-    return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
-
-
-@dataclass
-class AuditResult:
-    """The outcome of :func:`audit`: every number, JSON-ready, plus the verdict, the table and the report files.
-
-    Attributes:
-        model: The model's name.
-        data: The data's name.
-        num_images: Images audited.
-        num_classes: Their classes.
-        variants: ``{variant: {"recall@1", "recall@1_ci", "map@r", "map@r_ci"}}`` for the seven variants.
-        bg_gap: ``{"value", "ci"}``: Recall@1 of ``mixed_same`` minus ``mixed_rand``.
-        background_drop: ``{"value", "ci"}``: Recall@1 of ``original`` minus ``mixed_rand`` (the verdict's drop).
-        chance_recall_at_1: Recall@1 of a random ranking.
-        background_sensitivity: ``{"mean", "ci", "background_shift", "object_shift", "num_images",
-            "num_undefined"}`` (see :func:`~dml_bias.bias.background_sensitivity`).
-        foreground_energy: ``{"mean", "chance", "ci", "num_images", "num_empty"}`` (maps without positive
-            attribution are left out of the mean and counted in ``num_empty``).
-        per_class: One dict per class (``label``, ``name``, ``count``, ``recall@1``, ``mixed_rand_recall@1``,
-            ``recall@1_drop``, ``background_sensitivity``, ``foreground_energy``), most background-reliant first.
-        settings: Preprocessing, mask source, explained layer, bootstrap, seed, device, count of empty masks.
-        timings: Seconds per stage.
-        per_query: Per-query Recall@1 and MAP@R per variant (not saved to JSON).
-        examples: Images of the queries whose neighbours change most (not saved to JSON).
-        overlays: Images and attribution maps of the first explained queries (not saved to JSON).
-
-    Example:
-        >>> import textwrap
-        >>> r = AuditResult("m", "d", 4, 2, {v: {"recall@1": 1.0, "recall@1_ci": [1.0, 1.0], "map@r": 1.0,
-        ...                 "map@r_ci": [1.0, 1.0]} for v in VARIANTS}, {"value": 0.0, "ci": [0.0, 0.0]},
-        ...                 {"value": 0.0, "ci": [0.0, 0.0]}, 0.33, {"mean": 0.1, "ci": [0.0, 0.2]},
-        ...                 {"mean": 0.9, "chance": 0.2, "ci": [0.8, 1.0]}, [])
-        >>> print(textwrap.fill(r.verdict(), 100))
-        Recall@1 stays at 1.00 [1.00, 1.00] when backgrounds are swapped (1.00 [1.00, 1.00]): no measurable
-        part of this model's retrieval comes from backgrounds.
-    """
-
-    model: str
-    data: str
-    num_images: int
-    num_classes: int
-    variants: dict[str, dict[str, Any]]
-    bg_gap: dict[str, Any]
-    background_drop: dict[str, Any]
-    chance_recall_at_1: float
-    background_sensitivity: dict[str, Any]
-    foreground_energy: dict[str, Any]
-    per_class: list[dict[str, Any]]
-    settings: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    per_query: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    examples: dict[str, Any] | None = field(default=None, repr=False)
-    overlays: dict[str, Any] | None = field(default=None, repr=False)
-
-    def verdict(self) -> str:
-        """The finding in plain words: how far Recall@1 falls when backgrounds are swapped, with intervals."""
-        o, s = self.variants["original"], self.variants["mixed_rand"]
-        lo, hi = self.background_drop.get("ci", [math.nan, math.nan])
-        points = round(100 * self.background_drop["value"])
-        before = f"{_f2(o['recall@1'])} [{_f2(o['recall@1_ci'][0])}, {_f2(o['recall@1_ci'][1])}]"
-        after = f"{_f2(s['recall@1'])} [{_f2(s['recall@1_ci'][0])}, {_f2(s['recall@1_ci'][1])}]"
-        if hi is not None and not math.isnan(hi) and hi < 0:
-            return (
-                f"Recall@1 rises from {before} to {after} when backgrounds are swapped: this model's retrieval does "
-                "not rely on its images' own backgrounds."
-            )
-        if not (lo is not None and not math.isnan(lo) and lo > 0) or points <= 0:
-            if abs(points) < 1:
-                return (
-                    f"Recall@1 stays at {before} when backgrounds are swapped ({after}): no measurable part of this "
-                    "model's retrieval comes from backgrounds."
-                )
-            return (
-                f"Recall@1 is {before} on the original images and {after} when backgrounds are swapped; the drop, "
-                f"{points} points [{100 * lo:.0f}, {100 * hi:.0f}], is not distinguishable from zero."
-            )
-        return (
-            f"Recall@1 falls from {before} to {after} when backgrounds are swapped: {points} points of this "
-            "model's retrieval come from backgrounds."
-        )
-
-    def details(self) -> list[str]:
-        """The verdict's supporting sentences: background-alone retrieval, sensitivity, foreground energy."""
-        bg = self.variants["only_bg_t"]
-        lines = [
-            f"On backgrounds alone (only_bg_t) Recall@1 is {_f2(bg['recall@1'])} [{_f2(bg['recall@1_ci'][0])}, "
-            f"{_f2(bg['recall@1_ci'][1])}] against {_f2(self.chance_recall_at_1)} by chance; BG-gap (mixed_same − "
-            f"mixed_rand) {_f2(self.bg_gap['value'])} [{_f2(self.bg_gap['ci'][0])}, {_f2(self.bg_gap['ci'][1])}].",
-        ]
-        s = self.background_sensitivity
-        lines.append(
-            f"Background sensitivity {_f2(s.get('mean'))} [{_f2(s['ci'][0])}, {_f2(s['ci'][1])}] (0: only the object "
-            "moves the embedding, 1: only the background)."
-        )
-        e = self.foreground_energy
-        if e.get("num_images", 1):
-            lines.append(
-                f"Foreground energy {_f2(e.get('mean'))} [{_f2(e['ci'][0])}, {_f2(e['ci'][1])}] of the attribution "
-                "lies "
-                f"on the object, against {_f2(e.get('chance'))} for a uniform map"
-                + (f" ({e['num_empty']} maps without positive attribution left out)." if e.get("num_empty") else ".")
-            )
-        return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything as JSON-ready values (what ``results.json`` holds; NaN becomes ``null``)."""
-        return _clean(
-            {
-                "schema": SCHEMA,
-                "model": self.model,
-                "data": self.data,
-                "num_images": self.num_images,
-                "num_classes": self.num_classes,
-                "variants": self.variants,
-                "bg_gap": self.bg_gap,
-                "background_drop": self.background_drop,
-                "chance_recall@1": self.chance_recall_at_1,
-                "background_sensitivity": self.background_sensitivity,
-                "foreground_energy": self.foreground_energy,
-                "per_class": self.per_class,
-                "verdict": self.verdict(),
-                "settings": self.settings,
-                "timings": self.timings,
-            }
-        )
-
-    def table(self) -> str:
-        """The printed summary: the verdict, Recall@1 and MAP@R with intervals per variant, and the measures."""
-        lines = [f"Audit of {self.model} on {self.data}: {self.num_images} images, {self.num_classes} classes", ""]
-        lines.append(self.verdict())
-        lines.extend(self.details())
-        lines.append("")
-        lines.append(f"{'variant':<11} {'Recall@1':>8} {'95% CI':>14} {'MAP@R':>7} {'95% CI':>14}")
-        for v in VARIANTS:
-            m = self.variants[v]
-            lines.append(
-                f"{v:<11} {m['recall@1']:>8.3f} [{m['recall@1_ci'][0]:.3f}, {m['recall@1_ci'][1]:.3f}] "
-                f"{m['map@r']:>7.3f} [{m['map@r_ci'][0]:.3f}, {m['map@r_ci'][1]:.3f}]"
-            )
-        return "\n".join(lines)
-
-    def save(self, out_dir: str | Path, *, figures: bool = True) -> dict[str, Path]:
-        """Write ``results.json``, ``per_class.csv``, ``report.md``, the figures and ``report.html`` into ``out_dir``.
-
-        Every file is written to a temporary file in ``out_dir`` and renamed into place, so an interrupted save
-        leaves no half-written file.
-
-        Returns:
-            The written files by kind (``"results"``, ``"per_class"``, ``"report"``, ``"html"``,
-            ``"figure:<name>"``).
-        """
-        from dml_bias.bias import _audit_report
-
-        return _audit_report.save(self, Path(out_dir), figures=figures)
-
-
-# ------------------------------------------------------------------------------------- command-line helpers
 
 
 def open_data(spec: str, sidecar: dict[str, Any] | None, *, with_masks: bool) -> tuple[Any, str]:

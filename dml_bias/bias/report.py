@@ -2,8 +2,8 @@
 
 These functions take a :class:`~dml_bias.bias.StudyResult`; the usual entry points are its methods
 :meth:`~dml_bias.bias.StudyResult.table`, :meth:`~dml_bias.bias.StudyResult.per_class_report` and
-:meth:`~dml_bias.bias.StudyResult.save`. (The result module imports this one; this one imports it only for type
-checking.)
+:meth:`~dml_bias.bias.StudyResult.save`. (The result module imports this one; this one reads the result
+through the structural type :class:`~dml_bias.bias.analysis.StudyLike`, so no import runs back.)
 """
 
 from __future__ import annotations
@@ -11,21 +11,19 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dml_bias.bias.analysis import (
     LOSS_TITLES,
     MIN_CLASSES_FOR_CORRELATION,
     PER_CLASS_FIELDS,
+    StudyLike,
     attribution_summary,
     correlation_readings,
     is_smoke_run,
     per_class_rows,
     per_class_summary,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dml_bias.bias.result import StudyResult
 
 __all__: list[str] = []
 
@@ -57,7 +55,7 @@ def _fmt(x: float | None, width: int = 6) -> str:
     return f"{'—':>{width}}" if x is None else f"{x:>{width}.3f}"
 
 
-def _rows(result: StudyResult, loss: str, raw: bool | None) -> list[tuple[dict[str, Any], str, str]]:
+def _rows(result: StudyLike, loss: str, raw: bool | None) -> list[tuple[dict[str, Any], str, str]]:
     """(run, eval label, metrics key) rows of one loss; runs whose raw evaluation is their own appear once."""
     rows = []
     for run in result.runs:
@@ -73,12 +71,12 @@ def _rows(result: StudyResult, loss: str, raw: bool | None) -> list[tuple[dict[s
     return rows
 
 
-def _swap_text(result: StudyResult) -> str:
+def _swap_text(result: StudyLike) -> str:
     return "queries and gallery swapped" if result.config.swap == "both" else "queries swapped, original gallery"
 
 
-def format_tables(result: StudyResult, *, raw: bool | None = None, smoke_note: bool = True) -> str:
-    """The study's printed tables (see :meth:`~dml_bias.bias.study.StudyResult.table`).
+def format_tables(result: StudyLike, *, raw: bool | None = None, smoke_note: bool = True) -> str:
+    """The study's printed tables (see :meth:`~dml_bias.bias.StudyResult.table`).
 
     A smoke run (:func:`~dml_bias.bias.analysis.is_smoke_run`) starts with :data:`SMOKE_RUN_NOTE` unless
     ``smoke_note`` is ``False``.
@@ -140,7 +138,7 @@ def format_tables(result: StudyResult, *, raw: bool | None = None, smoke_note: b
     return "\n".join(out)
 
 
-def _attribution_lines(result: StudyResult, loss: str) -> list[str]:
+def _attribution_lines(result: StudyLike, loss: str) -> list[str]:
     """The attribution table of one loss (empty without attribution measures)."""
     runs = [r for r in result.runs if r["loss"] == loss and "attribution" in r]
     if not runs:
@@ -319,8 +317,8 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_per_class(result: StudyResult, top: int = 10, *, smoke_note: bool = True) -> str:
-    """The printed per-class bias report (see :meth:`~dml_bias.bias.study.StudyResult.per_class_report`).
+def format_per_class(result: StudyLike, top: int = 10, *, smoke_note: bool = True) -> str:
+    """The printed per-class bias report (see :meth:`~dml_bias.bias.StudyResult.per_class_report`).
 
     A smoke run (:func:`~dml_bias.bias.analysis.is_smoke_run`) starts with :data:`SMOKE_RUN_NOTE` unless
     ``smoke_note`` is ``False``.
@@ -346,7 +344,7 @@ def format_per_class(result: StudyResult, top: int = 10, *, smoke_note: bool = T
     return "\n".join(out).rstrip()
 
 
-def write_per_class_csv(result: StudyResult, path: Path) -> Path:
+def write_per_class_csv(result: StudyLike, path: Path) -> Path:
     """Write every row of :func:`per_class_rows` to ``path`` (CSV with a header)."""
     rows = per_class_rows(result)
     with path.open("w", newline="") as f:
@@ -357,7 +355,7 @@ def write_per_class_csv(result: StudyResult, path: Path) -> Path:
     return path
 
 
-def _md_metric_table(result: StudyResult, loss: str) -> list[str]:
+def _md_metric_table(result: StudyLike, loss: str) -> list[str]:
     variants = [v for v in result.dataset.get("variants", []) if v in result.runs[0]["metrics"]]
     lines = [f"| mode | eval | metric | {' | '.join(variants)} |", f"|---|---|---|{'---|' * len(variants)}"]
     for run, label, key in _rows(result, loss, None):
@@ -408,7 +406,7 @@ CSV_LEGEND = (
 )
 
 
-def _md_header(result: StudyResult) -> list[str]:
+def _md_header(result: StudyLike) -> list[str]:
     """The title and setup of ``report.md``; a smoke run is labelled as one."""
     cfg = result.config
     smoke = is_smoke_run(cfg)
@@ -427,7 +425,7 @@ def _md_header(result: StudyResult) -> list[str]:
     return lines
 
 
-def _md_attribution(result: StudyResult) -> list[str]:
+def _md_attribution(result: StudyLike) -> list[str]:
     """The attribution section of ``report.md``: a table per loss and its correlations with 95 % intervals."""
     lines = ["## Attribution (no retraining)", ""]
     summaries = attribution_summary(result)
@@ -465,7 +463,7 @@ def _md_attribution(result: StudyResult) -> list[str]:
     return lines
 
 
-def write_report_md(result: StudyResult, path: Path, figures: Sequence[Path] = ()) -> Path:
+def write_report_md(result: StudyLike, path: Path, figures: Sequence[Path] = ()) -> Path:
     """Write ``report.md``: the setup, the printed tables, the per-class report, full metric tables, figures."""
     lines = [
         *_md_header(result),

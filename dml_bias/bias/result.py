@@ -2,7 +2,7 @@
 
 The last steps of the study's data path (config → data → train → evaluate → **result → report → figures**): a
 :class:`StudyResult` holds every number; :mod:`~dml_bias.bias.report` turns it into text and
-:mod:`~dml_bias.bias.plots` into figures (both import this module only for type checking).
+:mod:`~dml_bias.bias.plots` into figures (both read it through :class:`~dml_bias.bias.analysis.StudyLike`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dml_bias.bias import plots, report
+from dml_bias.bias.analysis import attribution_summary, per_class_rows, per_class_summary
 from dml_bias.bias.config import StudyConfig, StudyError
 
 __all__ = ["StudyResult"]
@@ -77,9 +78,9 @@ class StudyResult:
             "dataset": self.dataset,
             "interrupted": self.interrupted,
             "runs": self.runs,
-            "per_class": report.per_class_rows(self),
-            "per_class_summary": report.per_class_summary(self),
-            "attribution_summary": report.attribution_summary(self),
+            "per_class": per_class_rows(self),
+            "per_class_summary": per_class_summary(self),
+            "attribution_summary": attribution_summary(self),
         }
 
     def table(self, *, raw: bool | None = None) -> str:

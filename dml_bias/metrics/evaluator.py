@@ -49,6 +49,11 @@ class RetrievalEvaluator:
     are concatenated in rank order and padded repeats stay in. On NCCL the tensors travel through the current
     CUDA device; on Gloo through the CPU.
 
+    **Re-identification.** Pass each sample's camera (or sequence) id as ``update(..., groups=...)`` and
+    ``compute`` applies the re-identification rule of :func:`~dml_bias.metrics.retrieval_metrics`: a reference item
+    with the query's label *and* group is left out of that query's list (``query_groups`` /
+    ``reference_groups``). Give groups for every batch (queries and gallery) or for none.
+
     Args:
         ks: The cut-offs of Recall@k.
         metrics: The keys to compute (see :func:`~dml_bias.metrics.retrieval_metrics`); ``None``: Recall@k,
@@ -84,6 +89,11 @@ class RetrievalEvaluator:
         >>> inshop.update(emb[[3, 1]], torch.tensor([1, 0]), reference=True)  # gallery
         >>> inshop.compute()["recall@1"]
         1.0
+        >>> reid = RetrievalEvaluator(ks=(1,), separate_reference=True, metrics=("recall@k", "map"))
+        >>> reid.update(emb[[0]], torch.tensor([0]), groups=torch.tensor([5]))  # query seen by camera 5
+        >>> reid.update(emb[[1, 2, 3]], torch.tensor([0, 0, 1]), reference=True, groups=torch.tensor([5, 6, 6]))
+        >>> reid.compute()["map"]  # the same-camera match (row 1) is left out; the other ranks 2nd: AP 1/2
+        0.5
     """
 
     def __init__(
@@ -150,6 +160,7 @@ class RetrievalEvaluator:
         indices: torch.Tensor | None = None,
         *,
         reference: bool = False,
+        groups: torch.Tensor | None = None,
     ) -> None:
         """Add one batch.
 
@@ -159,6 +170,8 @@ class RetrievalEvaluator:
             indices: Optional ``(B,)`` integer tensor of dataset indices (the sample's ``"index"``). Give it for
                 every batch or for none.
             reference: With ``separate_reference=True``: the batch belongs to the gallery (else to the queries).
+            groups: Optional ``(B,)`` integer tensor of group ids (cameras, sequences) for the re-identification
+                rule (see the class documentation). Give it for every batch or for none.
         """
         check_bool(reference, "reference")
         if reference and not self.separate_reference:
@@ -166,7 +179,17 @@ class RetrievalEvaluator:
         check_not_meta(embeddings=embeddings, labels=labels, indices=indices)
         check_embeddings(embeddings, "embeddings", allow_empty=True)
         check_labels(labels, "labels", length=embeddings.shape[0], length_source="embeddings.shape[0]")
-        check_same_device(embeddings=embeddings, labels=labels, indices=indices)
+        check_not_meta(groups=groups)
+        check_same_device(embeddings=embeddings, labels=labels, indices=indices, groups=groups)
+        if groups is not None:
+            check_labels(groups, "groups", length=embeddings.shape[0], length_source="embeddings.shape[0]")
+        with_groups = groups is not None
+        group_modes = {part.with_groups for part in self._parts.values()} - {None}
+        if group_modes and with_groups not in group_modes:
+            raise ValueError(
+                "groups must be given for every batch or for none since the last reset(), got "
+                + ("groups after batches without them" if with_groups else "no groups after batches with them")
+            )
         if indices is not None:
             check_labels(indices, "indices", length=embeddings.shape[0], length_source="embeddings.shape[0]")
             if indices.numel() and int(indices.min()) < 0:
@@ -188,6 +211,9 @@ class RetrievalEvaluator:
         device = self.device if self.device is not None else embeddings.device
         part = self._parts[reference]
         part.with_indices = with_indices
+        part.with_groups = with_groups
+        if groups is not None:
+            part.groups.append(groups.detach().to(device=device, dtype=torch.long, copy=True))
         part.embeddings.append(embeddings.detach().to(device, copy=True))
         part.labels.append(labels.detach().to(device=device, dtype=torch.long, copy=True))
         if indices is not None:
@@ -202,14 +228,23 @@ class RetrievalEvaluator:
         Returns:
             ``(embeddings (N, D), labels (N,), indices (N,) or None)``, on the storage device.
         """
-        part = self._parts[reference]
-        local = part.local(self.device)
-        if world_size(self.group) > 1:
-            local = _gather(part, *local, group=self.group)
-        embeddings, labels, indices = local
-        if indices is not None:
-            embeddings, labels, indices = _first_by_index(embeddings, labels, indices)
+        embeddings, labels, indices, _ = self._collected(reference)
         return embeddings, labels, indices
+
+    def _collected(
+        self, reference: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`gathered` plus the group ids (or ``None``)."""
+        part = self._parts[reference]
+        embeddings, labels, indices, groups = part.local(self.device)
+        if world_size(self.group) > 1:
+            embeddings, labels, indices = _gather(part, embeddings, labels, indices, group=self.group)
+            groups = _gather_groups(part, groups, labels, self.group)
+        if indices is not None:
+            keep = _first_by_index(labels, indices)
+            embeddings, labels, indices = embeddings[keep], labels[keep], indices[keep]
+            groups = None if groups is None else groups[keep]
+        return embeddings, labels, indices, groups
 
     def compute(self) -> dict[str, Any]:
         """Compute the retrieval metrics over everything accumulated (on all ranks).
@@ -219,7 +254,7 @@ class RetrievalEvaluator:
         """
         from dml_bias.metrics.retrieval import retrieval_metrics
 
-        embeddings, labels, _ = self.gathered()
+        embeddings, labels, _, groups = self._collected(False)
         if embeddings.shape[0] == 0:
             raise ValueError("RetrievalEvaluator.compute() needs at least one query sample; call update() first")
         options: dict[str, Any] = {
@@ -231,12 +266,16 @@ class RetrievalEvaluator:
             "chunk_size": self.chunk_size,
         }
         if self.separate_reference:
-            gallery, gallery_labels, _ = self.gathered(reference=True)
+            gallery, gallery_labels, _, gallery_groups = self._collected(True)
             if gallery.shape[0] == 0:
                 raise ValueError("RetrievalEvaluator.compute() needs gallery samples; call update(..., reference=True)")
+            if (groups is None) != (gallery_groups is None):
+                raise ValueError("groups must be given for the queries and the gallery alike, got them for one only")
+            options.update(query_groups=groups, reference_groups=gallery_groups)
             return retrieval_metrics(embeddings, labels, gallery, gallery_labels, exclude_self=False, **options)
         if self.exclude_self:
-            return retrieval_metrics(embeddings, labels, exclude_self=True, **options)
+            return retrieval_metrics(embeddings, labels, exclude_self=True, query_groups=groups, **options)
+        options.update(query_groups=groups, reference_groups=groups)
         return retrieval_metrics(embeddings, labels, embeddings, labels, exclude_self=False, **options)
 
 
@@ -247,21 +286,22 @@ class _Part:
         self.embeddings: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
+        self.groups: list[torch.Tensor] = []
         self.with_indices: bool | None = None
+        self.with_groups: bool | None = None
 
-    def local(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def local(
+        self, device: torch.device | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if not self.embeddings:
             # No dtype/size known yet: placeholders that a gather fills in from the other ranks.
             device = device if device is not None else torch.device("cpu")
-            return (
-                torch.zeros(0, 0, device=device),
-                torch.zeros(0, dtype=torch.long, device=device),
-                None,
-            )
+            return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device), None, None
         embeddings = torch.cat(self.embeddings)
         labels = torch.cat(self.labels)
         indices = torch.cat(self.indices) if self.with_indices else None
-        return embeddings, labels, indices
+        groups = torch.cat(self.groups) if self.with_groups else None
+        return embeddings, labels, indices, groups
 
 
 def _gather(
@@ -302,10 +342,28 @@ def _gather(
     return all_embeddings, all_labels, all_indices
 
 
-def _first_by_index(
-    embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the first occurrence of each dataset index, ordered by index; repeats must agree on the label."""
+def _gather_groups(part: _Part, groups: torch.Tensor | None, labels: torch.Tensor, group: Any) -> torch.Tensor | None:
+    """All-gather one split's group ids (``None`` when no rank gave any; a mix raises on every rank).
+
+    ``labels`` are the split's gathered labels: the group ids come back beside them, on their device.
+    """
+    held = bool(part.embeddings)
+    mine = (0 if groups is None else int(groups.shape[0]), None if not held else groups is not None)
+    metas = all_gather_objects(mine, group)
+    modes = {m[1] for m in metas} - {None}
+    if len(modes) > 1:
+        raise ValueError("groups must be given on every rank or on none, got a mix")
+    if not modes or not modes.pop():
+        return None
+    local = groups if groups is not None else labels.new_zeros(0)
+    out = torch.cat(all_gather_rows(local, [m[0] for m in metas], group)).to(labels.device)
+    if out.shape[0] != labels.shape[0]:  # pragma: no cover - sizes come from the same batches as the labels
+        raise RuntimeError(f"internal error: {out.shape[0]} group ids for {labels.shape[0]} samples")
+    return out
+
+
+def _first_by_index(labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each dataset index, ordered by index; repeats must agree on the label."""
     order = torch.sort(indices, stable=True).indices
     sorted_indices = indices[order]
     first = torch.ones_like(sorted_indices, dtype=torch.bool)
@@ -315,4 +373,4 @@ def _first_by_index(
     keep = order[first]
     if not bool((labels[order] == labels[keep][group_id]).all()):
         raise ValueError("indices must identify samples: the same dataset index was given with different labels")
-    return embeddings[keep], labels[keep], indices[keep]
+    return keep

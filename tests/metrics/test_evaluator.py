@@ -183,3 +183,45 @@ def test_docs_examples_run() -> None:
     failures, tried = doctest.testfile(str(DOCS), module_relative=False, optionflags=doctest.ELLIPSIS)
     assert tried >= 8
     assert failures == 0
+
+
+def test_groups_apply_the_reidentification_rule() -> None:
+    """Groups (cameras) travel with the samples; compute() equals retrieval_metrics with the same groups."""
+    embeddings, labels = data()
+    cams = torch.arange(40) % 4
+    keys = ("recall@k", "map@r", "map")
+    for separate in (False, True):
+        evaluator = RetrievalEvaluator(ks=(1, 3), metrics=keys, separate_reference=separate)
+        for batch in torch.arange(40).split(7):
+            is_gallery = separate and int(batch[0]) >= 14
+            evaluator.update(embeddings[batch], labels[batch], reference=is_gallery, groups=cams[batch])
+        if separate:
+            q, g = slice(0, 14), slice(14, 40)
+            want = retrieval_metrics(
+                embeddings[q], labels[q], embeddings[g], labels[g], ks=(1, 3), metrics=keys,
+                query_groups=cams[q], reference_groups=cams[g],
+            )  # fmt: skip
+        else:
+            want = retrieval_metrics(embeddings, labels, ks=(1, 3), metrics=keys, query_groups=cams)
+        got = evaluator.compute()
+        assert got == want
+        plain = RetrievalEvaluator(ks=(1, 3), metrics=keys, separate_reference=separate)
+        for batch in torch.arange(40).split(7):
+            plain.update(embeddings[batch], labels[batch], reference=separate and int(batch[0]) >= 14)
+        assert plain.compute()["map"] != got["map"]  # the rule removes items: the values move
+
+
+def test_groups_all_or_none() -> None:
+    embeddings, labels = data()
+    evaluator = RetrievalEvaluator(ks=(1,))
+    evaluator.update(embeddings[:5], labels[:5], groups=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="groups must be given for every batch or for none"):
+        evaluator.update(embeddings[5:10], labels[5:10])
+    with pytest.raises(ValueError, match=r"groups must be a 1-D integer tensor of length 5 \(embeddings.shape\[0\]\)"):
+        evaluator.update(embeddings[5:10], labels[5:10], groups=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="groups"):
+        evaluator.update(embeddings[5:10], labels[5:10], groups=torch.zeros(5))
+    inshop = RetrievalEvaluator(ks=(1,), separate_reference=True)
+    inshop.update(embeddings[:5], labels[:5], groups=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="no groups after batches with them"):  # the gallery too
+        inshop.update(embeddings[5:], labels[5:], reference=True)

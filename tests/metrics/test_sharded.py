@@ -122,6 +122,16 @@ def run(rank, port, out_dir):
         mine = rows[torch.tensor(list(DistributedSampler(rows, num_replicas=2, rank=rank, shuffle=False)))]
         inshop.update(dataset[mine], labels[mine], mine, reference=is_gallery)
     out["inshop"] = inshop.compute()
+    # Re-identification: camera ids travel with the samples (rank 0 holds no gallery).
+    cams = torch.arange(23) % 3
+    reid = RetrievalEvaluator(ks=(1, 2), separate_reference=True, metrics=("recall@k", "map"))
+    queries = torch.arange(8)
+    mine = queries[torch.tensor(list(DistributedSampler(queries, num_replicas=2, rank=rank, shuffle=False)))]
+    reid.update(dataset[mine], labels[mine], mine, groups=cams[mine])
+    if rank == 1:  # the whole gallery
+        gallery = torch.arange(8, 23)
+        reid.update(dataset[gallery], labels[gallery], gallery, reference=True, groups=cams[gallery])
+    out["reid"] = reid.compute()
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -215,6 +225,11 @@ def test_evaluator_sync_removes_sampler_padding(gloo_results: list[dict]) -> Non
         assert result["plain_count"] == 24  # without indices the padded repeat stays
         assert result["empty_first"] == retrieval_metrics(dataset, labels, ks=(1,), exclude_self=True)
         assert result["inshop"] == retrieval_metrics(dataset[:8], labels[:8], dataset[8:], labels[8:], ks=(1, 2))
+        cams = torch.arange(23) % 3
+        assert result["reid"] == retrieval_metrics(
+            dataset[:8], labels[:8], dataset[8:], labels[8:], ks=(1, 2), metrics=("recall@k", "map"),
+            query_groups=cams[:8], reference_groups=cams[8:],
+        )  # fmt: skip
 
 
 def test_sharded_retrieval_metrics_equal_retrieval_metrics(gloo_results: list[dict]) -> None:
