@@ -51,7 +51,7 @@ def _f2(x: float | None) -> str:
 
 @dataclass
 class AuditResult:
-    """The outcome of :func:`~dml_bias.bias.audit.audit`: every number, JSON-ready, the verdict, table and report files.
+    """The outcome of :func:`~dml_bias.bias.audit`: every number, JSON-ready, the verdict, table and report files.
 
     Attributes:
         model: The model's name.
