@@ -1,5 +1,9 @@
 """The contract every loss shares: slow reference, PML cross-check, module == functional, gradcheck,
-half precision / autocast, edge cases, bad input, no in-place changes, torch.compile."""
+half precision / autocast, edge cases, bad input, no in-place changes, torch.compile.
+
+The checks every public object shares (``tests/contract.py``: smoke, bad input, reference, float64 gradcheck of
+the embeddings, the reference set and the class weights, module == functional, dtype, device, unchanged,
+pickle) run from the table :data:`ENTRIES` at the end; the tests above add what is particular to losses."""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import contract
 import loss_refs as R
 import pytest
 import torch
-from helpers import assert_close, gradcheck
+from contract import Call, Entry, call, tensor
+from helpers import assert_close
 
 from dml_bias import losses as L
 from dml_bias.losses import functional as F
@@ -156,19 +162,10 @@ def test_cross_check_pml(name: str, mode: str) -> None:
         expected.backward()
         got.backward()
         assert_close(e2.grad, e1.grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ALL_LOSSES)
-def test_gradcheck(name: str) -> None:
-    emb, labels = batch(n=6, dim=3)
-    module = make(name, 3, torch.float64)
-    ref, ref_labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    if name in CLASS_LOSSES:
-        weight = module.proxies if name == "proxy_anchor" else module.weight  # type: ignore[union-attr]
-        fn = F.proxy_anchor_loss if name == "proxy_anchor" else F.arcface_loss
-        assert gradcheck(lambda e, w: fn(e, labels, w), [emb, weight.detach()])
-    else:
-        assert gradcheck(lambda e, r: functional_call(name, module, e, labels, None, r, ref_labels), [emb, ref])
+        if name in CLASS_LOSSES:  # the class weights' gradient too (PML's W is our weight transposed)
+            ours_w = module.proxies if name == "proxy_anchor" else module.weight  # type: ignore[union-attr]
+            theirs_w = theirs.proxies.grad if name == "proxy_anchor" else theirs.W.grad.t()  # type: ignore[union-attr]
+            assert_close(ours_w.grad, theirs_w, rtol=1e-4, atol=1e-6)
 
 
 def extreme_batches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -409,3 +406,172 @@ def test_torch_compile_forward_and_backward(name: str) -> None:
     got.backward()
     expected.backward()
     assert_close(e1.grad, e2.grad)
+
+
+# ---------------------------------------------------------------------------------- the shared contract table
+# Every loss runs through tests/contract.py like every other public object: smoke, bad input (delegated to
+# tests/test_bad_input.py), slow reference, gradcheck, module == functional, dtype, device, unchanged, pickle.
+
+LOSS_CLASSES = {
+    "multi_similarity": "MultiSimilarityLoss",
+    "contrastive": "ContrastiveLoss",
+    "triplet": "TripletMarginLoss",
+    "ntxent": "NTXentLoss",
+    "supcon": "SupConLoss",
+    "proxy_anchor": "ProxyAnchorLoss",
+    "arcface": "AdditiveAngularMarginLoss",
+}
+LOSS_FUNCTIONS = {
+    "multi_similarity": "multi_similarity_loss",
+    "contrastive": "contrastive_loss",
+    "triplet": "triplet_margin_loss",
+    "ntxent": "ntxent_loss",
+    "supcon": "supcon_loss",
+    "proxy_anchor": "proxy_anchor_loss",
+    "arcface": "arcface_loss",
+}
+
+
+def contract_batch(dtype: torch.dtype) -> Call:
+    emb = torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    return call(emb, torch.tensor([0, 1, 2, 0, 1, 2, 0, 3]))
+
+
+def contract_module(name: str) -> Callable[[torch.dtype], torch.nn.Module]:
+    def build(dtype: torch.dtype) -> torch.nn.Module:
+        torch.manual_seed(0)  # class weights drawn in float64 and rounded: the same loss in every dtype
+        return make(name, 4, torch.float64).to(dtype)
+
+    return build
+
+
+def contract_functional_inputs(name: str) -> Callable[[torch.dtype], Call]:
+    def inputs(dtype: torch.dtype) -> Call:
+        c = contract_batch(dtype)
+        module: Any = contract_module(name)(dtype)
+        if name == "proxy_anchor":
+            return call(*c.args, module.proxies.detach().clone(), margin=module.margin, alpha=module.alpha)
+        if name == "arcface":
+            return call(*c.args, module.weight.detach().clone(), margin=module.margin, scale=module.scale)
+        hyper = {
+            "multi_similarity": {"alpha": 2.0, "beta": 10.0, "base": 0.5},
+            "contrastive": {"pos_margin": 0.2, "neg_margin": 1.2},
+            "triplet": {"margin": 0.2},
+            "ntxent": {"temperature": 0.5},
+            "supcon": {"temperature": 0.5},
+        }[name]
+        ref = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+        return call(*c.args, ref_emb=ref, ref_labels=torch.tensor([0, 1, 2, 0, 3]), **hyper)
+
+    return inputs
+
+
+def functional_reference(name: str) -> Callable[..., torch.Tensor]:
+    def ref(emb: torch.Tensor, labels: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+        if name == "proxy_anchor":
+            return R.proxy_anchor_loss(emb, labels, rest[0].double(), margin=kw["margin"], alpha=kw["alpha"])
+        if name == "arcface":
+            return R.arcface_loss(emb, labels, rest[0].double(), margin=kw["margin"], scale=kw["scale"])
+        return {
+            "multi_similarity": R.ms_loss,
+            "contrastive": R.contrastive_loss,
+            "triplet": R.triplet_loss,
+            "ntxent": R.ntxent_loss,
+            "supcon": R.supcon_loss,
+        }[name](emb, labels, **kw)
+
+    return ref
+
+
+def arcface_pml_reference(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The peer: PML's ArcFaceLoss with the same (transposed) weight and margin in degrees."""
+    ours: Any = contract_module_arcface_pml(torch.float64)
+    pml = R.import_pml()
+    theirs = pml.losses.ArcFaceLoss(5, 4, margin=ours.margin, scale=ours.scale).double()
+    with torch.no_grad():
+        theirs.W.copy_(ours.W)
+    return theirs(emb, labels)
+
+
+def contract_module_arcface_pml(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return L.ArcFaceLoss(NUM_CLASSES, 4, margin=20.0, scale=4.0, dtype=torch.float64).to(dtype)
+
+
+def wrapped_contrastive_reference(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return R.contrastive_loss(emb, labels, pos_margin=0.0, neg_margin=1.0)
+
+
+def self_supervised_reference(view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    """The peer: PML's SelfSupervisedLoss around PML's NT-Xent (both views stacked, row i of each a pair)."""
+    pml = R.import_pml()
+    return pml.losses.SelfSupervisedLoss(pml.losses.NTXentLoss(temperature=0.5))(view1, view2)
+
+
+def contract_entries() -> list[Entry]:
+    entries = []
+    for name in ALL_LOSSES:
+        # the functionals: against the slow reference with a reference set (pair losses) or the class weights
+        grad_slots: tuple[int | str, ...] = (0, 2) if name in CLASS_LOSSES else (0, "ref_emb")
+        entries.append(
+            Entry(
+                f"dml_bias.losses:{LOSS_CLASSES[name]}",
+                contract_batch,
+                tensor(()),
+                make=contract_module(name),
+                reference=lambda e, y, n=name: reference(n, contract_module(n)(torch.float64), e, y),
+                twin=lambda m, n=name: lambda e, y: functional_call(n, m, e, y),
+                grad=(0,),
+            )
+        )
+        entries.append(
+            Entry(
+                f"dml_bias.losses.functional:{LOSS_FUNCTIONS[name]}",
+                contract_functional_inputs(name),
+                tensor(()),
+                reference=functional_reference(name),
+                grad=grad_slots,
+            )
+        )
+    entries += [
+        Entry(
+            "dml_bias.losses:ArcFaceLoss",
+            contract_batch,
+            tensor(()),
+            make=contract_module_arcface_pml,
+            reference=arcface_pml_reference,
+            grad=(0,),
+            skip={"twin": "the PML-parameterised form of AdditiveAngularMarginLoss (its twin is arcface_loss)"},
+            tol=(1e-6, 1e-8),
+        ),
+        Entry(
+            "dml_bias.losses:CrossBatchMemory",
+            contract_batch,
+            tensor(()),
+            make=lambda dtype: L.CrossBatchMemory(L.ContrastiveLoss(), embedding_size=4, memory_size=16),
+            reference=wrapped_contrastive_reference,  # an empty memory: the first batch against itself
+            grad=(0,),
+            skip={
+                "twin": "a stateful wrapper (a queue of past batches): no functional form",
+                "gradcheck": "stateful: each call enqueues the batch, so repeated calls differ by design",
+            },
+        ),
+        Entry(
+            "dml_bias.losses:SelfSupervisedLoss",
+            lambda dtype: call(contract_batch(dtype).args[0], contract_batch(dtype).args[0].flip(1)),
+            tensor(()),
+            make=lambda dtype: L.SelfSupervisedLoss(L.NTXentLoss(temperature=0.5)),
+            reference=self_supervised_reference,
+            grad=(0, 1),
+            skip={"twin": "a wrapper: its functional form is the wrapped loss's (the reference)"},
+        ),
+    ]
+    return entries
+
+
+ENTRIES = contract_entries()
+
+
+@pytest.mark.parametrize(("entry", "check"), contract.params(ENTRIES))
+def test_contract(entry: Entry, check: str) -> None:
+    contract.run(entry, check)
