@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from dml_bias._checks import check_bool, check_labels, check_number, checks_enabled
 from dml_bias._compat import no_autocast
 from dml_bias.losses._common import (
+    Batch,
     Distance,
     all_triplets,
     check_contrastive_margins,
@@ -371,6 +372,23 @@ def triplet_margin_loss(
         return total / count.sum().clamp_min(1).to(dist.dtype)
 
 
+def _temperature_logits(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor | None,
+    indices_tuple: Indices,
+    ref_emb: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    temperature: float,
+    distance: Distance,
+) -> tuple[Batch, torch.Tensor]:
+    """The checked batch and its ``(N, M)`` logits ``±similarity / temperature`` (compute dtype; NT-Xent, SupCon)."""
+    check_positive(temperature, "temperature")
+    resolved = resolve_distance(distance)
+    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=resolved)
+    with no_autocast(embeddings.device):
+        return batch, similarity_sign(resolved) * batch.matrix(resolved) / temperature
+
+
 def ntxent_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -407,12 +425,9 @@ def ntxent_loss(
         >>> ntxent_loss(emb, torch.tensor([0, 0, 1]), temperature=1.0)
         tensor(0.3133)
     """
-    check_positive(temperature, "temperature")
-    distance = resolve_distance(distance)
+    batch, logits = _temperature_logits(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, distance)
     check_reducer(reducer)
-    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with no_autocast(embeddings.device):
-        logits = similarity_sign(distance) * batch.matrix(distance) / temperature
         pairs = convert_to_pairs(batch)
         if pairs is None:
             pos_mask, neg_mask = pair_masks(batch)
@@ -472,12 +487,9 @@ def supcon_loss(
         >>> supcon_loss(emb, torch.tensor([0, 0, 1]), temperature=1.0)
         tensor(0.3133)
     """
-    check_positive(temperature, "temperature")
-    distance = resolve_distance(distance)
+    batch, logits = _temperature_logits(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, distance)
     check_reducer(reducer)
-    batch = prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=distance)
     with no_autocast(embeddings.device):
-        logits = similarity_sign(distance) * batch.matrix(distance) / temperature
         pos_mask, neg_mask = pair_masks(batch)
         denom = masked_logsumexp(logits, pos_mask | neg_mask, dim=1, add_one=False)
         log_prob = logits - denom.unsqueeze(1)
