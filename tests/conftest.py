@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -42,6 +43,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_checks_switch() -> Iterator[None]:
+    """Leave ``dml_bias.set_checks`` (and its cached environment reading) as each test found it."""
+    from dml_bias import _checks
+
+    saved = list(_checks._checks_state)
+    yield
+    _checks._checks_state[:] = saved
 
 
 @pytest.fixture(autouse=True)
