@@ -39,7 +39,7 @@ from dml_bias._checks import (
     describe,
 )
 from dml_bias._collectives import all_gather_objects, all_gather_rows, all_reduce_sum, rank, world_size
-from dml_bias.metrics._counting import bulk_inputs, choose_bulk, count_above, sort_relevant
+from dml_bias.metrics._counting import bulk_inputs, choose_bulk, count_above, pair_counts, sort_relevant
 from dml_bias.metrics._engine import (
     PerQuery,
     check_not_meta,
@@ -255,6 +255,8 @@ def sharded_retrieval_metrics(
     metric: str = "cosine",
     chunk_size: int | None = None,
     group: Any = None,
+    query_groups: torch.Tensor | None = None,
+    reference_shard_groups: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     r"""Recall@k, R-precision, MAP@R (full mAP, MRR, Precision@k on request) over a sharded reference set, exactly.
 
@@ -305,6 +307,10 @@ def sharded_retrieval_metrics(
         metric: ``"cosine"``, ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
         chunk_size: Query rows per block (the same on every rank); ``None`` picks it from a 2 GiB budget.
         group: The process group; ``None`` is the default group.
+        query_groups: Optional ``(Q,)`` integer group ids (cameras, sequences) of the queries, the same on every
+            rank: the re-identification rule of :func:`~dml_bias.metrics.retrieval_metrics` — a reference item
+            with the query's label *and* group is left out of its list. The keys then come from the counting pass.
+        reference_shard_groups: ``(M_r,)`` integer group ids of the shard; given exactly when ``query_groups`` is.
 
     Returns:
         A dict of floats (and the two integer counts, and ``"per_class"`` if asked), the same on every rank.
@@ -327,6 +333,7 @@ def sharded_retrieval_metrics(
     if chunk_size is not None:
         check_number(chunk_size, "chunk_size", low=1, integer=True)
     ks = _check_sharded_inputs(query, query_labels, reference_shard, reference_shard_labels, query_indices, ks)
+    groups = _check_shard_groups(query_groups, reference_shard_groups, query, reference_shard)
     excluding = query_indices is not None
     same = (int(query.shape[0]), int(query.shape[1]), ks, metric, excluding)
     layout = _shard_layout(reference_shard, shard_offset, same, group)
@@ -339,12 +346,13 @@ def sharded_retrieval_metrics(
         )
     qlab = query_labels.detach().long()
     rlab = reference_shard_labels.detach().long()
-    num_rel = _relevant_counts(qlab, rlab, query_indices, layout.offset, group)
+    num_rel = _relevant_counts(qlab, rlab, query_indices, layout.offset, group, groups)
     require_evaluated(num_rel > 0)
-    if "map" in keys or "mrr" in keys:
+    if "map" in keys or "mrr" in keys or groups is not None:
         res = _count_sharded(
-            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
-        )
+            query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group,
+            groups,
+        )  # fmt: skip
     else:
         res = _list_sharded(
             query, qlab, reference_shard, rlab, layout, metric, query_indices, num_rel, ks, keys, chunk_size, group
@@ -400,22 +408,56 @@ def _check_sharded_inputs(
     return tuple(dict.fromkeys(int(k) for k in ks))
 
 
+def _check_shard_groups(
+    query_groups: Any, reference_shard_groups: Any, query: torch.Tensor, reference_shard: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(query_groups, reference_shard_groups)`` pair as int64 tensors, or ``None`` without groups."""
+    if query_groups is None and reference_shard_groups is None:
+        return None
+    if query_groups is None or reference_shard_groups is None:
+        missing = "query_groups" if query_groups is None else "reference_shard_groups"
+        raise ValueError(f"{missing} must be given with the other groups argument (a group id per item), got None")
+    check_not_meta(query_groups=query_groups, reference_shard_groups=reference_shard_groups)
+    check_labels(query_groups, "query_groups", length=int(query.shape[0]), length_source="query.shape[0]")
+    check_labels(
+        reference_shard_groups,
+        "reference_shard_groups",
+        length=int(reference_shard.shape[0]),
+        length_source="reference_shard.shape[0]",
+    )
+    check_same_device(query=query, query_groups=query_groups, reference_shard_groups=reference_shard_groups)
+    return query_groups.detach().long(), reference_shard_groups.detach().long()
+
+
 def _relevant_counts(
-    qlab: torch.Tensor, rlab: torch.Tensor, query_indices: torch.Tensor | None, offset: int, group: Any
+    qlab: torch.Tensor,
+    rlab: torch.Tensor,
+    query_indices: torch.Tensor | None,
+    offset: int,
+    group: Any,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``(Q,)`` reference items of each query's label over all shards, the left-out item not counted."""
+    """``(Q,)`` relevant reference items of each query over all shards, the left-out item not counted.
+
+    Relevant: the query's label (and, with ``groups``, another group).
+    """
     classes, counts = torch.unique(rlab, return_counts=True)
     if classes.numel():
         slot = torch.searchsorted(classes, qlab).clamp_max(classes.numel() - 1)
         local = torch.where(classes[slot] == qlab, counts[slot], torch.zeros_like(qlab))
     else:
         local = torch.zeros_like(qlab)
+    if groups is not None and rlab.numel():
+        local = local - pair_counts(qlab, rlab, *groups)  # same label and same group: junk, not relevant
     if query_indices is not None:
-        # The left-out item is relevant to its own query when it carries the query's label: its owner says so.
+        # The left-out item is relevant to its own query when it is: its owner says so.
         qi = query_indices.to(torch.long)
         inside = (qi >= offset) & (qi < offset + int(rlab.shape[0]))
+        own = rlab[qi[inside] - offset] == qlab[inside]
+        if groups is not None:
+            own &= groups[1][qi[inside] - offset] != groups[0][inside]
         local = local.clone()
-        local[inside] -= (rlab[qi[inside] - offset] == qlab[inside]).long()
+        local[inside] -= own.long()
     return all_reduce_sum(local, group)
 
 
@@ -457,6 +499,7 @@ def _count_sharded(
     names: tuple[str, ...],
     chunk_size: int | None,
     group: Any,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PerQuery:
     """Per-query metrics (full AP included) from the ranks of the relevant items of every shard.
 
@@ -488,6 +531,13 @@ def _count_sharded(
             inside = (local >= 0) & (local < m)
             skip = torch.where(inside, local, -1)  # the query's own item: neither relevant nor counted
             rel[rows_b[inside], local[inside]] = False
+        junk: tuple[torch.Tensor, torch.Tensor] | None = None
+        if groups is not None and m > 0:
+            same_group = groups[1][None, :] == groups[0][start:stop, None]
+            junk_mask = rel & same_group  # the query's label and group: left out of its list
+            rel &= ~same_group
+            junk_rows, junk_cols = junk_mask.nonzero(as_tuple=True)
+            junk = (junk_rows, junk_cols)
         vr, vc = rel.nonzero(as_tuple=True)
         keys = exact_keys(prep, vr + start, vc, MEMORY_BUDGET) if prep is not None else vr.to(torch.float64)
         ids = torch.stack([vr, vc + layout.offset], 1)
@@ -510,8 +560,9 @@ def _count_sharded(
         key_mat, col_mat = sort_relevant(key_mat, col_mat, valid)
         if prep is not None and bulk is not None:
             hist = count_above(
-                prep, bulk, start, stop, key_mat, col_mat, qlab[start:stop], rlab, skip, layout.offset, MEMORY_BUDGET
-            )
+                prep, bulk, start, stop, key_mat, col_mat, qlab[start:stop], rlab, skip, layout.offset, MEMORY_BUDGET,
+                junk,
+            )  # fmt: skip
         else:
             hist = torch.zeros(nb, width + 1, dtype=torch.long, device=device)
         hist = all_reduce_sum(hist, group)

@@ -132,6 +132,13 @@ def run(rank, port, out_dir):
         gallery = torch.arange(8, 23)
         reid.update(dataset[gallery], labels[gallery], gallery, reference=True, groups=cams[gallery])
     out["reid"] = reid.compute()
+    # Sharded metrics with the re-identification rule (cameras), self excluded, every key.
+    part = slice(0, 10) if rank == 0 else slice(10, 23)
+    out["sharded_reid"] = sharded_retrieval_metrics(
+        dataset, labels, dataset[part], labels[part], ks=(1, 2), shard_offset=part.start,
+        query_indices=torch.arange(23), query_groups=cams, reference_shard_groups=cams[part],
+        metrics=("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr"),
+    )  # fmt: skip
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -226,6 +233,10 @@ def test_evaluator_sync_removes_sampler_padding(gloo_results: list[dict]) -> Non
         assert result["empty_first"] == retrieval_metrics(dataset, labels, ks=(1,), exclude_self=True)
         assert result["inshop"] == retrieval_metrics(dataset[:8], labels[:8], dataset[8:], labels[8:], ks=(1, 2))
         cams = torch.arange(23) % 3
+        assert result["sharded_reid"] == retrieval_metrics(
+            dataset, labels, ks=(1, 2), query_groups=cams,
+            metrics=("recall@k", "precision@k", "map@r", "r_precision", "map", "mrr"),
+        )  # fmt: skip
         assert result["reid"] == retrieval_metrics(
             dataset[:8], labels[:8], dataset[8:], labels[8:], ks=(1, 2), metrics=("recall@k", "map"),
             query_groups=cams[:8], reference_groups=cams[8:],
@@ -335,3 +346,47 @@ def test_retrieval_metrics_single_process_and_bad_input() -> None:
         sharded_retrieval_metrics(dataset, labels, dataset, labels, query_indices=torch.arange(3))
     with pytest.raises(TypeError, match="query_labels must be a 1-D integer tensor"):
         sharded_retrieval_metrics(dataset, labels.float(), dataset, labels)
+
+
+@pytest.mark.parametrize("with_indices", [False, True])
+@pytest.mark.parametrize("keys", [("recall@k", "map@r", "r_precision"), ("recall@k", "precision@k", "map", "mrr")])
+def test_single_process_groups_equal_retrieval_metrics(with_indices: bool, keys: tuple[str, ...]) -> None:
+    """The re-identification rule on one shard equals retrieval_metrics with the same groups (ties, junk, lone)."""
+    from dml_bias.metrics.retrieval import retrieval_metrics
+
+    _, _, dataset, labels = make_data()
+    cams = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2])
+    if with_indices:
+        got = sharded_retrieval_metrics(
+            dataset, labels, dataset, labels, ks=(1, 3), metrics=keys, query_indices=torch.arange(23),
+            query_groups=cams, reference_shard_groups=cams, per_class=True,
+        )  # fmt: skip
+        want = retrieval_metrics(dataset, labels, ks=(1, 3), metrics=keys, query_groups=cams, per_class=True)
+    else:
+        query, qcams = dataset[:8] + 0.01, cams[:8]
+        got = sharded_retrieval_metrics(
+            query, labels[:8], dataset, labels, ks=(1, 3), metrics=keys, query_groups=qcams,
+            reference_shard_groups=cams, per_class=True,
+        )  # fmt: skip
+        want = retrieval_metrics(
+            query, labels[:8], dataset, labels, ks=(1, 3), metrics=keys, query_groups=qcams,
+            reference_groups=cams, per_class=True,
+        )  # fmt: skip
+    assert got == want
+    plain = sharded_retrieval_metrics(dataset, labels, dataset, labels, ks=(1, 3), metrics=keys,
+                                      query_indices=torch.arange(23))  # fmt: skip
+    assert plain["num_queries"] != want["num_queries"] or plain != want  # the rule changes the result
+
+
+def test_groups_bad_input() -> None:
+    _, _, dataset, labels = make_data()
+    cams = torch.zeros(23, dtype=torch.long)
+    with pytest.raises(ValueError, match="reference_shard_groups must be given with the other groups argument"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, query_groups=cams)
+    with pytest.raises(ValueError, match="query_groups must be given with the other groups argument"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, reference_shard_groups=cams)
+    with pytest.raises(ValueError, match=r"reference_shard_groups must be a 1-D integer tensor of length 23"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, query_groups=cams, reference_shard_groups=cams[:5])
+    with pytest.raises(TypeError, match="query_groups"):
+        sharded_retrieval_metrics(dataset, labels, dataset, labels, query_groups=cams.float(),
+                                  reference_shard_groups=cams)  # fmt: skip
