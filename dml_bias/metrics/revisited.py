@@ -254,7 +254,7 @@ def _check_kappas_protocols(kappas: Any, protocols: Any) -> None:
             raise ValueError(f"protocols must be names from {REVISITED_PROTOCOLS}, got {name!r}")
 
 
-def _database_size(ranks: torch.Tensor, parsed: list[tuple[torch.Tensor, ...]]) -> int:
+def _database_size(ranks: torch.Tensor, parsed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
     """One more than the largest database index in ``ranks`` or the ground truth (at least 1)."""
     num_db = int(ranks.max()) + 1 if ranks.shape[1] > 0 else 0
     for easy, hard, junk in parsed:
@@ -275,7 +275,9 @@ class _Flagged:
     num_rows: int
 
 
-def _flagged(rows: torch.Tensor, parsed: list[tuple[torch.Tensor, ...]], num_db: int, start: int) -> _Flagged:
+def _flagged(
+    rows: torch.Tensor, parsed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_db: int, start: int
+) -> _Flagged:
     """Category bits of every (query, database id) of the block gathered along each ranking, flagged ones kept."""
     qb, device = int(rows.shape[0]), rows.device
     table = torch.zeros(qb, num_db, dtype=torch.uint8, device=device)
@@ -298,7 +300,7 @@ def _flagged(rows: torch.Tensor, parsed: list[tuple[torch.Tensor, ...]], num_db:
 
 
 def _protocol_block(
-    flagged: _Flagged, parsed: list[tuple[torch.Tensor, ...]], name: str, kappa_t: torch.Tensor
+    flagged: _Flagged, parsed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], name: str, kappa_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ap (qb,), mp (qb, K), valid (qb,))`` of one protocol on one block of queries (float64)."""
     qb, device = flagged.num_rows, flagged.rows.device
