@@ -546,6 +546,14 @@ def candidates_grouped(
 TILE = 2048
 
 
+def _expansion_too_large(gmax: torch.Tensor, grouped: GroupedInputs, k: int, group: int, n: int, budget: int) -> bool:
+    """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget."""
+    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    low = group_low(grouped, slice(0, gmax.shape[0]), theta)
+    hits = int((gmax >= low[:, None]).sum())
+    return hits * n / gmax.shape[0] * group * 40 > budget
+
+
 def self_candidates_grouped(
     prep: Prepared, k: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -562,6 +570,8 @@ def self_candidates_grouped(
     if grouped is None or group < 2 or not prep.exclude_self or prep.num_query != n:
         return None
     if grouped.query is not grouped.reference:
+        return None
+    if k * n * group * 40 > budget:  # every row hits at least k groups: the expansion below would not fit
         return None
     tile = min(TILE, n)
     bounds = [*list(range(0, n, tile)), n]
@@ -598,6 +608,8 @@ def self_candidates_grouped(
                     out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
                 out[:, ngroups[i] :] = t[full_i:].T
             tiles[(i, j)] = t
+        if i == 0 and len(panels) > 1 and _expansion_too_large(gmax[: sizes[0]], grouped, k, group, n, budget):
+            return None  # the first panel's rows are complete: their hits predict the expansion's size
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     low = group_low(grouped, slice(0, n), theta)
     hits = gmax >= low[:, None]

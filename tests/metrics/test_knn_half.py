@@ -257,3 +257,34 @@ def test_cuda_float16_passes_match_float64_loop(monkeypatch: pytest.MonkeyPatch)
     expected, _, _ = ref_metrics(x, y, None, None, (1, 2, 4, 8))
     for key in ("recall@1", "recall@8", "map@r", "r_precision"):
         assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
+
+
+def test_self_pass_stops_early_when_the_first_panel_predicts_an_overflow(
+    spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tiles of 64 rows, the first panel's hits scaled to all rows decide: a budget between the two sizes
+    makes the self pass give up after the first panel (the row pass then runs), and the result stays exact."""
+    monkeypatch.setattr(ENGINE, "TILE", 64)
+    x, _ = clustered(300, 24, 6, seed=3)
+    k = 3
+    grouped = ENGINE.grouped_inputs(ENGINE.prepare(x, None, "cosine", True, None))
+    assert grouped is not None
+    calls: list[bool] = []
+    real = ENGINE._expansion_too_large
+
+    def always_too_large(*args: Any) -> bool:
+        calls.append(real(*args))
+        return True
+
+    monkeypatch.setattr(ENGINE, "_expansion_too_large", always_too_large)
+    scores, indices = knn(x, k=k)
+    assert calls == [False]  # consulted once, after the first panel (the real budget would have allowed it)
+    assert spies["self"].used == 0
+    assert spies["rows"].used > 0
+    ref_s, ref_i = ref_knn(x, None, k)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+    huge, none = 2**62, 0
+    gmax = torch.randn(64, 40)
+    assert real(gmax, grouped, k, 4, 300, huge) is False
+    assert real(gmax, grouped, k, 4, 300, none) is True
