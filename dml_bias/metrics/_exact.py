@@ -47,6 +47,7 @@ __all__ = [
     "half_dtype",
     "knn_prepared",
     "prepare",
+    "row_grouping",
     "rows_of",
     "scratch",
     "self_candidates_grouped",
@@ -443,6 +444,11 @@ def group_low(grouped: GroupedInputs, rows: slice, theta: torch.Tensor) -> torch
     return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
 
 
+#: Reference size (bytes, float32) from which candidates are re-scored by reference item (the reference no
+#: longer fits the CPU caches).
+_STREAM_BYTES = 2**23
+
+
 def _rescore(
     prep: Prepared,
     start: int,
@@ -471,6 +477,12 @@ def _rescore(
     query = prep.query32[start : start + nrow]
     if values is not None:
         scores[rows, slot] = values.to(torch.float32)
+    elif device.type == "cpu" and prep.reference32.numel() * 4 >= _STREAM_BYTES and query.shape[1] >= 32:
+        # By reference item (CSC): each reference row is read once per block and meets its queries, which stay
+        # in cache; in query order every pair would fetch its reference row from memory again.
+        by_ref = torch.argsort(cols * nrow + rows)
+        with ieee_fp32_matmul():
+            scores[rows[by_ref], slot[by_ref]] = _sampled_dot(prep.reference32, query, cols[by_ref], rows[by_ref])
     elif device.type == "cpu":
         with ieee_fp32_matmul():
             scores[rows, slot] = _sampled_dot(query, prep.reference32, rows, cols)
@@ -505,53 +517,84 @@ def candidates_grouped(
     :math:`\hat s \ge \theta`, so the ``k``-th best exact score is at least :math:`f = \theta - u'|\theta| - e`
     (:math:`u' = u / (1 - u)`; :math:`v - u'|v|` is increasing). An item of the exact top-``k`` has
     :math:`s \ge f`, so :math:`z \ge v = f - e` and, the rounding being monotone, :math:`\hat s \ge v - u|v|`:
-    every item at or above that threshold is a candidate. The group maxima are element-wise maxima of
-    contiguous slices of the score rows (cheap), and the selection of :math:`\theta` runs on them, up to
-    sixteen times fewer values than the block.
+    every item at or above that threshold is a candidate (disjoint groups: unions of groups, as
+    :func:`row_grouping` forms them for the selection, are groups too). The group maxima are element-wise maxima
+    of contiguous slices of the score rows (cheap), and the selection of :math:`\theta` runs on them or on their
+    unions: up to sixteen times, and more at large ``M``, fewer values than the block.
     """
     grouped = grouped_inputs(prep)
     m = prep.num_reference
-    group = _group_size(m, k)
+    group, ngroup, coarse = row_grouping(m, k)
     if grouped is None or group < 2:
         return None
     nrow = stop - start
     device = prep.query.device
-    st = block_product(prep, grouped.query[start:stop], grouped.reference)  # (R, M) bulk scores
+    st = block_product(prep, grouped.query[start:stop], _padded_reference(prep, grouped, ngroup * group))
+    st[:, m:] = -math.inf
     if prep.exclude_self:
         own = torch.arange(start, min(stop, m), device=device)
         st[own - start, own] = -math.inf
-    # Group j holds the columns j, j + G, j + 2G, ... (G groups; columns past group * G are groups of one):
-    # its maximum is an element-wise maximum of `group` contiguous slices of the row.
-    ngroup = m // group
-    full = ngroup * group
-    body = st[:, :full].view(nrow, group, ngroup)
-    gmax = torch.cat([body.amax(1), st[:, full:]], 1)  # (R, G + M - full)
-    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    body = st.view(nrow, group, ngroup)
+    gmax = body.amax(1)  # (R, G)
+    top = gmax.view(nrow, coarse, ngroup // coarse).amax(1) if coarse > 1 else gmax
+    theta = torch.topk(top, k, dim=1, sorted=False).values.amin(1)
     low = group_low(grouped, slice(start, stop), theta)
-    hit_q, hit_g = (gmax >= low[:, None]).nonzero(as_tuple=True)
-    if hit_q.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
+    hq, hg = (gmax >= low[:, None]).nonzero(as_tuple=True)
+    if hq.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
         return None
-    tail = hit_g >= ngroup
-    hq, hg = hit_q[~tail], hit_g[~tail]
     members = body[hq, :, hg]  # (H, group): each hit group's values, read from one row of the block
     p, j = (members >= low[hq][:, None]).nonzero(as_tuple=True)
-    rows = torch.cat([hq[p], hit_q[tail]])
-    cols = torch.cat([hg[p] + j * ngroup, hit_g[tail] - ngroup + full])
-    order = torch.argsort(rows * m + cols)  # CSR layout: by query, then by reference index
-    values = None if grouped.rescore else torch.cat([members[p, j], gmax[hit_q[tail], hit_g[tail]]])[order]
-    return _rescore(prep, start, nrow, rows[order], cols[order], budget, values)
+    # Row-major: the rows are sorted (the CSR layout `_rescore` needs); the padding (-inf) never passes.
+    rows, cols = hq[p], hg[p] + j * ngroup
+    values = None if grouped.rescore else members[p, j]
+    return _rescore(prep, start, nrow, rows, cols, budget, values)
 
+
+def row_grouping(num_reference: int, k: int) -> tuple[int, int, int]:
+    """``(group, G, coarse)`` of the row pass: items per group, groups, groups per union for the threshold.
+
+    Group ``j`` holds the columns ``j, j + G, j + 2G, ...``: its maximum is an element-wise maximum of ``group``
+    contiguous slices of a score row. The reference is padded to ``G * group`` items (scores ``-inf``), so that
+    every group is full and the candidates come out in query order (no sort). The threshold comes from unions
+    of ``coarse`` groups (fewer values to select from), as long as at least ``8 k`` unions remain: a slightly
+    lower threshold, a few more hits, a cheaper selection.
+    """
+    group = _group_size(num_reference, k)
+    ngroup = -(-num_reference // group)
+    coarse = max(1, ngroup // (8 * k))
+    return group, -(-ngroup // coarse) * coarse, coarse
+
+
+def _padded_reference(prep: Prepared, grouped: GroupedInputs, rows: int) -> torch.Tensor:
+    """``grouped.reference`` with zero rows appended up to ``rows`` rows (kept for the blocks of one call)."""
+    ref = grouped.reference
+    extra = rows - int(ref.shape[0])
+    if extra == 0:
+        return ref
+    key = f"padded_reference_{rows}_{ref.dtype}"
+    buf = prep.scratch.get(key)
+    if buf is None:
+        buf = prep.scratch[key] = torch.cat([ref, ref.new_zeros(extra, ref.shape[1])])
+    return buf
+
+
+#: Bytes kept per candidate of the symmetric pass until all are known (row, column, value, their sort).
+_CANDIDATE_BYTES = 40
 
 #: Rows (and columns) of one tile of the symmetric pass.
 TILE = 2048
 
 
 def _expansion_too_large(gmax: torch.Tensor, grouped: GroupedInputs, k: int, group: int, n: int, budget: int) -> bool:
-    """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget."""
+    """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget.
+
+    The worst case counts: every member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each. It also
+    keeps this pass to the problems whose expansion is cheap (many candidates: the row pass is faster).
+    """
     theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     low = group_low(grouped, slice(0, gmax.shape[0]), theta)
     hits = int((gmax >= low[:, None]).sum())
-    return hits * n / gmax.shape[0] * group * 40 > budget
+    return hits * n / gmax.shape[0] * group * _CANDIDATE_BYTES > budget
 
 
 def self_candidates_grouped(
@@ -571,7 +614,7 @@ def self_candidates_grouped(
         return None
     if grouped.query is not grouped.reference:
         return None
-    if k * n * group * 40 > budget:  # every row hits at least k groups: the expansion below would not fit
+    if k * n * group * _CANDIDATE_BYTES > budget:  # every row hits at least k groups: see _expansion_too_large
         return None
     tile = min(TILE, n)
     bounds = [*list(range(0, n, tile)), n]
@@ -614,9 +657,10 @@ def self_candidates_grouped(
     low = group_low(grouped, slice(0, n), theta)
     hits = gmax >= low[:, None]
     del gmax
-    if int(hits.sum()) * group * 40 > budget:  # the members are expanded tile by tile
+    if int(hits.sum()) * group * _CANDIDATE_BYTES > budget:  # the members are expanded tile by tile
         return None
     rows_out, cols_out, vals_out = [], [], []
+    kept = 0
     for (i, j), t in tiles.items():
         for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
             q0, q1 = panels[qp]
@@ -631,6 +675,9 @@ def self_candidates_grouped(
                 vals = t[:full].view(group, ng, q1 - q0)[:, g, q].T  # (H, group)
             p, r = (vals >= low[q + q0][:, None]).nonzero(as_tuple=True)
             sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
+            kept += int(p.numel() + sq.numel())
+            if kept * _CANDIDATE_BYTES > budget:  # many members pass (ties): the row pass, block by block
+                return None
             rows_out += [q[p] + q0, sq + q0]
             cols_out += [g[p] + r * ng + c0, sg + full + c0]
             if not grouped.rescore:
@@ -694,30 +741,75 @@ def topk_block(
     close[:, 1:] |= tight
     close[:, :-1] |= tight
     if labels is not None and not need_keys:
-        # Chains of tight neighbours are the only places where the order may be wrong; a chain whose items
-        # are all relevant (or all irrelevant) gives the same label sequence in any order.
-        rel = labels[1][cols.clamp_min(0)] == labels[0][:, None]
-        chain = torch.zeros_like(cols)
-        torch.cumsum(~tight, 1, out=chain[:, 1:])
-        chain += torch.arange(cols.shape[0], device=device)[:, None] * width
-        kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
-        kinds[0, chain[valid & rel]] = True
-        kinds[1, chain[valid & ~rel]] = True
-        close &= (kinds[0] & kinds[1])[chain]
+        close &= _mixed_chains(labels, cols, valid, tight)
+        return _label_order(prep, start, k, budget, approx, cols, valid, close)
     keys = approx.clone()
     cr, cc = close.nonzero(as_tuple=True)
     if cr.numel() > 0:
         keys[cr, cc] = exact_keys(prep, cr + start, cols[cr, cc], budget)
-    # Order by (key descending, column ascending): sort columns first, then a stable sort by key.
-    by_col = torch.argsort(cols.masked_fill(~valid, torch.iinfo(torch.long).max), dim=1)
-    keys, cols, close = keys.gather(1, by_col), cols.gather(1, by_col), close.gather(1, by_col)
-    by_key = torch.argsort(keys, dim=1, descending=True, stable=True)[:, :k]
-    keys, cols, close = keys.gather(1, by_key), cols.gather(1, by_key), close.gather(1, by_key)
+    keys, cols, close = _tie_rule_order(keys, cols, valid, k, close)
     if need_keys:
         # Items ordered by their float32 key still need their exact value as output.
         exact = _grid_keys(prep, start, cols, budget)
         keys = torch.where(close, keys, exact)
     return keys, cols
+
+
+def _tie_rule_order(
+    keys: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, k: int, *extra: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The first ``k`` of each row by (key descending, column ascending), with ``extra`` tensors in that order."""
+    by_col = torch.argsort(cols.masked_fill(~valid, torch.iinfo(torch.long).max), dim=1)
+    keys, cols = keys.gather(1, by_col), cols.gather(1, by_col)
+    extra = tuple(x.gather(1, by_col) for x in extra)
+    by_key = torch.argsort(keys, dim=1, descending=True, stable=True)[:, :k]
+    return (keys.gather(1, by_key), cols.gather(1, by_key), *(x.gather(1, by_key) for x in extra))
+
+
+def _mixed_chains(
+    labels: tuple[torch.Tensor, torch.Tensor], cols: torch.Tensor, valid: torch.Tensor, tight: torch.Tensor
+) -> torch.Tensor:
+    """``(R, W)`` whether each candidate's chain of tight neighbours holds both relevant and other items.
+
+    Chains of tight neighbours are the only places where the order may be wrong; a chain whose items are all
+    relevant (or all irrelevant) gives the same label sequence in any order.
+    """
+    device = cols.device
+    width = cols.shape[1]
+    rel = labels[1][cols.clamp_min(0)] == labels[0][:, None]
+    chain = torch.zeros_like(cols)
+    torch.cumsum(~tight, 1, out=chain[:, 1:])
+    chain += torch.arange(cols.shape[0], device=device)[:, None] * width
+    kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
+    kinds[0, chain[valid & rel]] = True
+    kinds[1, chain[valid & ~rel]] = True
+    return (kinds[0] & kinds[1])[chain]
+
+
+def _label_order(
+    prep: Prepared,
+    start: int,
+    k: int,
+    budget: int,
+    approx: torch.Tensor,
+    cols: torch.Tensor,
+    valid: torch.Tensor,
+    close: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label mode's first ``k`` candidates: the bulk order, re-sorted only in rows with a mixed chain.
+
+    ``approx`` is sorted best first in every row; outside mixed chains that order already gives the exact label
+    sequence, so only the (few) rows holding a mixed chain get exact keys there and the full tie-rule sort.
+    """
+    keys, out = approx[:, :k].clone(), cols[:, :k].clone()
+    fix = close.any(1).nonzero().squeeze(1)
+    if fix.numel() == 0:
+        return keys, out
+    sub = approx[fix]
+    cr, cc = close[fix].nonzero(as_tuple=True)
+    sub[cr, cc] = exact_keys(prep, fix[cr] + start, cols[fix[cr], cc], budget)
+    keys[fix], out[fix] = _tie_rule_order(sub, cols[fix], valid[fix], k)
+    return keys, out
 
 
 def validate_chunk_size(chunk_size: int | None) -> None:

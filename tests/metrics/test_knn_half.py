@@ -81,7 +81,7 @@ def test_self_pass_matches_float64_loop(
 @pytest.mark.parametrize("mode", ["reference", "reference_exclude", "chunked_self"])
 def test_row_pass_matches_float64_loop(spies: dict[str, Spy], mode: str) -> None:
     x, _ = clustered(90, 20, 5, seed=3)
-    r, _ = clustered(611, 20, 5, seed=4)  # 611 = 38 groups of 16 + 3 singletons at k = 4
+    r, _ = clustered(611, 20, 5, seed=4)  # 611 = 38 groups of 16 + 3 items (a padded 39th group) at k = 4
     r = with_duplicates(r, seed=1)
     k = 4
     if mode == "reference":
@@ -288,3 +288,29 @@ def test_self_pass_stops_early_when_the_first_panel_predicts_an_overflow(
     gmax = torch.randn(64, 40)
     assert real(gmax, grouped, k, 4, 300, huge) is False
     assert real(gmax, grouped, k, 4, 300, none) is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_row_pass_with_coarse_threshold_and_rescoring_by_reference(
+    spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    # M = 2,001: at k = 2 groups of 16, 126 of them (125 full, the last one padded) in unions of 7 for the
+    # threshold; at k = 4 (Recall@4 and classes of 3) unions of 3. Candidates re-scored by reference item (the
+    # reference "does not fit the caches") or by query.
+    monkeypatch.setattr(ENGINE, "_STREAM_BYTES", 0 if stream else 2**62)
+    assert ENGINE.row_grouping(2001, 2) == (16, 126, 7)
+    assert ENGINE.row_grouping(2001, 4) == (16, 126, 3)
+    x, _ = clustered(120, 40, 6, seed=7)
+    r, _ = clustered(2001, 40, 6, seed=8)
+    r = with_duplicates(r, seed=3)
+    scores, indices = knn(x, r, k=2)
+    assert spies["rows"].used > 0
+    ref_s, ref_i = ref_knn(x, r, 2)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+    g = torch.Generator().manual_seed(4)
+    yr = torch.randint(0, 667, (2001,), generator=g)
+    got = retrieval_metrics(r[:150], yr[:150], r, yr, ks=(1, 2, 4), exclude_self=True)
+    expected, _, _ = ref_metrics(r[:150], yr[:150], r, yr, (1, 2, 4), exclude_self=True)
+    for key in ("recall@1", "recall@2", "recall@4", "map@r", "r_precision"):
+        assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
