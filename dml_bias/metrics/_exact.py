@@ -536,7 +536,10 @@ def candidates_grouped(
         st[own - start, own] = -math.inf
     body = st.view(nrow, group, ngroup)
     gmax = body.amax(1)  # (R, G)
-    top = gmax.view(nrow, coarse, ngroup // coarse).amax(1) if coarse > 1 else gmax
+    top = gmax
+    if coarse > 1:
+        whole = ngroup // coarse * coarse
+        top = torch.cat([gmax[:, :whole].view(nrow, coarse, ngroup // coarse).amax(1), gmax[:, whole:]], 1)
     theta = torch.topk(top, k, dim=1, sorted=False).values.amin(1)
     low = group_low(grouped, slice(start, stop), theta)
     hq, hg = (gmax >= low[:, None]).nonzero(as_tuple=True)
@@ -556,13 +559,12 @@ def row_grouping(num_reference: int, k: int) -> tuple[int, int, int]:
     Group ``j`` holds the columns ``j, j + G, j + 2G, ...``: its maximum is an element-wise maximum of ``group``
     contiguous slices of a score row. The reference is padded to ``G * group`` items (scores ``-inf``), so that
     every group is full and the candidates come out in query order (no sort). The threshold comes from unions
-    of ``coarse`` groups (fewer values to select from), as long as at least ``8 k`` unions remain: a slightly
-    lower threshold, a few more hits, a cheaper selection.
+    of ``coarse`` groups (fewer values to select from; the ``G mod coarse`` last groups stay alone), as long as
+    at least ``8 k`` unions remain: a slightly lower threshold, a few more hits, a cheaper selection.
     """
     group = _group_size(num_reference, k)
     ngroup = -(-num_reference // group)
-    coarse = max(1, ngroup // (8 * k))
-    return group, -(-ngroup // coarse) * coarse, coarse
+    return group, ngroup, max(1, ngroup // (8 * k))
 
 
 def _padded_reference(prep: Prepared, grouped: GroupedInputs, rows: int) -> torch.Tensor:

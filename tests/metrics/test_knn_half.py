@@ -294,23 +294,40 @@ def test_self_pass_stops_early_when_the_first_panel_predicts_an_overflow(
 def test_row_pass_with_coarse_threshold_and_rescoring_by_reference(
     spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
-    # M = 2,001: at k = 2 groups of 16, 126 of them (125 full, the last one padded) in unions of 7 for the
-    # threshold; at k = 4 (Recall@4 and classes of 3) unions of 3. Candidates re-scored by reference item (the
-    # reference "does not fit the caches") or by query.
+    # M = 2,001: groups of 16, 126 of them (125 full, the last one padded); for the threshold at k = 3 unions of
+    # 5 groups (25 unions and one lone group), at k = 2 unions of 7 (18 unions), at k = 4 (Recall@4 lists and
+    # classes of about 3) unions of 3. Candidates re-scored by reference item (the reference "does not fit the
+    # caches") or by query.
     monkeypatch.setattr(ENGINE, "_STREAM_BYTES", 0 if stream else 2**62)
+    assert ENGINE.row_grouping(2001, 3) == (16, 126, 5)
     assert ENGINE.row_grouping(2001, 2) == (16, 126, 7)
     assert ENGINE.row_grouping(2001, 4) == (16, 126, 3)
     x, _ = clustered(120, 40, 6, seed=7)
     r, _ = clustered(2001, 40, 6, seed=8)
     r = with_duplicates(r, seed=3)
-    scores, indices = knn(x, r, k=2)
+    for k in (2, 3):
+        scores, indices = knn(x, r, k=k)
+        ref_s, ref_i = ref_knn(x, r, k)
+        np.testing.assert_array_equal(indices.numpy(), ref_i)
+        np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
     assert spies["rows"].used > 0
-    ref_s, ref_i = ref_knn(x, r, 2)
-    np.testing.assert_array_equal(indices.numpy(), ref_i)
-    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
     g = torch.Generator().manual_seed(4)
     yr = torch.randint(0, 667, (2001,), generator=g)
     got = retrieval_metrics(r[:150], yr[:150], r, yr, ks=(1, 2, 4), exclude_self=True)
     expected, _, _ = ref_metrics(r[:150], yr[:150], r, yr, (1, 2, 4), exclude_self=True)
     for key in ("recall@1", "recall@2", "recall@4", "map@r", "r_precision"):
         assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=st.integers(2, 10**7), k=st.integers(1, 5000))
+def test_row_grouping_pads_less_than_one_group_and_keeps_8k_unions(m: int, k: int) -> None:
+    # The reference is padded to `ngroup * group` items for the GEMM: at most one group more than M (a rounding of
+    # the unions up to whole groups once cost 12 % more GEMM at k = 1); the threshold's selection keeps >= 8 k
+    # values whenever it merges groups.
+    group, ngroup, coarse = ENGINE.row_grouping(m, k)
+    assert 1 <= group <= 16
+    assert 0 <= ngroup * group - m < group
+    assert coarse >= 1
+    if coarse > 1:
+        assert ngroup // coarse + ngroup % coarse >= 8 * k
