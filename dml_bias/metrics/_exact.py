@@ -445,7 +445,7 @@ def group_low(grouped: GroupedInputs, rows: slice, theta: torch.Tensor) -> torch
 
 
 #: Reference size (bytes, float32) from which candidates are re-scored by reference item (the reference no
-#: longer fits the CPU caches).
+#: longer fits the CPU caches; with D >= 256, where a pair's dot product outweighs the extra sort and scatter).
 _STREAM_BYTES = 2**23
 
 
@@ -477,7 +477,7 @@ def _rescore(
     query = prep.query32[start : start + nrow]
     if values is not None:
         scores[rows, slot] = values.to(torch.float32)
-    elif device.type == "cpu" and prep.reference32.numel() * 4 >= _STREAM_BYTES and query.shape[1] >= 32:
+    elif device.type == "cpu" and prep.reference32.numel() * 4 >= _STREAM_BYTES and query.shape[1] >= 256:
         # By reference item (CSC): each reference row is read once per block and meets its queries, which stay
         # in cache; in query order every pair would fetch its reference row from memory again.
         by_ref = torch.argsort(cols * nrow + rows)
@@ -524,7 +524,7 @@ def candidates_grouped(
     """
     grouped = grouped_inputs(prep)
     m = prep.num_reference
-    group, ngroup, coarse = row_grouping(m, k)
+    group, ngroup, _ = row_grouping(m, k)
     if grouped is None or group < 2:
         return None
     nrow = stop - start
@@ -536,12 +536,7 @@ def candidates_grouped(
         st[own - start, own] = -math.inf
     body = st.view(nrow, group, ngroup)
     gmax = body.amax(1)  # (R, G)
-    top = gmax
-    if coarse > 1:
-        whole = ngroup // coarse * coarse
-        top = torch.cat([gmax[:, :whole].view(nrow, coarse, ngroup // coarse).amax(1), gmax[:, whole:]], 1)
-    theta = torch.topk(top, k, dim=1, sorted=False).values.amin(1)
-    low = group_low(grouped, slice(start, stop), theta)
+    low = _round_down_to(group_low(grouped, slice(start, stop), _kth_union_max(gmax, k)), gmax.dtype)
     hq, hg = (gmax >= low[:, None]).nonzero(as_tuple=True)
     if hq.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
         return None
@@ -564,7 +559,33 @@ def row_grouping(num_reference: int, k: int) -> tuple[int, int, int]:
     """
     group = _group_size(num_reference, k)
     ngroup = -(-num_reference // group)
-    return group, ngroup, max(1, ngroup // (8 * k))
+    return group, ngroup, _union_size(ngroup, k)
+
+
+def _union_size(width: int, k: int) -> int:
+    """Columns of group maxima per union for the threshold's selection (at least ``8 k`` unions remain)."""
+    return max(1, width // (8 * k))
+
+
+def _kth_union_max(gmax: torch.Tensor, k: int) -> torch.Tensor:
+    """``(R,)`` the ``k``-th largest maximum over unions of the columns of ``gmax`` (each column the maximum of
+    its own items): ``k`` distinct items score at least that much. Unions of :func:`_union_size` columns
+    (``h, h + W', h + 2W', ...``; the last ``width mod size`` columns alone) leave fewer values to select from.
+    """
+    nrow, width = gmax.shape
+    size = _union_size(width, k)
+    if size > 1:
+        whole = width // size * size
+        gmax = torch.cat([gmax[:, :whole].view(nrow, size, width // size).amax(1), gmax[:, whole:]], 1)
+    return torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+
+
+def _round_down_to(low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 thresholds as ``dtype`` values no larger (comparisons in the bulk dtype keep every candidate)."""
+    if dtype == low.dtype:
+        return low
+    y = low.to(dtype)
+    return torch.where(y.to(low.dtype) > low, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
 
 
 def _padded_reference(prep: Prepared, grouped: GroupedInputs, rows: int) -> torch.Tensor:
@@ -593,8 +614,7 @@ def _expansion_too_large(gmax: torch.Tensor, grouped: GroupedInputs, k: int, gro
     The worst case counts: every member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each. It also
     keeps this pass to the problems whose expansion is cheap (many candidates: the row pass is faster).
     """
-    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = group_low(grouped, slice(0, gmax.shape[0]), theta)
+    low = _round_down_to(group_low(grouped, slice(0, gmax.shape[0]), _kth_union_max(gmax, k)), gmax.dtype)
     hits = int((gmax >= low[:, None]).sum())
     return hits * n / gmax.shape[0] * group * _CANDIDATE_BYTES > budget
 
@@ -655,8 +675,7 @@ def self_candidates_grouped(
             tiles[(i, j)] = t
         if i == 0 and len(panels) > 1 and _expansion_too_large(gmax[: sizes[0]], grouped, k, group, n, budget):
             return None  # the first panel's rows are complete: their hits predict the expansion's size
-    theta = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
-    low = group_low(grouped, slice(0, n), theta)
+    low = _round_down_to(group_low(grouped, slice(0, n), _kth_union_max(gmax, k)), gmax.dtype)
     hits = gmax >= low[:, None]
     del gmax
     if int(hits.sum()) * group * _CANDIDATE_BYTES > budget:  # the members are expanded tile by tile
@@ -743,8 +762,8 @@ def topk_block(
     close[:, 1:] |= tight
     close[:, :-1] |= tight
     if labels is not None and not need_keys:
-        close &= _mixed_chains(labels, cols, valid, tight)
-        return _label_order(prep, start, k, budget, approx, cols, valid, close)
+        mixed, chain = _mixed_chains(labels, cols, valid, tight)
+        return _label_order(prep, start, k, budget, approx, cols, close & mixed, chain)
     keys = approx.clone()
     cr, cc = close.nonzero(as_tuple=True)
     if cr.numel() > 0:
@@ -770,8 +789,9 @@ def _tie_rule_order(
 
 def _mixed_chains(
     labels: tuple[torch.Tensor, torch.Tensor], cols: torch.Tensor, valid: torch.Tensor, tight: torch.Tensor
-) -> torch.Tensor:
-    """``(R, W)`` whether each candidate's chain of tight neighbours holds both relevant and other items.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, W)`` whether each candidate's chain of tight neighbours holds both relevant and other items, and
+    ``(R, W)`` chain ids (increasing along each row, and from row to row).
 
     Chains of tight neighbours are the only places where the order may be wrong; a chain whose items are all
     relevant (or all irrelevant) gives the same label sequence in any order.
@@ -785,7 +805,7 @@ def _mixed_chains(
     kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
     kinds[0, chain[valid & rel]] = True
     kinds[1, chain[valid & ~rel]] = True
-    return (kinds[0] & kinds[1])[chain]
+    return (kinds[0] & kinds[1])[chain], chain
 
 
 def _label_order(
@@ -795,23 +815,26 @@ def _label_order(
     budget: int,
     approx: torch.Tensor,
     cols: torch.Tensor,
-    valid: torch.Tensor,
     close: torch.Tensor,
+    chain: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label mode's first ``k`` candidates: the bulk order, re-sorted only in rows with a mixed chain.
+    """The label mode's first ``k`` candidates: the bulk order, re-ordered only inside mixed chains.
 
-    ``approx`` is sorted best first in every row; outside mixed chains that order already gives the exact label
-    sequence, so only the (few) rows holding a mixed chain get exact keys there and the full tie-rule sort.
+    ``approx`` is sorted best first in every row; outside mixed chains (``close``) that order already gives the
+    exact label sequence. A chain's items stay within the chain's positions (the gaps around it are safe), so
+    only they get exact keys and are re-ordered among those positions by (key descending, column ascending).
     """
-    keys, out = approx[:, :k].clone(), cols[:, :k].clone()
-    fix = close.any(1).nonzero().squeeze(1)
-    if fix.numel() == 0:
-        return keys, out
-    sub = approx[fix]
-    cr, cc = close[fix].nonzero(as_tuple=True)
-    sub[cr, cc] = exact_keys(prep, fix[cr] + start, cols[fix[cr], cc], budget)
-    keys[fix], out[fix] = _tie_rule_order(sub, cols[fix], valid[fix], k)
-    return keys, out
+    keys, out = approx.clone(), cols.clone()
+    cr, cc = close.nonzero(as_tuple=True)  # row-major: grouped by chain, positions ascending within each
+    if cr.numel() > 0:
+        exact = exact_keys(prep, cr + start, cols[cr, cc], budget)
+        c = cols[cr, cc]
+        order = torch.argsort(c, stable=True)
+        order = order[torch.argsort(exact[order], descending=True, stable=True)]
+        order = order[torch.argsort(chain[cr, cc][order], stable=True)]
+        out[cr, cc] = c[order]
+        keys[cr, cc] = exact[order]
+    return keys[:, :k], out[:, :k]
 
 
 def validate_chunk_size(chunk_size: int | None) -> None:
