@@ -568,8 +568,9 @@ def _union_size(width: int, k: int) -> int:
 
 
 def _kth_union_max(gmax: torch.Tensor, k: int) -> torch.Tensor:
-    """``(R,)`` the ``k``-th largest maximum over unions of the columns of ``gmax`` (each column the maximum of
-    its own items): ``k`` distinct items score at least that much. Unions of :func:`_union_size` columns
+    """``(R,)`` the ``k``-th largest maximum over unions of the columns of ``gmax`` (maxima of disjoint items).
+
+    ``k`` distinct items score at least that much. Unions of :func:`_union_size` columns
     (``h, h + W', h + 2W', ...``; the last ``width mod size`` columns alone) leave fewer values to select from.
     """
     nrow, width = gmax.shape
@@ -790,8 +791,9 @@ def _tie_rule_order(
 def _mixed_chains(
     labels: tuple[torch.Tensor, torch.Tensor], cols: torch.Tensor, valid: torch.Tensor, tight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R, W)`` whether each candidate's chain of tight neighbours holds both relevant and other items, and
-    ``(R, W)`` chain ids (increasing along each row, and from row to row).
+    """Whether each candidate's chain of tight neighbours mixes relevant and other items, and the chain ids.
+
+    Both ``(R, W)``; chain ids increase along each row and from row to row.
 
     Chains of tight neighbours are the only places where the order may be wrong; a chain whose items are all
     relevant (or all irrelevant) gives the same label sequence in any order.
