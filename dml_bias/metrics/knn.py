@@ -10,15 +10,18 @@ How it is computed (see :doc:`the metrics page </api/metrics>` for the error bou
 1. A bulk pass computes approximate scores per block of queries, with a proven error bound. For cosine and
    dot scores it is one 16-bit GEMM (bf16 on CPUs with native bf16 dot products, float16 on CUDA; float32
    accumulation) or, elsewhere, one float32 GEMM; the ``k``-th largest of the *group maxima* of each row (a
-   group is a strided set of up to 16 reference items) gives a threshold below which no item of the exact
-   top-``k`` can lie. When the query set is the reference set and ``N^2`` bulk scores fit the memory budget,
+   group is a strided set of up to 16 reference items; when a row has more than ``16 k`` groups, the maxima of
+   several groups are merged first, so the selection runs on at least ``8 k`` values) gives a threshold below
+   which no item of the exact top-``k`` can lie. When the query set is the reference set and ``N^2`` bulk scores fit the memory budget,
    only the tiles on and above the diagonal are computed (the scores are symmetric). For the Euclidean
    metrics (and ``k`` above a sixteenth of the reference) the bulk pass is one float32 GEMM per block and the
    candidates are the items within :math:`2\varepsilon` of the approximate ``k``-th best. TF32 and the CPU's
    bf16 "medium" precision are switched off during the call and the user's settings restored afterwards.
 2. The candidates (which always hold the exact top-``k``) get float32 scores with their float32 bound.
 3. Candidates whose float32 scores lie too close to another candidate's to be ordered safely are re-scored
-   exactly in float64, and the candidates are sorted by (score, reference index).
+   exactly in float64, and the candidates are sorted by (score, reference index). The list metrics of
+   :func:`~dml_bias.metrics.retrieval_metrics` need only the sequence of relevant and other items: there only
+   runs of near-tied candidates that mix both kinds are re-scored and re-ordered.
 
 Extra memory is bounded by ``chunk_size`` query rows at a time, or by a memory budget (2 GiB by default)
 from which the block size is derived; no ``N x N`` matrix is formed unless it fits the budget.
