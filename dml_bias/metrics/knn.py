@@ -12,8 +12,9 @@ How it is computed (see :doc:`the metrics page </api/metrics>` for the error bou
    accumulation) or, elsewhere, one float32 GEMM; the ``k``-th largest of the *group maxima* of each row (a
    group is a strided set of up to 16 reference items; when a row has more than ``16 k`` groups, the maxima of
    several groups are merged first, so the selection runs on at least ``8 k`` values) gives a threshold below
-   which no item of the exact top-``k`` can lie. When the query set is the reference set and ``N^2`` bulk scores fit the memory budget,
-   only the tiles on and above the diagonal are computed (the scores are symmetric). For the Euclidean
+   which no item of the exact top-``k`` can lie. When the query set is the reference set and ``N^2`` bulk
+   scores fit the memory budget, only the tiles on and above the diagonal are computed (the scores are
+   symmetric). For the Euclidean
    metrics (and ``k`` above a sixteenth of the reference) the bulk pass is one float32 GEMM per block and the
    candidates are the items within :math:`2\varepsilon` of the approximate ``k``-th best. TF32 and the CPU's
    bf16 "medium" precision are switched off during the call and the user's settings restored afterwards.
