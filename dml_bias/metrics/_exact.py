@@ -682,7 +682,6 @@ def self_candidates_grouped(
     if int(hits.sum()) * group * _CANDIDATE_BYTES > budget:  # the members are expanded tile by tile
         return None
     rows_out, cols_out, vals_out = [], [], []
-    kept = 0
     for (i, j), t in tiles.items():
         for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
             q0, q1 = panels[qp]
@@ -697,9 +696,6 @@ def self_candidates_grouped(
                 vals = t[:full].view(group, ng, q1 - q0)[:, g, q].T  # (H, group)
             p, r = (vals >= low[q + q0][:, None]).nonzero(as_tuple=True)
             sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
-            kept += int(p.numel() + sq.numel())
-            if kept * _CANDIDATE_BYTES > budget:  # many members pass (ties): the row pass, block by block
-                return None
             rows_out += [q[p] + q0, sq + q0]
             cols_out += [g[p] + r * ng + c0, sg + full + c0]
             if not grouped.rescore:

@@ -331,3 +331,23 @@ def test_row_grouping_pads_less_than_one_group_and_keeps_8k_unions(m: int, k: in
     assert coarse >= 1
     if coarse > 1:
         assert ngroup // coarse + ngroup % coarse >= 8 * k
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=50),
+    half=st.sampled_from(["bfloat16", "float16"]),
+)
+def test_thresholds_round_down_to_the_bulk_dtype(values: list[float], half: str) -> None:
+    # A candidate threshold compared in the bulk dtype must never exceed the float32 one (no candidate lost), and
+    # must be the largest such value (no looser than needed).
+    dtype = getattr(torch, half)
+    low = torch.tensor(values, dtype=torch.float32)  # scores: far inside either format's range
+    low = low.clamp(-60000.0, 60000.0) if dtype == torch.float16 else low.clamp(-1e30, 1e30)
+    got = ENGINE._round_down_to(low, dtype)
+    assert got.dtype == dtype
+    back = got.to(torch.float32)
+    assert bool((back <= low).all())
+    above = torch.nextafter(got, torch.full_like(got, float("inf"))).to(torch.float32)
+    assert bool((above > low).all())
+    assert ENGINE._round_down_to(low, torch.float32) is low
