@@ -586,7 +586,11 @@ def _round_down_to(low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == low.dtype:
         return low
     y = low.to(dtype)
-    return torch.where(y.to(low.dtype) > low, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+    try:
+        down = torch.nextafter(y, torch.full_like(y, -math.inf))
+    except RuntimeError:  # no 16-bit nextafter on this device in older torch: compare in float32 instead
+        return low
+    return torch.where(y.to(low.dtype) > low, down, y)
 
 
 def _padded_reference(prep: Prepared, grouped: GroupedInputs, rows: int) -> torch.Tensor:

@@ -351,3 +351,24 @@ def test_thresholds_round_down_to_the_bulk_dtype(values: list[float], half: str)
     above = torch.nextafter(got, torch.full_like(got, float("inf"))).to(torch.float32)
     assert bool((above > low).all())
     assert ENGINE._round_down_to(low, torch.float32) is low
+
+
+def test_thresholds_stay_float32_without_a_16_bit_nextafter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Older torch builds lack nextafter for 16-bit dtypes on some devices: the thresholds then stay float32 (the
+    # comparison promotes; every candidate is kept), and the search is still exact.
+    def no_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype in (torch.bfloat16, torch.float16):
+            raise RuntimeError('"nextafter_cpu" not implemented for this dtype')
+        return real(a, b)
+
+    real = torch.nextafter
+    monkeypatch.setattr(torch, "nextafter", no_half)
+    low = torch.tensor([0.3, -0.3])
+    assert ENGINE._round_down_to(low, torch.bfloat16) is low
+    monkeypatch.setattr(ENGINE, "BF16_CPU", True)
+    x, _ = clustered(120, 40, 6, seed=9)
+    r, _ = clustered(700, 40, 6, seed=10)
+    scores, indices = knn(x, r, k=3)
+    ref_s, ref_i = ref_knn(x, r, 3)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
