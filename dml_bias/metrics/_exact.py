@@ -434,7 +434,7 @@ def grouped_inputs(prep: Prepared) -> GroupedInputs | None:
     return GroupedInputs(prep.query32, prep.reference32, prep.eps, 0.0, dim * 2.0**-149)
 
 
-def group_low(grouped: GroupedInputs, rows: slice, theta: torch.Tensor) -> torch.Tensor:
+def group_low(grouped: GroupedInputs, rows: slice | torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     r"""Float32 candidate thresholds from :math:`\theta` (see :func:`candidates_grouped`)."""
     theta = theta.to(torch.float64)
     e = grouped.eps[rows]
@@ -613,15 +613,52 @@ _CANDIDATE_BYTES = 40
 TILE = 2048
 
 
-def _expansion_too_large(gmax: torch.Tensor, grouped: GroupedInputs, k: int, group: int, n: int, budget: int) -> bool:
+def _expansion_too_large(
+    gmax: torch.Tensor,
+    grouped: GroupedInputs,
+    k: int,
+    group: int,
+    n: int,
+    budget: int,
+    rows: torch.Tensor | None = None,
+) -> bool:
     """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget.
+
+    ``rows``: the query rows behind ``gmax`` (default: the first ``len(gmax)``).
 
     The worst case counts: every member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each. It also
     keeps this pass to the problems whose expansion is cheap (many candidates: the row pass is faster).
     """
-    low = _round_down_to(group_low(grouped, slice(0, gmax.shape[0]), _kth_union_max(gmax, k)), gmax.dtype)
+    which = slice(0, gmax.shape[0]) if rows is None else rows
+    low = _round_down_to(group_low(grouped, which, _kth_union_max(gmax, k)), gmax.dtype)
     hits = int((gmax >= low[:, None]).sum())
     return hits * n / gmax.shape[0] * group * _CANDIDATE_BYTES > budget
+
+
+#: Rows sampled (evenly spaced) to predict the symmetric pass' expansion before it computes any tile.
+_SAMPLE_ROWS = 256
+
+
+def _sampled_maxima(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    panels: list[tuple[int, int]],
+    ngroups: list[int],
+    offsets: list[int],
+    group: int,
+) -> torch.Tensor:
+    """The symmetric pass' group maxima of the query ``rows`` (self excluded), from their own score rows."""
+    with ieee_fp32_matmul():
+        t = x[rows] @ x.T
+    t[torch.arange(rows.shape[0], device=x.device), rows] = -math.inf
+    out = torch.empty(rows.shape[0], offsets[-1], dtype=x.dtype, device=x.device)
+    for j, (b0, b1) in enumerate(panels):
+        full = ngroups[j] * group
+        part, dest = t[:, b0:b1], out[:, offsets[j] : offsets[j + 1]]
+        if ngroups[j] > 0:
+            torch.amax(part[:, :full].reshape(rows.shape[0], group, ngroups[j]), 1, out=dest[:, : ngroups[j]])
+        dest[:, ngroups[j] :] = part[:, full:]
+    return out
 
 
 def self_candidates_grouped(
@@ -632,7 +669,8 @@ def self_candidates_grouped(
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
     work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
     kept until the thresholds are known, so this runs only when ``N^2`` bulk scores fit the budget (``None``
-    otherwise). Groups are strided within each panel of columns; the bound is the same.
+    otherwise), and only when the hits of :data:`_SAMPLE_ROWS` evenly spaced rows, computed first, predict a
+    cheap expansion. Groups are strided within each panel of columns; the bound is the same.
     """
     grouped = grouped_inputs(prep)
     n = prep.num_reference
@@ -656,6 +694,11 @@ def self_candidates_grouped(
     if (n * n + n * offsets[-1]) * x.element_size() > budget:
         return None
     device = prep.query.device
+    if len(panels) > 1:  # a sample of rows, before any tile: their hits predict the expansion's size
+        sample = torch.arange(0, n, max(1, n // _SAMPLE_ROWS), device=device)[:_SAMPLE_ROWS]
+        sampled = _sampled_maxima(x, sample, panels, ngroups, offsets, group)
+        if _expansion_too_large(sampled, grouped, k, group, n, budget, rows=sample):
+            return None
     gmax = torch.empty(n, offsets[-1], dtype=x.dtype, device=device)
     tiles: dict[tuple[int, int], torch.Tensor] = {}
     for i, (a0, a1) in enumerate(panels):
@@ -678,8 +721,6 @@ def self_candidates_grouped(
                     out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
                 out[:, ngroups[i] :] = t[full_i:].T
             tiles[(i, j)] = t
-        if i == 0 and len(panels) > 1 and _expansion_too_large(gmax[: sizes[0]], grouped, k, group, n, budget):
-            return None  # the first panel's rows are complete: their hits predict the expansion's size
     low = _round_down_to(group_low(grouped, slice(0, n), _kth_union_max(gmax, k)), gmax.dtype)
     hits = gmax >= low[:, None]
     del gmax

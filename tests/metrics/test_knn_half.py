@@ -259,11 +259,12 @@ def test_cuda_float16_passes_match_float64_loop(monkeypatch: pytest.MonkeyPatch)
         assert math.isclose(got[key], expected[key], rel_tol=1e-12, abs_tol=1e-12), key
 
 
-def test_self_pass_stops_early_when_the_first_panel_predicts_an_overflow(
+def test_self_pass_stops_before_any_tile_when_sampled_rows_predict_an_overflow(
     spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With tiles of 64 rows, the first panel's hits scaled to all rows decide: a budget between the two sizes
-    makes the self pass give up after the first panel (the row pass then runs), and the result stays exact."""
+    """With tiles of 64 rows, the hits of evenly spaced sampled rows, scaled to all rows, decide before any tile
+    is computed: a budget between the two sizes makes the self pass give up (the row pass then runs), and the
+    result stays exact."""
     monkeypatch.setattr(ENGINE, "TILE", 64)
     x, _ = clustered(300, 24, 6, seed=3)
     k = 3
@@ -272,13 +273,17 @@ def test_self_pass_stops_early_when_the_first_panel_predicts_an_overflow(
     calls: list[bool] = []
     real = ENGINE._expansion_too_large
 
-    def always_too_large(*args: Any) -> bool:
-        calls.append(real(*args))
+    def always_too_large(*args: Any, **kwargs: Any) -> bool:
+        calls.append(real(*args, **kwargs))
         return True
 
     monkeypatch.setattr(ENGINE, "_expansion_too_large", always_too_large)
+    tiles: list[int] = []
+    real_maxima = ENGINE._sampled_maxima
+    monkeypatch.setattr(ENGINE, "_sampled_maxima", lambda *a: tiles.append(1) or real_maxima(*a))
     scores, indices = knn(x, k=k)
-    assert calls == [False]  # consulted once, after the first panel (the real budget would have allowed it)
+    assert calls == [False]  # consulted once, on the sampled rows (the real budget would have allowed it)
+    assert tiles == [1]
     assert spies["self"].used == 0
     assert spies["rows"].used > 0
     ref_s, ref_i = ref_knn(x, None, k)
