@@ -1,4 +1,4 @@
-"""Assertion helpers for the tests: dtype-aware ``assert_close`` and a float64 ``gradcheck``."""
+"""Helpers for the tests: dtype-aware ``assert_close``, a float64 ``gradcheck``, a tiny study schedule."""
 
 from __future__ import annotations
 
@@ -13,6 +13,22 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-6),
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (5e-2, 1e-2),
+}
+
+
+#: The smallest study schedule the bias tests train (6 classes of 6 images of 16 px, one epoch of a 4-wide CNN);
+#: each test adds its own losses, modes, threads and attribution settings.
+TINY_SCHEDULE: dict[str, Any] = {
+    "num_classes": 6,
+    "images_per_class": 6,
+    "num_backgrounds": 4,
+    "unique_homes": 3,
+    "image_size": 16,
+    "epochs": 1,
+    "width": 4,
+    "embedding_size": 8,
+    "batch_size": 12,
+    "m_per_class": 3,
 }
 
 

@@ -11,6 +11,7 @@ from itertools import combinations, product
 from typing import Any
 
 import pytest
+from helpers import TINY_SCHEDULE
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.text import Text
@@ -24,16 +25,7 @@ LAYOUT_STUDY = {
     "modes": ("none", "soft", "hard", "channel"),
     "soft_sigmas": (0.5,),
     "variants": ("original", "mixed_rand"),
-    "num_classes": 6,
-    "images_per_class": 6,
-    "num_backgrounds": 4,
-    "unique_homes": 3,
-    "image_size": 16,
-    "epochs": 1,
-    "width": 4,
-    "embedding_size": 8,
-    "batch_size": 12,
-    "m_per_class": 3,
+    **TINY_SCHEDULE,
     "attribution_images": 1,
     "progress": False,
     "num_threads": 1,

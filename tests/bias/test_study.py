@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_SCHEDULE
 
 from dml_bias.bias import METRIC_KEYS, VARIANTS, RunSpec, StudyConfig, StudyResult, run_study
 from dml_bias.bias import study as study_module
@@ -16,20 +17,7 @@ from dml_bias.bias.evaluation import chance_recall_at_1, embed, evaluate_retriev
 from dml_bias.bias.models import SmallCNN
 from dml_bias.bias.report import PER_CLASS_FIELDS, per_class_rows, per_class_summary
 
-TINY = {
-    "num_classes": 6,
-    "images_per_class": 6,
-    "num_backgrounds": 4,
-    "unique_homes": 3,
-    "image_size": 16,
-    "epochs": 1,
-    "width": 4,
-    "embedding_size": 8,
-    "batch_size": 12,
-    "m_per_class": 3,
-    "progress": False,
-    "num_threads": 1,
-}
+TINY = {**TINY_SCHEDULE, "progress": False, "num_threads": 1}
 
 # Proxy-Anchor, no mask vs hard mask, on a small data set trained long enough for the effect to show.
 SMALL_PA = {

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from helpers import TINY_SCHEDULE
 
 from dml_bias.bias import RunSpec, StudyConfig, run_study
 from dml_bias.bias import study as study_module
@@ -16,20 +17,7 @@ from dml_bias.bias.evaluation import attribution_subset, evaluate_attribution, e
 from dml_bias.bias.study import ATTRIBUTION_WEIGHT, TRAIN_WEIGHT, RunWork, run_work
 from dml_bias.bias.training import train_model
 
-TINY: dict[str, Any] = {
-    "num_classes": 6,
-    "images_per_class": 6,
-    "num_backgrounds": 4,
-    "unique_homes": 3,
-    "image_size": 16,
-    "epochs": 1,
-    "width": 4,
-    "embedding_size": 8,
-    "batch_size": 12,
-    "m_per_class": 3,
-    "progress": False,
-    "attribution_images": 2,
-}
+TINY: dict[str, Any] = {**TINY_SCHEDULE, "progress": False, "attribution_images": 2}
 CPU = torch.device("cpu")
 
 
