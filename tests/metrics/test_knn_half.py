@@ -377,3 +377,86 @@ def test_thresholds_stay_float32_without_a_16_bit_nextafter(monkeypatch: pytest.
     ref_s, ref_i = ref_knn(x, r, 3)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+
+
+class HitsSpy:
+    """Counts the row blocks whose hits came from the bit patterns (``used``) or from the floats (``fallback``)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.used = self.fallback = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        self.used += out is not None
+        self.fallback += out is None
+        return out
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("sign", ["positive", "negative", "mixed"])
+def test_row_pass_on_bit_patterns_and_on_floats(monkeypatch: pytest.MonkeyPatch, bf16: bool, sign: str) -> None:
+    # Positive thresholds: maxima, selection and comparisons on the scores' bit patterns (int16 / int32). With the
+    # dot product against a negated reference every score is negative (and with a mixed reference some rows'
+    # thresholds are): the floats themselves are compared. Both give the float64 loop's lists, ties included.
+    monkeypatch.setattr(ENGINE, "BF16_CPU", bf16)
+    spy = HitsSpy(ENGINE._positive_hits)
+    monkeypatch.setattr(ENGINE, "_positive_hits", spy)
+    x, _ = clustered(60, 12, 4, seed=5)
+    r, _ = clustered(700, 12, 4, seed=6)
+    r = with_duplicates(r, seed=2)
+    u = torch.zeros(12)
+    u[0] = 5.0
+    x, r = x + u, r + u  # scores near +25
+    if sign == "negative":
+        x = -x  # every score near -25: thresholds below zero
+    elif sign == "mixed":
+        x = torch.cat([x[:30], -x[30:]])  # one block; half of its rows have negative thresholds
+    k = 5
+    scores, indices = knn(x, r, k=k, metric="dot", chunk_size=60)
+    ref_s, ref_i = ref_knn(x, r, k, metric="dot")
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=1e-5)
+    if sign == "positive":
+        assert (spy.used, spy.fallback) == (1, 0)
+    else:
+        assert (spy.used, spy.fallback) == (0, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=40),
+    low=st.floats(2.0**-100, 1e4, allow_nan=False, width=32),
+    half=st.sampled_from(["bf16", "fp16", "fp32"]),
+)
+def test_bit_patterns_compare_like_floats_above_a_positive_threshold(
+    values: list[float], low: float, half: str
+) -> None:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[half]
+    x = torch.tensor([*values, -0.0, 0.0, -math.inf, math.inf]).to(dtype)
+    t = torch.tensor([low]).to(dtype)
+    if not bool(t > 0):
+        return  # rounded to zero in this dtype: the pass falls back to the floats
+    itype = ENGINE._SAME_WIDTH_INT[x.element_size()]
+    assert torch.equal(x.view(itype) >= t.view(itype), x >= t)
+    positive = x[x >= 0]
+    if positive.numel() > 0:  # the integer maximum of a set with a non-negative member is the float maximum's
+        assert x.view(itype).amax().view(dtype) == positive.max()
+
+
+def test_rows_drop_only_candidates_that_cannot_matter() -> None:
+    # k = 4 keeps 12 of 20 candidates per row when the 12th lies more than 2 eps below the 4th best; a row whose
+    # candidates are all within 2 eps of each other (one long near-tie chain) keeps all of them.
+    prep = ENGINE.prepare(torch.randn(2, 8), torch.randn(30, 8), "cosine", False, None)
+    eps = float(prep.eps.max())
+    spread = torch.linspace(1.0, 0.0, 20)[None, :].repeat(2, 1)  # gaps of 1/19, far above 2 eps
+    cols = torch.arange(20)[None, :].repeat(2, 1).flip(1)
+    count = torch.tensor([20, 20])
+    vals, out, kept = ENGINE._best_first(prep, 0, 4, spread, cols, count)
+    assert vals.shape == (2, 12) and kept.tolist() == [12, 12]
+    np.testing.assert_array_equal(out.numpy(), cols[:, :12].numpy())
+    chain = 0.5 + torch.arange(20, 0, -1, dtype=torch.float32)[None, :].repeat(2, 1) * (eps / 4)
+    chain[0] = spread[0]  # row 0 could drop its tail, row 1 cannot: nothing is dropped
+    vals, out, kept = ENGINE._best_first(prep, 0, 4, chain, cols, count)
+    assert vals.shape == (2, 20) and kept.tolist() == [20, 20]
+    np.testing.assert_array_equal(vals.numpy(), chain.numpy())
