@@ -31,6 +31,7 @@ __all__ = [
     "FORCE_HALF",
     "FP16_CUDA",
     "MEMORY_BUDGET",
+    "SYMMETRIC_DIM",
     "TILE",
     "GroupedInputs",
     "Prepared",
@@ -673,11 +674,26 @@ def _padded_reference(prep: Prepared, grouped: GroupedInputs, rows: int) -> torc
     return buf
 
 
-#: Bytes kept per candidate of the symmetric pass until all are known (row, column, value, their sort).
+#: Bytes kept per candidate of the symmetric pass until a panel's are known (row, column, value, their sort).
 _CANDIDATE_BYTES = 40
 
 #: Rows (and columns) of one tile of the symmetric pass.
 TILE = 2048
+
+#: CPU cost model of the symmetric pass: it pays when ``D > a + b * h`` with ``(a, b) = SYMMETRIC_DIM`` and ``h``
+#: the hit groups per row. It saves half of the bulk GEMM (work ``~ N^2 D``) but walks the transposed tiles for
+#: the columns' maxima and candidates (work ``~ N^2``, more with more hits). Fitted to the bf16 pass on a 2-core
+#: AVX512-BF16 CPU at N = 20,000 (D = 128, 256, 512; classes of 50 with about 60 hits per row and random labels
+#: in classes of 200 with about 265): the symmetric pass won at D = 256 with classes of 50 and at D = 512 with
+#: both. Other devices keep the budget rule alone.
+SYMMETRIC_DIM = (185.0, 0.67)
+
+
+def _hits_per_row(gmax: torch.Tensor, grouped: GroupedInputs, k: int, rows: torch.Tensor | None = None) -> float:
+    """Mean hit groups per row of these complete rows of group maxima (``rows``: their query rows)."""
+    which = slice(0, gmax.shape[0]) if rows is None else rows
+    low = _round_down_to(group_low(grouped, which, _kth_union_max(gmax, k)), gmax.dtype)
+    return int((gmax >= low[:, None]).sum()) / max(1, int(gmax.shape[0]))
 
 
 def _expansion_too_large(
@@ -691,15 +707,18 @@ def _expansion_too_large(
 ) -> bool:
     """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget.
 
-    ``rows``: the query rows behind ``gmax`` (default: the first ``len(gmax)``).
-
-    The worst case counts: every member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each. It also
-    keeps this pass to the problems whose expansion is cheap (many candidates: the row pass is faster).
+    ``rows``: the query rows behind ``gmax`` (default: the first ``len(gmax)``). The worst case counts: every
+    member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each.
     """
-    which = slice(0, gmax.shape[0]) if rows is None else rows
-    low = _round_down_to(group_low(grouped, which, _kth_union_max(gmax, k)), gmax.dtype)
-    hits = int((gmax >= low[:, None]).sum())
-    return hits * n / gmax.shape[0] * group * _CANDIDATE_BYTES > budget
+    return _hits_per_row(gmax, grouped, k, rows) * n * group * _CANDIDATE_BYTES > budget
+
+
+def _symmetric_pays(hits_per_row: float, dim: int, device: torch.device) -> bool:
+    """Whether the symmetric pass beats the row pass (:data:`SYMMETRIC_DIM`; always on other devices than CPUs)."""
+    if device.type != "cpu":
+        return True
+    base, per_hit = SYMMETRIC_DIM
+    return dim > base + per_hit * hits_per_row
 
 
 #: Rows sampled (evenly spaced) to predict the symmetric pass' expansion before it computes any tile.
@@ -736,8 +755,10 @@ def self_candidates_grouped(
     The score matrix is symmetric, so only the tiles on and above the diagonal are computed (half the GEMM
     work); each tile gives the group maxima of its rows and, transposed, of its columns' rows. The tiles are
     kept until the thresholds are known, so this runs only when ``N^2`` bulk scores fit the budget (``None``
-    otherwise), and only when the hits of :data:`_SAMPLE_ROWS` evenly spaced rows, computed first, predict a
-    cheap expansion. Groups are strided within each panel of columns; the bound is the same.
+    otherwise), and, with more than one tile, only when the hits of :data:`_SAMPLE_ROWS` evenly spaced rows,
+    computed first, fit the budget panel by panel and make the pass pay (:func:`_symmetric_pays`). Groups are
+    strided within each panel of columns; the bound is the same. The candidates are expanded and re-scored one
+    panel of query rows at a time (a tile is freed after its last use).
     """
     grouped = grouped_inputs(prep)
     n = prep.num_reference
@@ -746,9 +767,9 @@ def self_candidates_grouped(
         return None
     if grouped.query is not grouped.reference:
         return None
-    if k * n * group * _CANDIDATE_BYTES > budget:  # every row hits at least k groups: see _expansion_too_large
-        return None
     tile = min(TILE, n)
+    if k * tile * group * _CANDIDATE_BYTES > budget:  # every row hits at least k groups: see _expansion_too_large
+        return None
     bounds = [*list(range(0, n, tile)), n]
     panels = list(itertools.pairwise(bounds))
     sizes = [b - a for a, b in panels]
@@ -764,9 +785,10 @@ def self_candidates_grouped(
     if len(panels) > 1:  # a sample of rows, before any tile: their hits predict the expansion's size
         sample = torch.arange(0, n, max(1, n // _SAMPLE_ROWS), device=device)[:_SAMPLE_ROWS]
         sampled = _sampled_maxima(x, sample, panels, ngroups, offsets, group)
-        if _expansion_too_large(sampled, grouped, k, group, n, budget, rows=sample):
+        if _expansion_too_large(sampled, grouped, k, group, tile, budget, rows=sample):
             return None
-    gmax = torch.empty(n, offsets[-1], dtype=x.dtype, device=device)
+        if not _symmetric_pays(_hits_per_row(sampled, grouped, k, sample), int(x.shape[1]), device):
+            return None
     tiles: dict[tuple[int, int], torch.Tensor] = {}
     for i, (a0, a1) in enumerate(panels):
         for j in range(i, len(panels)):
@@ -776,28 +798,31 @@ def self_candidates_grouped(
             if i == j:
                 diag = torch.arange(a1 - a0, device=device)
                 t[diag, diag] = -math.inf
-            full_j = ngroups[j] * group
-            out = gmax[a0:a1, offsets[j] : offsets[j + 1]]
-            if ngroups[j] > 0:  # a short last panel may hold singletons only
-                torch.amax(t[:, :full_j].view(a1 - a0, group, ngroups[j]), 1, out=out[:, : ngroups[j]])
-            out[:, ngroups[j] :] = t[:, full_j:]
-            if i < j:
-                full_i = ngroups[i] * group
-                out = gmax[b0:b1, offsets[i] : offsets[i + 1]]
-                if ngroups[i] > 0:
-                    out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
-                out[:, ngroups[i] :] = t[full_i:].T
             tiles[(i, j)] = t
-    low = _round_down_to(group_low(grouped, slice(0, n), _kth_union_max(gmax, k)), gmax.dtype)
+    # Maxima, threshold and hits on the bit patterns as integers (see _positive_hits), else on the floats.
+    itype = _SAME_WIDTH_INT[x.element_size()]
+    for view in (itype, x.dtype):
+        gmax = _tile_maxima(tiles, panels, ngroups, offsets, group, view)
+        theta = _kth_union_max(gmax, k)
+        if view == itype and not bool((theta >= 0).all()):
+            continue
+        low = _round_down_to(group_low(grouped, slice(0, n), theta.view(x.dtype)), x.dtype)
+        if view == itype and (low.dtype != x.dtype or not bool((low > 0).all())):
+            continue
+        low = low.view(view)
+        break
     hits = gmax >= low[:, None]
     del gmax
-    if int(hits.sum()) * group * _CANDIDATE_BYTES > budget:  # the members are expanded tile by tile
+    most = max(int(hits[a:b].sum()) for a, b in panels)
+    if most * group * _CANDIDATE_BYTES > budget:  # the members are expanded panel by panel
         return None
-    rows_out, cols_out, vals_out = [], [], []
-    for (i, j), t in tiles.items():
-        for qp, cp in ((i, j), (j, i)) if i < j else ((i, j),):
-            q0, q1 = panels[qp]
-            c0 = panels[cp][0]
+    tiles = {key: t.view(view) for key, t in tiles.items()}
+    found = []
+    for qp, (q0, q1) in enumerate(panels):  # one panel of queries at a time: its candidates, then their scores
+        rows_out, cols_out, vals_out = [], [], []
+        for cp, (c0, _) in enumerate(panels):
+            i, j = min(qp, cp), max(qp, cp)
+            t = tiles.pop((i, j)) if cp <= qp else tiles[(i, j)]  # a tile's last use frees it
             ng, full = ngroups[cp], ngroups[cp] * group
             block = hits[q0:q1, offsets[cp] : offsets[cp + 1]]
             if qp == i:  # the tile's rows are the queries: a group's values sit in one row (cache-friendly)
@@ -808,16 +833,67 @@ def self_candidates_grouped(
                 vals = t[:full].view(group, ng, q1 - q0)[:, g, q].T  # (H, group)
             p, r = (vals >= low[q + q0][:, None]).nonzero(as_tuple=True)
             sq, sg = block[:, ng:].nonzero(as_tuple=True)  # groups of one: the hit is the candidate
-            rows_out += [q[p] + q0, sq + q0]
+            rows_out += [q[p], sq]
             cols_out += [g[p] + r * ng + c0, sg + full + c0]
             if not grouped.rescore:
                 vals_out += [vals[p, r], t[sq, sg + full] if qp == i else t[sg + full, sq]]
-    del tiles, hits
-    rows = torch.cat(rows_out)
-    cols = torch.cat(cols_out)
-    order = torch.argsort(rows * n + cols)  # CSR layout: by query, then by reference index
-    values = torch.cat(vals_out)[order] if vals_out else None
-    return _rescore(prep, 0, n, rows[order], cols[order], budget, k, values)
+        rows = torch.cat(rows_out)
+        by_row = torch.sort(rows.to(torch.int32), stable=True).indices  # CSR layout: by query
+        rows, cols = torch.index_select(rows, 0, by_row), torch.index_select(torch.cat(cols_out), 0, by_row)
+        values = torch.index_select(torch.cat(vals_out), 0, by_row).view(x.dtype) if vals_out else None
+        found.append(_rescore(prep, q0, q1 - q0, rows, cols, budget, k, values))
+    del hits
+    return _stack_rows(found)
+
+
+def _tile_maxima(
+    tiles: dict[tuple[int, int], torch.Tensor],
+    panels: list[tuple[int, int]],
+    ngroups: list[int],
+    offsets: list[int],
+    group: int,
+    view: torch.dtype,
+) -> torch.Tensor:
+    """The symmetric pass' group maxima ``(N, groups + singletons)`` of every row, from the upper tiles.
+
+    The tiles are read as ``view``: the bulk dtype, or a signed integer of its width (see :func:`_positive_hits`).
+    """
+    n = panels[-1][1]
+    some = next(iter(tiles.values()))
+    gmax = torch.empty(n, offsets[-1], dtype=view, device=some.device)
+    for (i, j), t in tiles.items():
+        t = t.view(view)
+        (a0, a1), (b0, b1) = panels[i], panels[j]
+        full_j = ngroups[j] * group
+        out = gmax[a0:a1, offsets[j] : offsets[j + 1]]
+        if ngroups[j] > 0:  # a short last panel may hold singletons only
+            torch.amax(t[:, :full_j].view(a1 - a0, group, ngroups[j]), 1, out=out[:, : ngroups[j]])
+        out[:, ngroups[j] :] = t[:, full_j:]
+        if i < j:
+            full_i = ngroups[i] * group
+            out = gmax[b0:b1, offsets[i] : offsets[i + 1]]
+            if ngroups[i] > 0:
+                out[:, : ngroups[i]] = t[:full_i].view(group, ngroups[i], b1 - b0).amax(0).T
+            out[:, ngroups[i] :] = t[full_i:].T
+    return gmax
+
+
+def _stack_rows(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates of consecutive row ranges as one ``(scores, cols, count)``, padded to the widest."""
+    width = max(int(p[0].shape[1]) for p in parts)
+    nrow = sum(int(p[0].shape[0]) for p in parts)
+    scores, cols, _ = parts[0]
+    out_s = scores.new_full((nrow, width), -math.inf)
+    out_c = cols.new_full((nrow, width), -1)
+    r0 = 0
+    for s_part, c_part, _ in parts:
+        r1 = r0 + int(s_part.shape[0])
+        out_s[r0:r1, : s_part.shape[1]] = s_part
+        out_c[r0:r1, : c_part.shape[1]] = c_part
+        r0 = r1
+    return out_s, out_c, torch.cat([p[2] for p in parts])
 
 
 def topk_block(

@@ -27,6 +27,12 @@ ENGINE: Any = sys.modules["dml_bias.metrics._exact"]
 DETECT = ENGINE.cpu_has_fast_bf16
 
 
+@pytest.fixture(autouse=True)
+def symmetric_pass_always_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small dimensions here would fail the CPU cost model of the symmetric pass; the tests need that pass."""
+    monkeypatch.setattr(ENGINE, "SYMMETRIC_DIM", (-1.0, 0.0))
+
+
 class Spy:
     """Counts the calls of a candidate pass that returned candidates (not ``None``)."""
 
@@ -453,10 +459,58 @@ def test_rows_drop_only_candidates_that_cannot_matter() -> None:
     cols = torch.arange(20)[None, :].repeat(2, 1).flip(1)
     count = torch.tensor([20, 20])
     vals, out, kept = ENGINE._best_first(prep, 0, 4, spread, cols, count)
-    assert vals.shape == (2, 12) and kept.tolist() == [12, 12]
+    assert vals.shape == (2, 12)
+    assert kept.tolist() == [12, 12]
     np.testing.assert_array_equal(out.numpy(), cols[:, :12].numpy())
     chain = 0.5 + torch.arange(20, 0, -1, dtype=torch.float32)[None, :].repeat(2, 1) * (eps / 4)
     chain[0] = spread[0]  # row 0 could drop its tail, row 1 cannot: nothing is dropped
     vals, out, kept = ENGINE._best_first(prep, 0, 4, chain, cols, count)
-    assert vals.shape == (2, 20) and kept.tolist() == [20, 20]
+    assert vals.shape == (2, 20)
+    assert kept.tolist() == [20, 20]
     np.testing.assert_array_equal(vals.numpy(), chain.numpy())
+
+
+@pytest.mark.parametrize("model", ["default", "pays"])
+def test_symmetric_pass_follows_its_cost_model(
+    spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    # D = 24 with a few hits per row: the fitted CPU model (D > 185 + 0.67 h) prefers the row pass; a model that
+    # always pays keeps the symmetric pass. Both exact.
+    monkeypatch.setattr(ENGINE, "TILE", 64)
+    if model == "default":
+        monkeypatch.setattr(ENGINE, "SYMMETRIC_DIM", (185.0, 0.67))
+    x, _ = clustered(300, 24, 6, seed=4)
+    scores, indices = knn(x, k=3)
+    assert spies["self"].used == (model == "pays")
+    assert spies["rows"].used == (model == "default")
+    ref_s, ref_i = ref_knn(x, None, 3)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+    assert ENGINE._symmetric_pays(10.0, 100, torch.device("cpu")) is (model == "pays")  # 100 < 185 + 6.7
+    assert ENGINE._symmetric_pays(300.0, 256, torch.device("meta")) is True  # other devices: the budget alone
+
+
+def test_symmetric_pass_falls_back_to_float_maxima(spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A threshold that is not positive on the bit patterns sends the symmetric pass back to the float maxima
+    # (a lower threshold than the true one is still a valid one: only more candidates).
+    real = ENGINE._kth_union_max
+    dtypes: list[torch.dtype] = []
+
+    def lowered(gmax: torch.Tensor, k: int) -> torch.Tensor:
+        dtypes.append(gmax.dtype)
+        out = real(gmax, k)
+        if not gmax.is_floating_point():
+            out[0] = -1
+        return out
+
+    monkeypatch.setattr(ENGINE, "_kth_union_max", lowered)
+    monkeypatch.setattr(ENGINE, "TILE", 64)
+    x, _ = clustered(300, 24, 6, seed=5)
+    x = with_duplicates(x, seed=3)
+    scores, indices = knn(x, k=3)
+    assert spies["self"].used == 1
+    assert any(not d.is_floating_point for d in dtypes)
+    assert dtypes[-1].is_floating_point
+    ref_s, ref_i = ref_knn(x, None, 3)
+    np.testing.assert_array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
