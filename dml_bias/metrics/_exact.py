@@ -609,10 +609,11 @@ def candidates_grouped(
     if hq.numel() * group * 128 > budget:  # about 128 bytes of index work per member; else the top-k pass
         return None
     members = body[hq, :, hg]  # (H, group): each hit group's values, read from one row of the block
-    p, j = (members >= low[hq][:, None]).nonzero(as_tuple=True)
+    p, j = (members >= torch.index_select(low, 0, hq)[:, None]).nonzero(as_tuple=True)
     # Row-major: the rows are sorted (the CSR layout `_rescore` needs); the padding (-inf) never passes.
-    rows, cols = hq[p], hg[p] + j * ngroup
-    values = None if grouped.rescore else st.view(nrow, group, ngroup)[rows, j, hg[p]]
+    rows, hit_group = torch.index_select(hq, 0, p), torch.index_select(hg, 0, p)
+    cols = hit_group + j * ngroup
+    values = None if grouped.rescore else st.view(nrow, group, ngroup)[rows, j, hit_group]
     return _rescore(prep, start, nrow, rows, cols, budget, k, values)
 
 
