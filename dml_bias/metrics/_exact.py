@@ -948,8 +948,7 @@ def topk_block(
     close[:, 1:] |= tight
     close[:, :-1] |= tight
     if labels is not None and not need_keys:
-        mixed, chain = _mixed_chains(labels, cols, valid, tight)
-        return _label_order(prep, start, k, budget, approx, cols, close & mixed, chain)
+        return _label_order(prep, start, k, budget, approx, cols, close, tight, labels)
     keys = approx.clone()
     cr, cc = close.nonzero(as_tuple=True)
     if cr.numel() > 0:
@@ -973,28 +972,6 @@ def _tie_rule_order(
     return (keys.gather(1, by_key), cols.gather(1, by_key), *(x.gather(1, by_key) for x in extra))
 
 
-def _mixed_chains(
-    labels: tuple[torch.Tensor, torch.Tensor], cols: torch.Tensor, valid: torch.Tensor, tight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whether each candidate's chain of tight neighbours mixes relevant and other items, and the chain ids.
-
-    Both ``(R, W)``; chain ids increase along each row and from row to row.
-
-    Chains of tight neighbours are the only places where the order may be wrong; a chain whose items are all
-    relevant (or all irrelevant) gives the same label sequence in any order.
-    """
-    device = cols.device
-    width = cols.shape[1]
-    rel = labels[1][cols.clamp_min(0)] == labels[0][:, None]
-    chain = torch.zeros_like(cols)
-    torch.cumsum(~tight, 1, out=chain[:, 1:])
-    chain += torch.arange(cols.shape[0], device=device)[:, None] * width
-    kinds = torch.zeros(2, chain.numel(), dtype=torch.bool, device=device)
-    kinds[0, chain[valid & rel]] = True
-    kinds[1, chain[valid & ~rel]] = True
-    return (kinds[0] & kinds[1])[chain], chain
-
-
 def _label_order(
     prep: Prepared,
     start: int,
@@ -1003,25 +980,44 @@ def _label_order(
     approx: torch.Tensor,
     cols: torch.Tensor,
     close: torch.Tensor,
-    chain: torch.Tensor,
+    tight: torch.Tensor,
+    labels: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label mode's first ``k`` candidates: the bulk order, re-ordered only inside mixed chains.
+    """The label mode's first ``k`` candidates: the bulk order, re-ordered only inside mixed near-tie chains.
 
-    ``approx`` is sorted best first in every row; outside mixed chains (``close``) that order already gives the
-    exact label sequence. A chain's items stay within the chain's positions (the gaps around it are safe), so
-    only they get exact keys and are re-ordered among those positions by (key descending, column ascending).
+    ``approx`` is sorted best first in every row; ``tight`` marks the gaps between neighbours too close to order
+    by it, ``close`` the candidates next to such a gap. A chain (a run of candidates joined by tight gaps) whose
+    items are all relevant, or all not, gives the same label sequence in any order; only the items of *mixed*
+    chains get exact keys and are re-ordered among their chain's positions by (key descending, column
+    ascending) (a chain's items stay within its positions: the gaps around it are safe). The returned keys are
+    the bulk approximations except where exact keys were computed.
     """
-    keys, out = approx.clone(), cols.clone()
+    keys, out = approx[:, :k].clone(), cols[:, :k].clone()
     cr, cc = close.nonzero(as_tuple=True)  # row-major: grouped by chain, positions ascending within each
-    if cr.numel() > 0:
-        exact = exact_keys(prep, cr + start, cols[cr, cc], budget)
-        c = cols[cr, cc]
-        order = torch.argsort(c, stable=True)
-        order = order[torch.argsort(exact[order], descending=True, stable=True)]
-        order = order[torch.argsort(chain[cr, cc][order], stable=True)]
-        out[cr, cc] = c[order]
-        keys[cr, cc] = exact[order]
-    return keys[:, :k], out[:, :k]
+    if cr.numel() == 0:
+        return keys, out
+    width = int(cols.shape[1])
+    device = cols.device
+    # Chain id of a position: its row's offset plus the safe gaps before it in the row.
+    safe = torch.cumsum(~tight, 1).view(-1)  # (R * (W - 1),): safe gaps among gaps 0..c
+    before = torch.where(cc > 0, torch.index_select(safe, 0, cr * (width - 1) + (cc - 1).clamp_min(0)), 0)
+    chain = cr * width + before
+    c = torch.index_select(cols.reshape(-1), 0, cr * width + cc)
+    rel = torch.index_select(labels[1], 0, c) == torch.index_select(labels[0], 0, cr)
+    _, inverse, size = torch.unique_consecutive(chain, return_inverse=True, return_counts=True)
+    num_rel = torch.zeros(size.shape[0], dtype=torch.long, device=device).index_add_(0, inverse, rel.long())
+    mixed = torch.index_select((num_rel > 0) & (num_rel < size), 0, inverse).nonzero().squeeze(1)
+    if mixed.numel() == 0:
+        return keys, out
+    cr, cc, c, chain = (torch.index_select(t, 0, mixed) for t in (cr, cc, c, chain))
+    exact = exact_keys(prep, cr + start, c, budget)
+    order = torch.argsort(c, stable=True)
+    order = order[torch.argsort(exact[order], descending=True, stable=True)]
+    order = order[torch.argsort(chain[order], stable=True)]
+    first = cc < k  # the positions of the output; a chain may reach beyond it
+    out[cr[first], cc[first]] = c[order][first]
+    keys[cr[first], cc[first]] = exact[order][first]
+    return keys, out
 
 
 def validate_chunk_size(chunk_size: int | None) -> None:
