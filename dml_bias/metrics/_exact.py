@@ -518,15 +518,27 @@ def _best_first(
     """
     width = int(scores.shape[1])
     keep = k + max(8, k // 4)
+    ordered = _ordered_bits(scores)  # integer selections and sorts run faster than float32 ones on the CPU
     if k <= width and keep < width:
-        vals, order = torch.topk(scores, keep, dim=1, largest=True, sorted=True)
+        order = torch.topk(ordered, keep, dim=1, largest=True, sorted=True).indices
+        vals = scores.gather(1, order)
         kth = vals[:, k - 1].to(torch.float64)
         e = prep.eps[start : start + int(scores.shape[0])]
         low = kth - 2 * e - (kth.abs() + 2 * e) * 2.0**-20
         if bool((vals[:, -1].to(torch.float64) < low).all()):
             return vals, cols.gather(1, order), count.clamp_max(keep)
-    vals, order = torch.sort(scores, dim=1, descending=True, stable=True)
-    return vals, cols.gather(1, order), count
+    order = torch.sort(ordered, dim=1, descending=True, stable=True).indices
+    return scores.gather(1, order), cols.gather(1, order), count
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """Float32 values as int32 keys in the same order (``-0`` just below ``+0``; no NaN expected).
+
+    IEEE floats are sign-magnitude: the bit patterns of non-negative floats already order like the floats, and
+    flipping the 31 magnitude bits of the negative ones puts them below, in the right order.
+    """
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 #: Signed integers of each floating-point width: the bit patterns of non-negative floats order like the floats.

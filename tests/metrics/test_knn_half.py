@@ -514,3 +514,16 @@ def test_symmetric_pass_falls_back_to_float_maxima(spies: dict[str, Spy], monkey
     ref_s, ref_i = ref_knn(x, None, 3)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=50))
+def test_ordered_bits_order_like_the_floats(values: list[float]) -> None:
+    x = torch.tensor([*values, -0.0, 0.0, -math.inf, math.inf], dtype=torch.float32)
+    keys = ENGINE._ordered_bits(x)
+    a, b = x[:, None], x[None, :]
+    ka, kb = keys[:, None], keys[None, :]
+    differ = a != b  # different floats: the keys order them the same way
+    assert torch.equal((ka < kb)[differ], (a < b)[differ])
+    same_bits = x.view(torch.int32)[:, None] == x.view(torch.int32)[None, :]
+    assert torch.equal((ka == kb), same_bits)  # equal keys only for equal bit patterns (-0 and +0 differ)
