@@ -696,10 +696,11 @@ TILE = 2048
 #: CPU cost model of the symmetric pass: it pays when ``D > a + b * h`` with ``(a, b) = SYMMETRIC_DIM`` and ``h``
 #: the hit groups per row. It saves half of the bulk GEMM (work ``~ N^2 D``) but walks the transposed tiles for
 #: the columns' maxima and candidates (work ``~ N^2``, more with more hits). Fitted to the bf16 pass on a 2-core
-#: AVX512-BF16 CPU at N = 20,000 (D = 128, 256, 512; classes of 50 with about 60 hits per row and random labels
-#: in classes of 200 with about 265): the symmetric pass won at D = 256 with classes of 50 and at D = 512 with
-#: both. Other devices keep the budget rule alone.
-SYMMETRIC_DIM = (185.0, 0.67)
+#: AVX512-BF16 CPU (A/B runs of both passes): ``k = 1`` on 10,000 points with about 4 hits per row (symmetric
+#: faster at D = 128), classes of 50 at N = 20,000 with about 74 (row pass faster at D = 128, symmetric at 256
+#: and 512) and random labels in classes of 200 with about 264 (row pass faster at D = 128 and 256, symmetric at
+#: 512). Other devices keep the budget rule alone.
+SYMMETRIC_DIM = (100.0, 1.0)
 
 
 def _hits_per_row(gmax: torch.Tensor, grouped: GroupedInputs, k: int, rows: torch.Tensor | None = None) -> float:

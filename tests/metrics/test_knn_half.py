@@ -474,11 +474,11 @@ def test_rows_drop_only_candidates_that_cannot_matter() -> None:
 def test_symmetric_pass_follows_its_cost_model(
     spies: dict[str, Spy], monkeypatch: pytest.MonkeyPatch, model: str
 ) -> None:
-    # D = 24 with a few hits per row: the fitted CPU model (D > 185 + 0.67 h) prefers the row pass; a model that
+    # D = 24 with a few hits per row: the fitted CPU model (D > 100 + h) prefers the row pass; a model that
     # always pays keeps the symmetric pass. Both exact.
     monkeypatch.setattr(ENGINE, "TILE", 64)
     if model == "default":
-        monkeypatch.setattr(ENGINE, "SYMMETRIC_DIM", (185.0, 0.67))
+        monkeypatch.setattr(ENGINE, "SYMMETRIC_DIM", (100.0, 1.0))
     x, _ = clustered(300, 24, 6, seed=4)
     scores, indices = knn(x, k=3)
     assert spies["self"].used == (model == "pays")
@@ -486,7 +486,7 @@ def test_symmetric_pass_follows_its_cost_model(
     ref_s, ref_i = ref_knn(x, None, 3)
     np.testing.assert_array_equal(indices.numpy(), ref_i)
     np.testing.assert_allclose(scores.double().numpy(), ref_s, rtol=0, atol=2e-7)
-    assert ENGINE._symmetric_pays(10.0, 100, torch.device("cpu")) is (model == "pays")  # 100 < 185 + 6.7
+    assert ENGINE._symmetric_pays(10.0, 100, torch.device("cpu")) is (model == "pays")  # 100 < 100 + 10
     assert ENGINE._symmetric_pays(300.0, 256, torch.device("meta")) is True  # other devices: the budget alone
 
 
