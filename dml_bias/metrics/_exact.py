@@ -560,18 +560,30 @@ def _positive_hits(
     largest union maximum of the integers is the float one whenever it is non-negative. Integer maxima,
     selections and comparisons run several times faster than 16-bit float ones on the CPU.
     """
-    itype = _SAME_WIDTH_INT[body.element_size()]
-    ibody = body.view(itype)
+    ibody = body.view(_SAME_WIDTH_INT[body.element_size()])
     gmax = ibody.amax(1)  # (R, G)
+    ilow = _threshold_on_bits(gmax, grouped, rows, k, body.dtype)
+    if ilow is None:
+        return None
+    hq, hg = (gmax >= ilow[:, None]).nonzero(as_tuple=True)
+    return ibody, ilow, hq, hg
+
+
+def _threshold_on_bits(
+    gmax: torch.Tensor, grouped: GroupedInputs, rows: slice | torch.Tensor, k: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Candidate thresholds as integers from integer group maxima of ``dtype`` scores, or ``None``.
+
+    ``None`` where some row's threshold is not positive (or not representable in ``dtype``): integer and float
+    comparisons agree only above zero (see :func:`_positive_hits`).
+    """
     theta = _kth_union_max(gmax, k)
     if not bool((theta >= 0).all()):
         return None
-    low = _round_down_to(group_low(grouped, rows, theta.view(body.dtype)), body.dtype)
-    if low.dtype != body.dtype or not bool((low > 0).all()):
+    low = _round_down_to(group_low(grouped, rows, theta.view(dtype)), dtype)
+    if low.dtype != dtype or not bool((low > 0).all()):
         return None
-    ilow = low.view(itype)
-    hq, hg = (gmax >= ilow[:, None]).nonzero(as_tuple=True)
-    return ibody, ilow, hq, hg
+    return low.view(gmax.dtype)
 
 
 def candidates_grouped(
@@ -710,21 +722,12 @@ def _hits_per_row(gmax: torch.Tensor, grouped: GroupedInputs, k: int, rows: torc
     return int((gmax >= low[:, None]).sum()) / max(1, int(gmax.shape[0]))
 
 
-def _expansion_too_large(
-    gmax: torch.Tensor,
-    grouped: GroupedInputs,
-    k: int,
-    group: int,
-    n: int,
-    budget: int,
-    rows: torch.Tensor | None = None,
-) -> bool:
-    """Whether the hits of these complete rows of group maxima, scaled to ``n`` rows, overflow the budget.
+def _expansion_too_large(hits_per_row: float, group: int, n: int, budget: int) -> bool:
+    """Whether ``hits_per_row`` hit groups in each of ``n`` rows overflow the budget once expanded.
 
-    ``rows``: the query rows behind ``gmax`` (default: the first ``len(gmax)``). The worst case counts: every
-    member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each.
+    The worst case counts: every member of a hit group may pass, at about :data:`_CANDIDATE_BYTES` each.
     """
-    return _hits_per_row(gmax, grouped, k, rows) * n * group * _CANDIDATE_BYTES > budget
+    return hits_per_row * n * group * _CANDIDATE_BYTES > budget
 
 
 def _symmetric_pays(hits_per_row: float, dim: int, device: torch.device) -> bool:
@@ -782,7 +785,7 @@ def self_candidates_grouped(
     if grouped.query is not grouped.reference:
         return None
     tile = min(TILE, n)
-    if k * tile * group * _CANDIDATE_BYTES > budget:  # every row hits at least k groups: see _expansion_too_large
+    if k * tile * group * _CANDIDATE_BYTES > budget:  # every row hits at least k groups: the bound below
         return None
     bounds = [*list(range(0, n, tile)), n]
     panels = list(itertools.pairwise(bounds))
@@ -799,9 +802,10 @@ def self_candidates_grouped(
     if len(panels) > 1:  # a sample of rows, before any tile: their hits predict the expansion's size
         sample = torch.arange(0, n, max(1, n // _SAMPLE_ROWS), device=device)[:_SAMPLE_ROWS]
         sampled = _sampled_maxima(x, sample, panels, ngroups, offsets, group)
-        if _expansion_too_large(sampled, grouped, k, group, tile, budget, rows=sample):
+        hits_per_row = _hits_per_row(sampled, grouped, k, sample)
+        if _expansion_too_large(hits_per_row, group, tile, budget):
             return None
-        if not _symmetric_pays(_hits_per_row(sampled, grouped, k, sample), int(x.shape[1]), device):
+        if not _symmetric_pays(hits_per_row, int(x.shape[1]), device):
             return None
     tiles: dict[tuple[int, int], torch.Tensor] = {}
     for i, (a0, a1) in enumerate(panels):
@@ -814,21 +818,17 @@ def self_candidates_grouped(
                 t[diag, diag] = -math.inf
             tiles[(i, j)] = t
     # Maxima, threshold and hits on the bit patterns as integers (see _positive_hits), else on the floats.
-    itype = _SAME_WIDTH_INT[x.element_size()]
-    for view in (itype, x.dtype):
+    view = _SAME_WIDTH_INT[x.element_size()]
+    gmax = _tile_maxima(tiles, panels, ngroups, offsets, group, view)
+    low = _threshold_on_bits(gmax, grouped, slice(0, n), k, x.dtype)
+    if low is None:
+        view = x.dtype
         gmax = _tile_maxima(tiles, panels, ngroups, offsets, group, view)
-        theta = _kth_union_max(gmax, k)
-        if view == itype and not bool((theta >= 0).all()):
-            continue
-        low = _round_down_to(group_low(grouped, slice(0, n), theta.view(x.dtype)), x.dtype)
-        if view == itype and (low.dtype != x.dtype or not bool((low > 0).all())):
-            continue
-        low = low.view(view)
-        break
+        low = _round_down_to(group_low(grouped, slice(0, n), _kth_union_max(gmax, k)), x.dtype)
     hits = gmax >= low[:, None]
     del gmax
-    most = max(int(hits[a:b].sum()) for a, b in panels)
-    if most * group * _CANDIDATE_BYTES > budget:  # the members are expanded panel by panel
+    most = max(int(hits[a:b].sum()) / (b - a) for a, b in panels)
+    if _expansion_too_large(most, group, tile, budget):  # the members are expanded panel by panel
         return None
     tiles = {key: t.view(view) for key, t in tiles.items()}
     found = []
