@@ -397,12 +397,6 @@ def _grid_keys(prep: Prepared, start: int, cols: torch.Tensor, budget: int) -> t
 _GROUP = 16
 
 
-def _round_down32(x: torch.Tensor) -> torch.Tensor:
-    """Float32 values ``<= x`` (float64), as close as possible: a threshold that never drops a candidate."""
-    y = x.to(torch.float32)
-    return torch.where(y.to(torch.float64) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
-
-
 def _group_size(num_reference: int, k: int) -> int:
     """Items per group maximum in the group-maximum pass (``< 2``: the pass does not pay for this ``k``)."""
     return max(1, min(_GROUP, num_reference // (8 * k)))
@@ -442,7 +436,7 @@ def group_low(grouped: GroupedInputs, rows: slice | torch.Tensor, theta: torch.T
     u, tiny = grouped.unit, grouped.tiny
     v = theta - u / (1 - u) * theta.abs() - 2 * tiny - 2 * e
     low = v - u * v.abs() - tiny
-    return _round_down32(low - low.abs() * 2.0**-40)  # the margin covers float64 rounding of these lines
+    return _round_down_to(low - low.abs() * 2.0**-40, torch.float32)  # the margin covers float64 rounding
 
 
 #: Reference size (bytes, float32) from which candidates are re-scored by reference item (the reference no
@@ -569,6 +563,11 @@ def _positive_hits(
     return ibody, ilow, hq, hg
 
 
+def _bulk_threshold(gmax: torch.Tensor, grouped: GroupedInputs, rows: slice | torch.Tensor, k: int) -> torch.Tensor:
+    """Candidate thresholds in ``gmax``'s (float) dtype from float group maxima (see :func:`candidates_grouped`)."""
+    return _round_down_to(group_low(grouped, rows, _kth_union_max(gmax, k)), gmax.dtype)
+
+
 def _threshold_on_bits(
     gmax: torch.Tensor, grouped: GroupedInputs, rows: slice | torch.Tensor, k: int, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -626,7 +625,7 @@ def candidates_grouped(
     found = _positive_hits(body, grouped, slice(start, stop), k)
     if found is None:  # some threshold at or below zero: compare the floating-point values themselves
         gmax = body.amax(1)  # (R, G)
-        low = _round_down_to(group_low(grouped, slice(start, stop), _kth_union_max(gmax, k)), gmax.dtype)
+        low = _bulk_threshold(gmax, grouped, slice(start, stop), k)
         hq, hg = (gmax >= low[:, None]).nonzero(as_tuple=True)
     else:
         body, low, hq, hg = found
@@ -675,7 +674,10 @@ def _kth_union_max(gmax: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _round_down_to(low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Float32 thresholds as ``dtype`` values no larger (comparisons in the bulk dtype keep every candidate)."""
+    """Thresholds as ``dtype`` values no larger, as close as possible (comparisons in ``dtype`` keep every candidate).
+
+    Float64 to float32 for :func:`group_low`; float32 to the 16-bit bulk dtype for the passes' comparisons.
+    """
     if dtype == low.dtype:
         return low
     y = low.to(dtype)
@@ -718,7 +720,7 @@ SYMMETRIC_DIM = (100.0, 1.0)
 def _hits_per_row(gmax: torch.Tensor, grouped: GroupedInputs, k: int, rows: torch.Tensor | None = None) -> float:
     """Mean hit groups per row of these complete rows of group maxima (``rows``: their query rows)."""
     which = slice(0, gmax.shape[0]) if rows is None else rows
-    low = _round_down_to(group_low(grouped, which, _kth_union_max(gmax, k)), gmax.dtype)
+    low = _bulk_threshold(gmax, grouped, which, k)
     return int((gmax >= low[:, None]).sum()) / max(1, int(gmax.shape[0]))
 
 
@@ -824,7 +826,7 @@ def self_candidates_grouped(
     if low is None:
         view = x.dtype
         gmax = _tile_maxima(tiles, panels, ngroups, offsets, group, view)
-        low = _round_down_to(group_low(grouped, slice(0, n), _kth_union_max(gmax, k)), x.dtype)
+        low = _bulk_threshold(gmax, grouped, slice(0, n), k)
     hits = gmax >= low[:, None]
     del gmax
     most = max(int(hits[a:b].sum()) / (b - a) for a, b in panels)
